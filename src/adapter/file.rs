@@ -1,0 +1,162 @@
+//! The adapter file: one safetensors file whose metadata holds `format` = `hegraph-adapter`, `version` and a
+//! JSON `header` (method, classes, hyperparameters, notes, searched α/β, loss history), and whose tensors are
+//! the adapter's matrices (`text`, `text_neg`, `keys`, `visual`, `w_p`, `w_n`, `w_v`, all F32). Written
+//! atomically. A file of another version is refused with a message saying what to do, never half-read.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::{AdapterError, AdapterTensors, TrainedAdapter};
+use crate::features::{deserialize_tensors, serialize_tensors, write_atomic};
+use crate::linalg::Mat;
+
+pub const FORMAT: &str = "hegraph-adapter";
+pub const VERSION: u32 = 1;
+
+fn file_err(path: &Path, msg: impl Into<String>) -> AdapterError {
+    AdapterError::File {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+pub(super) fn save(a: &TrainedAdapter, path: &Path) -> Result<(), AdapterError> {
+    let mut header = a.clone();
+    let t = std::mem::take(&mut header.tensors);
+    // Small per-row data stays in the JSON header; matrices go to tensors.
+    header.tensors.key_labels = t.key_labels.clone();
+    header.tensors.has_visual = t.has_visual.clone();
+    let json = serde_json::to_string(&header).map_err(|e| file_err(path, e.to_string()))?;
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), FORMAT.to_string());
+    meta.insert("version".to_string(), VERSION.to_string());
+    meta.insert("header".to_string(), json);
+    let named: [(&str, &Option<Mat>); 7] = [
+        ("text", &t.text),
+        ("text_neg", &t.text_neg),
+        ("keys", &t.keys),
+        ("visual", &t.visual),
+        ("w_p", &t.w_p),
+        ("w_n", &t.w_n),
+        ("w_v", &t.w_v),
+    ];
+    let mats: Vec<(String, &Mat)> = named
+        .iter()
+        .filter_map(|(n, m)| m.as_ref().map(|m| (n.to_string(), m)))
+        .collect();
+    let bytes = serialize_tensors(&mats, meta).map_err(|e| file_err(path, e))?;
+    write_atomic(path, &bytes).map_err(|e| file_err(path, format!("cannot write: {e}")))
+}
+
+pub(super) fn load(path: &Path) -> Result<TrainedAdapter, AdapterError> {
+    let bytes = std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+    let f = deserialize_tensors(path, &bytes).map_err(|e| file_err(path, e.to_string()))?;
+    if f.meta.get("format").map(String::as_str) != Some(FORMAT) {
+        return Err(file_err(
+            path,
+            "this is not a hegraph adapter file (no `format = hegraph-adapter` in its metadata)",
+        ));
+    }
+    let found = f.meta.get("version").cloned().unwrap_or_default();
+    match found.trim().parse::<u32>() {
+        Ok(VERSION) => {}
+        Ok(v) if v > VERSION => {
+            return Err(AdapterError::Version {
+                path: path.to_path_buf(),
+                found,
+                supported: VERSION,
+                hint: "it was written by a newer hegraph; update hegraph to open it",
+            })
+        }
+        _ => {
+            return Err(AdapterError::Version {
+                path: path.to_path_buf(),
+                found,
+                supported: VERSION,
+                hint: "retrain the adapter with this version",
+            })
+        }
+    }
+    let header = f
+        .meta
+        .get("header")
+        .ok_or_else(|| file_err(path, "the metadata lacks its `header`"))?;
+    let mut a: TrainedAdapter = serde_json::from_str(header)
+        .map_err(|e| file_err(path, format!("unreadable header: {e}")))?;
+    let mut mats = f.mats;
+    let t = AdapterTensors {
+        text: mats.remove("text"),
+        text_neg: mats.remove("text_neg"),
+        keys: mats.remove("keys"),
+        key_labels: std::mem::take(&mut a.tensors.key_labels),
+        visual: mats.remove("visual"),
+        has_visual: std::mem::take(&mut a.tensors.has_visual),
+        w_p: mats.remove("w_p"),
+        w_n: mats.remove("w_n"),
+        w_v: mats.remove("w_v"),
+    };
+    if let Some(k) = &t.keys {
+        if k.rows != t.key_labels.len() {
+            return Err(file_err(
+                path,
+                format!(
+                    "{} cache keys but {} key labels",
+                    k.rows,
+                    t.key_labels.len()
+                ),
+            ));
+        }
+    }
+    if let Some(&l) = t.key_labels.iter().find(|&&l| l >= a.classes.len()) {
+        return Err(file_err(
+            path,
+            format!(
+                "key label {l} is out of range for {} classes",
+                a.classes.len()
+            ),
+        ));
+    }
+    a.tensors = t;
+    Ok(a)
+}
+
+/// serde for `Option<Mat>` as `{rows, cols, data}` (used when an adapter is embedded in another serde
+/// document, e.g. a project file).
+pub(super) mod opt_mat {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::linalg::Mat;
+
+    #[derive(Serialize, Deserialize)]
+    struct Repr {
+        rows: usize,
+        cols: usize,
+        data: Vec<f32>,
+    }
+
+    pub fn serialize<S: Serializer>(m: &Option<Mat>, s: S) -> Result<S::Ok, S::Error> {
+        m.as_ref()
+            .map(|m| Repr {
+                rows: m.rows,
+                cols: m.cols,
+                data: m.data.clone(),
+            })
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Mat>, D::Error> {
+        let r: Option<Repr> = Option::deserialize(d)?;
+        match r {
+            None => Ok(None),
+            Some(r) if r.data.len() == r.rows * r.cols => {
+                Ok(Some(Mat::from_vec(r.rows, r.cols, r.data)))
+            }
+            Some(r) => Err(serde::de::Error::custom(format!(
+                "matrix {}×{} holds {} values",
+                r.rows,
+                r.cols,
+                r.data.len()
+            ))),
+        }
+    }
+}

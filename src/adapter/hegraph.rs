@@ -1,0 +1,1030 @@
+//! HeGraphAdapter on the CPU: the reference forward pass and gradients (candle autodiff), the CPU training
+//! backend, and the training driver that any backend (the GPU one included) plugs into.
+//!
+//! # The computation (what a GPU backend must reproduce)
+//!
+//! Frozen inputs ([`FrozenInputs`], computed once from the graph in f32): with `Â_t`, `s_t` the normalised
+//! edges of type `t` ([`crate::graph::normalize_edges`]) and `diag(s) x` scaling row `i` of `x` by `s_i`,
+//! ```text
+//! H_PP = diag(s_PP) P + Â_PP P     H_PV = diag(s_PV) P + Â_PV V     H_VV = Â_VV V
+//! H_NP = diag(s_NP) N + Â_NP P     H_NV = diag(s_NV) N + Â_NV V     PN_self = diag(s_PN) P
+//! ```
+//! Forward, `act` = tanh (or identity), weights `W_P, W_N, W_V` (D×D, `x W` = rows times matrix):
+//! ```text
+//! N' = N + β_pn act(H_NP W_N) + β_vn act(H_NV W_N)
+//! P' = P + α_pp act(H_PP W_P) + α_vp act(H_PV W_P) + α_np act((PN_self + Â_PN N') W_P)
+//! B  = act(H_VV W_V)
+//! X' = X + γ B[label(m)]                       (row m of the cache gets its class's B row)
+//! ℓ_t = s · z norm(P')ᵀ
+//! S  = (z Xᵀ + γ (z Bᵀ)[:, label(m)]) / ‖X'_m‖  (= z norm(X')ᵀ, computed this way so the frozen z Xᵀ
+//!                                                is a constant of the step and the only large product)
+//! ℓ_c[b, c] = s · Σ_{m: label(m) = c} exp(β_c (S[b, m] − 1))
+//! loss = mean_b CE(ℓ_t) + λ · mean_b CE(ℓ_c)
+//! ```
+//! Without negative nodes the N' line and the `α_np` term are absent.
+//!
+//! Initial weights: `W_P`, `W_N`, `W_V` filled row-major with `Rng::derive(seed, [0x1417, k]).uniform(−a, a)`,
+//! `a = 1/√D`, `k` = 0, 1, 2 (see [`init_weights`]); `W_N` is drawn even when unused so the others do not
+//! depend on whether negatives exist.
+//!
+//! AdamW ([`adamw_update`]) follows PyTorch's single-tensor code: `w ← w(1 − lr·wd)`, `m ← m + (1−β1)(g − m)`,
+//! `v ← β2 v + (1−β2) g²`, `w ← w − (lr / (1−β1^t)) · m / (√v / √(1−β2^t) + ε)`, with the bias corrections
+//! computed in f64.
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::schedule::{cosine_lr, epoch_batches, stack_queries, steps_per_epoch, Batch};
+use super::{
+    Activation, AdapterError, AdapterTensors, BackendChoice, HeGraphBackend, Method, TrainEvent,
+    TrainInput, TrainParams, TrainedAdapter,
+};
+use crate::graph::{EdgeType, HeteroGraph, LabelledViewsRef, NormEdges};
+use crate::linalg::Mat;
+use crate::progress::CancelToken;
+use crate::rng::Rng;
+
+/// Stream id of the weight initialisation in [`Rng::derive`].
+pub const STREAM_INIT: u64 = 0x1417;
+
+/// The scalars of one forward pass (`α_np` differs between training and prediction).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HeGraphHyper {
+    pub beta_pn: f32,
+    pub beta_vn: f32,
+    pub alpha_pp: f32,
+    pub alpha_vp: f32,
+    pub alpha_np: f32,
+    pub gamma: f32,
+    pub logit_scale: f32,
+    pub beta_c: f32,
+    pub lambda: f32,
+    pub activation: Activation,
+}
+
+impl HeGraphHyper {
+    fn with_alpha_np(p: &TrainParams, alpha_np: f32) -> Self {
+        Self {
+            beta_pn: p.beta_pn,
+            beta_vn: p.beta_vn,
+            alpha_pp: p.alpha_pp,
+            alpha_vp: p.alpha_vp,
+            alpha_np,
+            gamma: p.gamma,
+            logit_scale: p.logit_scale,
+            beta_c: p.beta_c,
+            lambda: p.lambda,
+            activation: p.activation,
+        }
+    }
+
+    pub fn train(p: &TrainParams) -> Self {
+        Self::with_alpha_np(p, p.alpha_np_train)
+    }
+
+    pub fn test(p: &TrainParams) -> Self {
+        Self::with_alpha_np(p, p.alpha_np_test)
+    }
+}
+
+/// The frozen operands of the forward pass (module docs), as plain matrices a GPU backend can upload.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FrozenInputs {
+    pub num_classes: usize,
+    pub dim: usize,
+    pub p: Mat,
+    pub n: Option<Mat>,
+    pub h_pp: Mat,
+    pub h_pv: Mat,
+    pub h_vv: Mat,
+    pub pn_self: Option<Mat>,
+    pub a_pn: Option<Mat>,
+    pub h_np: Option<Mat>,
+    pub h_nv: Option<Mat>,
+    pub keys: Mat,
+    pub key_labels: Vec<u32>,
+}
+
+/// `diag(s) x + Â y` (or `Â y` without the self term).
+fn message_input(ne: &NormEdges, x: Option<&Mat>, y: &Mat) -> Mat {
+    let mut h = ne.a_hat.matmul(y);
+    if let Some(x) = x {
+        for i in 0..h.rows {
+            let s = ne.self_coef[i];
+            for (o, xi) in h.row_mut(i).iter_mut().zip(x.row(i)) {
+                *o += s * xi;
+            }
+        }
+    }
+    h
+}
+
+fn diag_scale(s: &[f32], x: &Mat) -> Mat {
+    let mut o = x.clone();
+    for (i, &si) in s.iter().enumerate() {
+        o.row_mut(i).iter_mut().for_each(|v| *v *= si);
+    }
+    o
+}
+
+impl FrozenInputs {
+    pub fn new(graph: &HeteroGraph) -> Result<Self, AdapterError> {
+        let norm = |t: EdgeType| {
+            graph.normalized(t).ok_or_else(|| {
+                AdapterError::Input(format!("the graph lacks its {} edges", t.label()))
+            })
+        };
+        let p = &graph.p;
+        let v = &graph.v;
+        let pp = norm(EdgeType::PP)?;
+        let pv = norm(EdgeType::PV)?;
+        let vv = norm(EdgeType::VV)?;
+        let (n, pn_self, a_pn, h_np, h_nv) = match &graph.n {
+            Some(n) => {
+                let pn = norm(EdgeType::PN)?;
+                let np = norm(EdgeType::NP)?;
+                let nv = norm(EdgeType::NV)?;
+                (
+                    Some(n.clone()),
+                    Some(diag_scale(&pn.self_coef, p)),
+                    Some(pn.a_hat),
+                    Some(message_input(&np, Some(n), p)),
+                    Some(message_input(&nv, Some(n), v)),
+                )
+            }
+            None => (None, None, None, None, None),
+        };
+        Ok(Self {
+            num_classes: graph.num_classes(),
+            dim: graph.dim(),
+            p: p.clone(),
+            n,
+            h_pp: message_input(&pp, Some(p), p),
+            h_pv: message_input(&pv, Some(p), v),
+            h_vv: message_input(&vv, None, v),
+            pn_self,
+            a_pn,
+            h_np,
+            h_nv,
+            keys: graph.cache_keys.clone(),
+            key_labels: graph.cache_labels.iter().map(|&l| l as u32).collect(),
+        })
+    }
+}
+
+/// The three trainable matrices (`w_n` only with negative nodes).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeGraphWeights {
+    pub w_p: Mat,
+    pub w_n: Option<Mat>,
+    pub w_v: Mat,
+}
+
+/// One trainable matrix with its AdamW moments.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamState {
+    pub w: Mat,
+    pub m: Mat,
+    pub v: Mat,
+}
+
+impl ParamState {
+    fn fresh(w: Mat) -> Self {
+        Self {
+            m: Mat::zeros(w.rows, w.cols),
+            v: Mat::zeros(w.rows, w.cols),
+            w,
+        }
+    }
+}
+
+/// Everything needed to continue training on another backend: weights, AdamW moments, completed steps.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeGraphState {
+    pub p: ParamState,
+    pub n: Option<ParamState>,
+    pub v: ParamState,
+    pub step: u64,
+}
+
+impl HeGraphState {
+    pub fn init(dim: usize, with_negative: bool, seed: u64) -> Self {
+        let w = init_weights(dim, with_negative, seed);
+        Self {
+            p: ParamState::fresh(w.w_p),
+            n: w.w_n.map(ParamState::fresh),
+            v: ParamState::fresh(w.w_v),
+            step: 0,
+        }
+    }
+
+    pub fn weights(&self) -> HeGraphWeights {
+        HeGraphWeights {
+            w_p: self.p.w.clone(),
+            w_n: self.n.as_ref().map(|n| n.w.clone()),
+            w_v: self.v.w.clone(),
+        }
+    }
+
+    fn is_finite(&self) -> bool {
+        [Some(&self.p), self.n.as_ref(), Some(&self.v)]
+            .into_iter()
+            .flatten()
+            .all(|p| p.w.is_finite() && p.m.is_finite() && p.v.is_finite())
+    }
+}
+
+/// The initial weights (module docs).
+pub fn init_weights(dim: usize, with_negative: bool, seed: u64) -> HeGraphWeights {
+    let a = 1.0 / (dim.max(1) as f32).sqrt();
+    let draw = |k: u64| {
+        let mut rng = Rng::derive(seed, &[STREAM_INIT, k]);
+        Mat::from_vec(dim, dim, rng.uniform_vec(dim * dim, -a, a))
+    };
+    let w_p = draw(0);
+    let w_n = draw(1);
+    let w_v = draw(2);
+    HeGraphWeights {
+        w_p,
+        w_n: with_negative.then_some(w_n),
+        w_v,
+    }
+}
+
+/// AdamW hyperparameters of one step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// The step number after this update (1 for the first).
+    pub t: u64,
+}
+
+/// One AdamW update of `p` with gradient `g` (module docs). Returns false and leaves `p` untouched when the
+/// update would produce a NaN or infinity.
+pub fn adamw_update(p: &mut ParamState, g: &[f32], h: &AdamStep) -> bool {
+    if !adamw_is_finite(p, g, h) {
+        return false;
+    }
+    adamw_apply(p, g, h);
+    true
+}
+
+/// The per-element AdamW rule: `(w, m, v, g) → (w', m', v')`.
+fn adamw_rule(h: &AdamStep) -> impl Fn(f32, f32, f32, f32) -> (f32, f32, f32) {
+    let t = h.t.min(i32::MAX as u64) as i32;
+    let bc1 = 1.0 - (h.beta1 as f64).powi(t);
+    let bc2 = 1.0 - (h.beta2 as f64).powi(t);
+    let step_size = (h.lr as f64 / bc1) as f32;
+    let bc2_sqrt = bc2.sqrt() as f32;
+    let decay = 1.0 - h.lr * h.weight_decay;
+    let (b1, b2, eps) = (h.beta1, h.beta2, h.eps);
+    move |w: f32, m: f32, v: f32, g: f32| {
+        let m = m + (1.0 - b1) * (g - m);
+        let v = b2 * v + (1.0 - b2) * g * g;
+        let denom = v.sqrt() / bc2_sqrt + eps;
+        (w * decay - step_size * m / denom, m, v)
+    }
+}
+
+/// Whether the update would keep every value finite (checked before writing, so a failed step changes
+/// nothing).
+fn adamw_is_finite(p: &ParamState, g: &[f32], h: &AdamStep) -> bool {
+    let rule = adamw_rule(h);
+    (0..p.w.data.len()).all(|i| {
+        let (w, m, v) = rule(p.w.data[i], p.m.data[i], p.v.data[i], g[i]);
+        w.is_finite() && m.is_finite() && v.is_finite()
+    })
+}
+
+fn adamw_apply(p: &mut ParamState, g: &[f32], h: &AdamStep) {
+    let rule = adamw_rule(h);
+    for i in 0..p.w.data.len() {
+        let (w, m, v) = rule(p.w.data[i], p.m.data[i], p.v.data[i], g[i]);
+        p.w.data[i] = w;
+        p.m.data[i] = m;
+        p.v.data[i] = v;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// candle forward
+
+fn to_tensor(m: &Mat, dt: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    Tensor::from_slice(&m.data, (m.rows, m.cols), dev)?.to_dtype(dt)
+}
+
+fn opt_tensor(m: Option<&Mat>, dt: DType, dev: &Device) -> candle_core::Result<Option<Tensor>> {
+    m.map(|m| to_tensor(m, dt, dev)).transpose()
+}
+
+fn to_mat(t: &Tensor) -> candle_core::Result<Mat> {
+    let (r, c) = t.dims2()?;
+    let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(Mat::from_vec(r, c, data))
+}
+
+/// [`FrozenInputs`] as tensors of one dtype.
+struct Frozen {
+    c: usize,
+    p: Tensor,
+    n: Option<Tensor>,
+    h_pp: Tensor,
+    h_pv: Tensor,
+    h_vv: Tensor,
+    pn_self: Option<Tensor>,
+    a_pn: Option<Tensor>,
+    h_np: Option<Tensor>,
+    h_nv: Option<Tensor>,
+    keys: Tensor,
+    key_labels: Tensor,
+}
+
+impl Frozen {
+    fn new(f: &FrozenInputs, dt: DType, dev: &Device) -> candle_core::Result<Self> {
+        Ok(Self {
+            c: f.num_classes,
+            p: to_tensor(&f.p, dt, dev)?,
+            n: opt_tensor(f.n.as_ref(), dt, dev)?,
+            h_pp: to_tensor(&f.h_pp, dt, dev)?,
+            h_pv: to_tensor(&f.h_pv, dt, dev)?,
+            h_vv: to_tensor(&f.h_vv, dt, dev)?,
+            pn_self: opt_tensor(f.pn_self.as_ref(), dt, dev)?,
+            a_pn: opt_tensor(f.a_pn.as_ref(), dt, dev)?,
+            h_np: opt_tensor(f.h_np.as_ref(), dt, dev)?,
+            h_nv: opt_tensor(f.h_nv.as_ref(), dt, dev)?,
+            keys: to_tensor(&f.keys, dt, dev)?,
+            key_labels: Tensor::from_slice(&f.key_labels, f.key_labels.len(), dev)?,
+        })
+    }
+}
+
+struct WeightTensors {
+    p: Tensor,
+    n: Option<Tensor>,
+    v: Tensor,
+}
+
+fn act(h: &HeGraphHyper, x: Tensor) -> candle_core::Result<Tensor> {
+    match h.activation {
+        Activation::Tanh => x.tanh(),
+        Activation::Identity => Ok(x),
+    }
+}
+
+/// `(P', N', B)`.
+fn graph_fwd(
+    f: &Frozen,
+    w: &WeightTensors,
+    h: &HeGraphHyper,
+) -> candle_core::Result<(Tensor, Option<Tensor>, Tensor)> {
+    let n_prime = match (&f.n, &f.h_np, &f.h_nv, &w.n) {
+        (Some(n), Some(h_np), Some(h_nv), Some(wn)) => {
+            let a = act(h, h_np.matmul(wn)?)?.affine(h.beta_pn as f64, 0.0)?;
+            let b = act(h, h_nv.matmul(wn)?)?.affine(h.beta_vn as f64, 0.0)?;
+            Some(((n + a)? + b)?)
+        }
+        _ => None,
+    };
+    let m_pp = act(h, f.h_pp.matmul(&w.p)?)?.affine(h.alpha_pp as f64, 0.0)?;
+    let m_pv = act(h, f.h_pv.matmul(&w.p)?)?.affine(h.alpha_vp as f64, 0.0)?;
+    let mut p_prime = ((&f.p + m_pp)? + m_pv)?;
+    if let (Some(np), Some(pn_self), Some(a_pn)) = (&n_prime, &f.pn_self, &f.a_pn) {
+        let h_pn = (pn_self + a_pn.matmul(np)?)?;
+        let m_pn = act(h, h_pn.matmul(&w.p)?)?.affine(h.alpha_np as f64, 0.0)?;
+        p_prime = (p_prime + m_pn)?;
+    }
+    let b = act(h, f.h_vv.matmul(&w.v)?)?;
+    Ok((p_prime, n_prime, b))
+}
+
+/// The training loss of a batch (module docs); `s_batch = z Xᵀ` is a constant of the step.
+fn loss_fwd(
+    f: &Frozen,
+    p_prime: &Tensor,
+    b: &Tensor,
+    z: &Tensor,
+    s_batch: &Tensor,
+    y: &Tensor,
+    h: &HeGraphHyper,
+) -> candle_core::Result<Tensor> {
+    let s = h.logit_scale as f64;
+    let gamma = h.gamma as f64;
+    let pn = p_prime.broadcast_div(&p_prime.sqr()?.sum_keepdim(1)?.sqrt()?)?;
+    let lt = z.matmul(&pn.t()?)?.affine(s, 0.0)?;
+
+    let xp = (&f.keys + b.index_select(&f.key_labels, 0)?.affine(gamma, 0.0)?)?;
+    let inv_norm = xp.sqr()?.sum_keepdim(1)?.sqrt()?.recip()?.t()?;
+    let zb = z.matmul(&b.t()?)?;
+    let raw = (s_batch + zb.index_select(&f.key_labels, 1)?.affine(gamma, 0.0)?)?;
+    let sim = raw.broadcast_mul(&inv_norm)?;
+    let e = sim.affine(h.beta_c as f64, -(h.beta_c as f64))?.exp()?;
+    let bsz = z.dim(0)?;
+    let lc = Tensor::zeros((bsz, f.c), e.dtype(), e.device())?
+        .index_add(&f.key_labels, &e, 1)?
+        .affine(s, 0.0)?;
+    let ce_t = candle_nn::loss::cross_entropy(&lt, y)?;
+    let ce_c = candle_nn::loss::cross_entropy(&lc, y)?;
+    ce_t + ce_c.affine(h.lambda as f64, 0.0)?
+}
+
+fn check_weights(graph_has_n: bool, d: usize, w: &HeGraphWeights) -> Result<(), AdapterError> {
+    let ok = |m: &Mat| m.rows == d && m.cols == d;
+    if !ok(&w.w_p) || !ok(&w.w_v) || w.w_n.as_ref().is_some_and(|m| !ok(m)) {
+        return Err(AdapterError::Input(format!(
+            "the adapter weights must be {d}×{d}"
+        )));
+    }
+    if graph_has_n && w.w_n.is_none() {
+        return Err(AdapterError::Input(
+            "the graph has negative nodes but no W_N weights were given".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn weight_tensors(
+    w: &HeGraphWeights,
+    has_n: bool,
+    dt: DType,
+    dev: &Device,
+) -> candle_core::Result<WeightTensors> {
+    Ok(WeightTensors {
+        p: to_tensor(&w.w_p, dt, dev)?,
+        n: if has_n {
+            opt_tensor(w.w_n.as_ref(), dt, dev)?
+        } else {
+            None
+        },
+        v: to_tensor(&w.w_v, dt, dev)?,
+    })
+}
+
+/// The graph's outputs for the given weights: `P'`, `N'` (with negatives), `X' = X + γ L B` and `B`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GraphOutputs {
+    pub p_prime: Mat,
+    pub n_prime: Option<Mat>,
+    pub x_prime: Mat,
+    pub b: Mat,
+}
+
+/// The reference forward pass of the graph (f32, CPU).
+pub fn forward_graph(
+    graph: &HeteroGraph,
+    hyper: &HeGraphHyper,
+    weights: &HeGraphWeights,
+) -> Result<GraphOutputs, AdapterError> {
+    check_weights(graph.has_negative(), graph.dim(), weights)?;
+    let dev = Device::Cpu;
+    let fi = FrozenInputs::new(graph)?;
+    let f = Frozen::new(&fi, DType::F32, &dev)?;
+    let w = weight_tensors(weights, graph.has_negative(), DType::F32, &dev)?;
+    let (p_prime, n_prime, b) = graph_fwd(&f, &w, hyper)?;
+    let x_prime = (&f.keys
+        + b.index_select(&f.key_labels, 0)?
+            .affine(hyper.gamma as f64, 0.0)?)?;
+    Ok(GraphOutputs {
+        p_prime: to_mat(&p_prime)?,
+        n_prime: n_prime.as_ref().map(to_mat).transpose()?,
+        x_prime: to_mat(&x_prime)?,
+        b: to_mat(&b)?,
+    })
+}
+
+/// A batch loss and its gradients with respect to the three weight matrices.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LossAndGrads {
+    pub loss: f64,
+    pub w_p: Mat,
+    pub w_n: Option<Mat>,
+    pub w_v: Mat,
+}
+
+/// The reference loss and gradients (f32) of queries `z` (unit rows) with `labels`, for the given weights.
+pub fn loss_and_grads(
+    graph: &HeteroGraph,
+    hyper: &HeGraphHyper,
+    weights: &HeGraphWeights,
+    z: &Mat,
+    labels: &[usize],
+) -> Result<LossAndGrads, AdapterError> {
+    loss_and_grads_in(DType::F32, graph, hyper, weights, z, labels)
+}
+
+/// As [`loss_and_grads`], computed in f64 (for finite-difference checks).
+pub fn loss_and_grads_f64(
+    graph: &HeteroGraph,
+    hyper: &HeGraphHyper,
+    weights: &HeGraphWeights,
+    z: &Mat,
+    labels: &[usize],
+) -> Result<LossAndGrads, AdapterError> {
+    loss_and_grads_in(DType::F64, graph, hyper, weights, z, labels)
+}
+
+fn loss_and_grads_in(
+    dt: DType,
+    graph: &HeteroGraph,
+    hyper: &HeGraphHyper,
+    weights: &HeGraphWeights,
+    z: &Mat,
+    labels: &[usize],
+) -> Result<LossAndGrads, AdapterError> {
+    check_weights(graph.has_negative(), graph.dim(), weights)?;
+    if z.rows != labels.len() || z.cols != graph.dim() {
+        return Err(AdapterError::Input(format!(
+            "queries are {}×{} for {} labels and dimension {}",
+            z.rows,
+            z.cols,
+            labels.len(),
+            graph.dim()
+        )));
+    }
+    let dev = Device::Cpu;
+    let fi = FrozenInputs::new(graph)?;
+    let f = Frozen::new(&fi, dt, &dev)?;
+    let has_n = graph.has_negative();
+    let wt = weight_tensors(weights, has_n, dt, &dev)?;
+    let wp = Var::from_tensor(&wt.p)?;
+    let wn = wt.n.as_ref().map(Var::from_tensor).transpose()?;
+    let wv = Var::from_tensor(&wt.v)?;
+    let w = WeightTensors {
+        p: wp.as_tensor().clone(),
+        n: wn.as_ref().map(|v| v.as_tensor().clone()),
+        v: wv.as_tensor().clone(),
+    };
+    let zt = to_tensor(z, dt, &dev)?;
+    let s_batch = zt.matmul(&f.keys.t()?)?;
+    let y: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
+    let y = Tensor::from_slice(&y, y.len(), &dev)?;
+    let (p_prime, _, b) = graph_fwd(&f, &w, hyper)?;
+    let loss = loss_fwd(&f, &p_prime, &b, &zt, &s_batch, &y, hyper)?;
+    let grads = loss.backward()?;
+    let grad = |v: &Var, name: &str| -> Result<Mat, AdapterError> {
+        match grads.get(v.as_tensor()) {
+            Some(g) => Ok(to_mat(g)?),
+            None => Err(AdapterError::Backend {
+                backend: "cpu".into(),
+                msg: format!("no gradient reached {name}"),
+            }),
+        }
+    };
+    Ok(LossAndGrads {
+        loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+        w_p: grad(&wp, "W_P")?,
+        w_n: wn.as_ref().map(|v| grad(v, "W_N")).transpose()?,
+        w_v: grad(&wv, "W_V")?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// CPU backend
+
+/// Above this many floats the `z Xᵀ` rows of all training queries are not memoised (128 MiB).
+const MEMO_LIMIT: usize = 32 << 20;
+
+/// The candle CPU backend: the reference numerics, fast enough for interactive retraining of a few hundred
+/// classes.
+pub struct CpuBackend {
+    dev: Device,
+    frozen: Frozen,
+    queries: Tensor,
+    query_mat: Mat,
+    keys_mat: Mat,
+    hyper: HeGraphHyper,
+    params: TrainParams,
+    state: HeGraphState,
+    /// `z Xᵀ` of every query row seen so far (rows × M), when it fits in [`MEMO_LIMIT`]: each row costs a
+    /// D×M product once instead of once per epoch.
+    memo: Option<(Vec<f32>, Vec<bool>)>,
+}
+
+impl CpuBackend {
+    /// `queries`: the normalised stacked training views (view-major). `state`: where to start (e.g. a snapshot
+    /// of another backend); `None` draws the initial weights from the seed.
+    pub fn new(
+        graph: &HeteroGraph,
+        queries: &Mat,
+        params: &TrainParams,
+        state: Option<HeGraphState>,
+    ) -> Result<Self, AdapterError> {
+        let d = graph.dim();
+        if queries.cols != d {
+            return Err(AdapterError::Input(format!(
+                "queries have dimension {} but the graph has {d}",
+                queries.cols
+            )));
+        }
+        let state =
+            state.unwrap_or_else(|| HeGraphState::init(d, graph.has_negative(), params.seed));
+        check_weights(graph.has_negative(), d, &state.weights())?;
+        if graph.has_negative() != state.n.is_some() {
+            return Err(AdapterError::Input(
+                "the training state and the graph disagree on negative nodes".into(),
+            ));
+        }
+        let dev = Device::Cpu;
+        let fi = FrozenInputs::new(graph)?;
+        let m = fi.keys.rows;
+        let memo = (queries.rows.saturating_mul(m) <= MEMO_LIMIT)
+            .then(|| (vec![0.0f32; queries.rows * m], vec![false; queries.rows]));
+        Ok(Self {
+            frozen: Frozen::new(&fi, DType::F32, &dev)?,
+            queries: to_tensor(queries, DType::F32, &dev)?,
+            query_mat: queries.clone(),
+            keys_mat: fi.keys.clone(),
+            hyper: HeGraphHyper::train(params),
+            params: params.clone(),
+            state,
+            memo,
+            dev,
+        })
+    }
+
+    /// `z Xᵀ` for the batch rows, from the memo where possible.
+    fn key_affinity(&mut self, rows: &[u32], z: &Tensor) -> Result<Tensor, AdapterError> {
+        let m = self.frozen.keys.dim(0)?;
+        let Some((memo, have)) = self.memo.as_mut() else {
+            return Ok(z.matmul(&self.frozen.keys.t()?)?);
+        };
+        let missing: Vec<usize> = {
+            let mut v: Vec<usize> = rows
+                .iter()
+                .map(|&r| r as usize)
+                .filter(|&r| !have[r])
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        if !missing.is_empty() {
+            let q = self.query_mat.select_rows(&missing);
+            let s = q.matmul_t(&self.keys_mat);
+            for (k, &r) in missing.iter().enumerate() {
+                memo[r * m..(r + 1) * m].copy_from_slice(s.row(k));
+                have[r] = true;
+            }
+        }
+        let mut out = Vec::with_capacity(rows.len() * m);
+        for &r in rows {
+            let r = r as usize;
+            out.extend_from_slice(&memo[r * m..(r + 1) * m]);
+        }
+        Ok(Tensor::from_vec(out, (rows.len(), m), &self.dev)?)
+    }
+}
+
+impl HeGraphBackend for CpuBackend {
+    fn name(&self) -> String {
+        "cpu (candle)".into()
+    }
+
+    fn step(
+        &mut self,
+        rows: &[u32],
+        labels: &[u32],
+        lr: f32,
+        want_loss: bool,
+    ) -> Result<Option<f32>, AdapterError> {
+        let n_rows = self.queries.dim(0)?;
+        if rows.len() != labels.len() || rows.is_empty() {
+            return Err(AdapterError::Input(format!(
+                "a step needs as many labels as rows (got {} rows, {} labels)",
+                rows.len(),
+                labels.len()
+            )));
+        }
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= n_rows) {
+            return Err(AdapterError::Input(format!(
+                "query row {r} is out of range ({n_rows} rows)"
+            )));
+        }
+        let d = self.state.p.w.rows;
+        let idx = Tensor::from_slice(rows, rows.len(), &self.dev)?;
+        let z = self.queries.index_select(&idx, 0)?;
+        let y = Tensor::from_slice(labels, labels.len(), &self.dev)?;
+        let s_batch = self.key_affinity(rows, &z)?;
+
+        let wp = Var::from_slice(&self.state.p.w.data, (d, d), &self.dev)?;
+        let wn = self
+            .state
+            .n
+            .as_ref()
+            .map(|n| Var::from_slice(&n.w.data, (d, d), &self.dev))
+            .transpose()?;
+        let wv = Var::from_slice(&self.state.v.w.data, (d, d), &self.dev)?;
+        let w = WeightTensors {
+            p: wp.as_tensor().clone(),
+            n: wn.as_ref().map(|v| v.as_tensor().clone()),
+            v: wv.as_tensor().clone(),
+        };
+        let (p_prime, _, b) = graph_fwd(&self.frozen, &w, &self.hyper)?;
+        let loss = loss_fwd(&self.frozen, &p_prime, &b, &z, &s_batch, &y, &self.hyper)?;
+        let loss_value = loss.to_scalar::<f32>()?;
+        let step = self.state.step as usize;
+        if !loss_value.is_finite() {
+            return Err(AdapterError::NonFinite {
+                step,
+                what: "the training loss".into(),
+                last_good: None,
+            });
+        }
+        let grads = loss.backward()?;
+        let flat = |v: &Var| -> Result<Vec<f32>, AdapterError> {
+            match grads.get(v.as_tensor()) {
+                Some(g) => Ok(g.flatten_all()?.to_vec1::<f32>()?),
+                None => Ok(vec![0.0; d * d]),
+            }
+        };
+        let gp = flat(&wp)?;
+        let gn = wn.as_ref().map(flat).transpose()?;
+        let gv = flat(&wv)?;
+        let all_finite = gp
+            .iter()
+            .chain(gv.iter())
+            .chain(gn.iter().flatten())
+            .all(|x| x.is_finite());
+        if !all_finite {
+            return Err(AdapterError::NonFinite {
+                step,
+                what: "a gradient".into(),
+                last_good: None,
+            });
+        }
+        let h = AdamStep {
+            lr,
+            beta1: self.params.adam_betas.0,
+            beta2: self.params.adam_betas.1,
+            eps: self.params.adam_eps,
+            weight_decay: self.params.weight_decay,
+            t: self.state.step + 1,
+        };
+        // All or nothing: check every update before writing any, so a diverging step leaves the last good
+        // weights in place.
+        let ok = adamw_is_finite(&self.state.p, &gp, &h)
+            && adamw_is_finite(&self.state.v, &gv, &h)
+            && match (self.state.n.as_ref(), gn.as_ref()) {
+                (Some(n), Some(g)) => adamw_is_finite(n, g, &h),
+                _ => true,
+            };
+        if !ok {
+            return Err(AdapterError::NonFinite {
+                step,
+                what: "the weights".into(),
+                last_good: None,
+            });
+        }
+        adamw_apply(&mut self.state.p, &gp, &h);
+        adamw_apply(&mut self.state.v, &gv, &h);
+        if let (Some(n), Some(g)) = (self.state.n.as_mut(), gn.as_ref()) {
+            adamw_apply(n, g, &h);
+        }
+        self.state.step += 1;
+        Ok(want_loss.then_some(loss_value))
+    }
+
+    fn state(&mut self) -> Result<HeGraphState, AdapterError> {
+        Ok(self.state.clone())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Driver
+
+fn adapter_from_state(
+    graph: &HeteroGraph,
+    params: &TrainParams,
+    state: &HeGraphState,
+    notes: &[String],
+    losses: &[(usize, f32)],
+    backend: &str,
+) -> TrainedAdapter {
+    let tensors = AdapterTensors {
+        text: Some(graph.p.clone()),
+        text_neg: graph.n.clone(),
+        keys: Some(graph.cache_keys.clone()),
+        key_labels: graph.cache_labels.clone(),
+        visual: Some(graph.v.clone()),
+        has_visual: graph.has_visual.clone(),
+        w_p: Some(state.p.w.clone()),
+        w_n: state.n.as_ref().map(|n| n.w.clone()),
+        w_v: Some(state.v.w.clone()),
+    };
+    let mut a = TrainedAdapter::new(Method::HeGraph, &graph.classes, params, tensors);
+    a.notes = notes.to_vec();
+    a.losses = losses.to_vec();
+    a.backend = Some(backend.to_string());
+    a
+}
+
+pub(crate) fn train_hegraph(
+    params: &TrainParams,
+    input: &TrainInput,
+    backend: BackendChoice,
+    cancel: &CancelToken,
+    on_event: &mut dyn FnMut(&TrainEvent),
+) -> Result<TrainedAdapter, AdapterError> {
+    let text = input.text.ok_or(AdapterError::NeedsText {
+        method: Method::HeGraph,
+    })?;
+    let train = input.train;
+    if train.is_empty() {
+        return Err(AdapterError::Input(
+            "HeGraphAdapter needs at least one labelled image".into(),
+        ));
+    }
+    let mut notes = Vec::new();
+    let text_neg = if params.use_negative {
+        input.text_neg
+    } else {
+        None
+    };
+    if input.text_neg.is_none() {
+        notes.push(
+            "no negative-text features: the graph was built without negative nodes (N, R_NP, R_NV and R_PN dropped)"
+                .to_string(),
+        );
+    } else if !params.use_negative {
+        notes.push("negative nodes disabled in the settings".to_string());
+    }
+    let labelled = LabelledViewsRef::from_split(train);
+    let graph = HeteroGraph::build(
+        input.classes,
+        text,
+        text_neg,
+        &labelled,
+        &params.graph_options(),
+    )?;
+    let without: Vec<&str> = graph
+        .classes
+        .iter()
+        .zip(&graph.has_visual)
+        .filter(|(_, &h)| !h)
+        .map(|(c, _)| c.as_str())
+        .collect();
+    if !without.is_empty() {
+        notes.push(format!(
+            "{} class(es) without labelled images use their text node as visual node: {}",
+            without.len(),
+            without.join(", ")
+        ));
+    }
+    if train.views.is_none() {
+        notes.push(
+            "the training images have no augmented views: every step uses each image's own feature as its query"
+                .to_string(),
+        );
+    }
+
+    let (queries, a) = stack_queries(train);
+    let m = train.len();
+    let spe = steps_per_epoch(m, params.batch_size);
+    let total = params.epochs * spe;
+    let init = HeGraphState::init(graph.dim(), graph.has_negative(), params.seed);
+
+    let cpu = |state: HeGraphState| -> Result<Box<dyn HeGraphBackend>, AdapterError> {
+        Ok(Box::new(CpuBackend::new(
+            &graph,
+            &queries,
+            params,
+            Some(state),
+        )?))
+    };
+    let (mut be, mut custom): (Box<dyn HeGraphBackend>, bool) = match backend {
+        BackendChoice::Cpu => (cpu(init.clone())?, false),
+        BackendChoice::Custom(f) => match f.create(&graph, &queries, params, init.clone()) {
+            Ok(b) => (b, true),
+            Err(e) => {
+                let msg = format!(
+                    "{} backend unavailable ({e}); training on the CPU",
+                    f.name()
+                );
+                on_event(&TrainEvent::Message(msg.clone()));
+                notes.push(msg);
+                (cpu(init.clone())?, false)
+            }
+        },
+    };
+    let mut snapshot: Option<HeGraphState> = custom.then(|| init.clone());
+    let mut losses: Vec<(usize, f32)> = Vec::new();
+    let mut epoch_cache: Option<(usize, Vec<Batch>)> = None;
+    let mut step = 0usize;
+    let mut backend_name = be.name();
+
+    while step < total {
+        if cancel.is_cancelled() {
+            return Err(AdapterError::Cancelled);
+        }
+        let epoch = step / spe;
+        if epoch_cache.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            epoch_cache = Some((
+                epoch,
+                epoch_batches(params.seed, epoch, &train.labels, a, params.batch_size),
+            ));
+        }
+        let Some((_, batches)) = epoch_cache.as_ref() else {
+            continue;
+        };
+        let batch = &batches[step % spe];
+        let lr = cosine_lr(params.lr, step, total);
+        let want = (params.loss_every > 0 && step % params.loss_every == 0) || step + 1 == total;
+
+        let result = be
+            .step(&batch.rows, &batch.labels, lr, want)
+            .and_then(|loss| {
+                if custom && params.snapshot_every > 0 && (step + 1) % params.snapshot_every == 0 {
+                    snapshot = Some(be.state()?);
+                }
+                Ok(loss)
+            });
+        match result {
+            Ok(loss) => {
+                if let Some(l) = loss {
+                    if !l.is_finite() {
+                        let good = be.state().ok().or(snapshot.take());
+                        return Err(non_finite(
+                            step,
+                            "the training loss",
+                            good,
+                            &graph,
+                            params,
+                            &notes,
+                            &losses,
+                            &backend_name,
+                        ));
+                    }
+                    losses.push((step, l));
+                }
+                step += 1;
+                on_event(&TrainEvent::Step {
+                    step,
+                    total,
+                    epoch,
+                    loss,
+                });
+            }
+            Err(AdapterError::DeviceLost(msg)) if custom => {
+                let Some(st) = snapshot.take() else {
+                    return Err(AdapterError::DeviceLost(msg));
+                };
+                let resume = st.step as usize;
+                let text = format!(
+                    "{backend_name}: device lost ({msg}); continuing on the CPU from step {resume} of {total}"
+                );
+                on_event(&TrainEvent::Message(text.clone()));
+                notes.push(text);
+                be = cpu(st)?;
+                backend_name = format!("{} after {backend_name} was lost", be.name());
+                custom = false;
+                step = resume;
+                losses.retain(|(s, _)| *s < resume);
+            }
+            Err(AdapterError::NonFinite { what, .. }) => {
+                let good = be.state().ok().or(snapshot.take());
+                return Err(non_finite(
+                    step,
+                    &what,
+                    good,
+                    &graph,
+                    params,
+                    &notes,
+                    &losses,
+                    &backend_name,
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+
+    let state = be.state()?;
+    let mut adapter = adapter_from_state(&graph, params, &state, &notes, &losses, &backend_name);
+    if let Some(val) = input.val.filter(|v| !v.is_empty()) {
+        adapter.val_accuracy = Some(adapter.accuracy(val)?);
+    }
+    Ok(adapter)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn non_finite(
+    step: usize,
+    what: &str,
+    good: Option<HeGraphState>,
+    graph: &HeteroGraph,
+    params: &TrainParams,
+    notes: &[String],
+    losses: &[(usize, f32)],
+    backend: &str,
+) -> AdapterError {
+    AdapterError::NonFinite {
+        step,
+        what: what.to_string(),
+        last_good: good.filter(|s| s.is_finite()).map(|s| {
+            Box::new(adapter_from_state(
+                graph, params, &s, notes, losses, backend,
+            ))
+        }),
+    }
+}

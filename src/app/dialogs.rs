@@ -1,0 +1,796 @@
+//! Dialogs and side windows: new project (class names), the searchable class picker, the class and template
+//! editors, export, settings, keyboard help and error messages.
+
+use std::path::{Path, PathBuf};
+
+use egui::{Key, Modifiers, RichText};
+
+use super::{style, HeGraphApp, Level};
+use crate::adapter::{Method, TrainParams};
+use crate::data;
+use crate::project::export::{self, RowOptions, TreeMode};
+use crate::project::{self, DEFAULT_TEMPLATE};
+
+/// The keyboard shortcuts, shown in the help window and used for tooltips.
+pub const SHORTCUTS: &[(&str, &str)] = &[
+    ("1 … 9", "label the selected image(s) with class 1 … 9"),
+    ("/ or L", "searchable class picker (any class, by name)"),
+    ("0, Backspace, Delete", "remove the label"),
+    ("N", "label next: jump to the unlabelled image the model is least sure about"),
+    ("← → ↑ ↓, PgUp, PgDn, Home, End", "move through the grid"),
+    ("Ctrl+click, Shift+click", "select several images (labels then apply to all)"),
+    ("Ctrl+A", "select every image shown"),
+    ("Esc", "clear the selection, or cancel a running job"),
+    ("Ctrl+Z / Ctrl+Shift+Z (Ctrl+Y)", "undo / redo a labelling action"),
+    ("T", "train the adapter on the labelled images"),
+    ("Ctrl+1 / Ctrl+2 / Ctrl+3", "Label, Graph, Train view"),
+    ("Ctrl+O", "open an image folder"),
+    ("Ctrl+S", "save now (the project also saves after every label)"),
+    ("F1 or ?", "this help"),
+];
+
+pub(super) struct NewProject {
+    pub folder: PathBuf,
+    pub images: usize,
+    pub classes_text: String,
+    pub templates_text: String,
+    pub error: Option<String>,
+}
+
+impl NewProject {
+    pub fn new(folder: &Path, images: usize) -> Self {
+        Self {
+            folder: folder.to_path_buf(),
+            images,
+            classes_text: String::new(),
+            templates_text: DEFAULT_TEMPLATE.to_string(),
+            error: None,
+        }
+    }
+}
+
+pub(super) struct ErrorDialog {
+    pub title: String,
+    pub message: String,
+    /// An unreadable project file the person may move aside.
+    pub set_aside: Option<PathBuf>,
+}
+
+#[derive(Default)]
+pub(super) struct ClassPicker {
+    pub query: String,
+    pub highlighted: usize,
+}
+
+pub(super) struct ClassRow {
+    pub original: Option<String>,
+    pub name: String,
+    pub remove: bool,
+}
+
+pub(super) struct ClassEditor {
+    pub rows: Vec<ClassRow>,
+    pub new_name: String,
+    pub error: Option<String>,
+}
+
+pub(super) struct TemplateEditor {
+    pub text: String,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum ExportFormat {
+    Csv,
+    Json,
+    TreeCopy,
+    TreeLink,
+}
+
+pub(super) struct ExportDialog {
+    pub open: bool,
+    pub format: ExportFormat,
+    pub include_predicted: bool,
+    pub min_confidence: f32,
+}
+
+impl Default for ExportDialog {
+    fn default() -> Self {
+        Self {
+            open: false,
+            format: ExportFormat::Csv,
+            include_predicted: false,
+            min_confidence: 0.5,
+        }
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Dialogs {
+    pub new_project: Option<NewProject>,
+    pub error: Option<ErrorDialog>,
+    pub picker: Option<ClassPicker>,
+    pub classes: Option<ClassEditor>,
+    pub templates: Option<TemplateEditor>,
+    pub export: ExportDialog,
+    pub settings: bool,
+    pub help: bool,
+    /// Text of the model folder field in the settings window.
+    pub model_dir_text: Option<String>,
+}
+
+impl Dialogs {
+    /// A modal dialog has the keyboard: the labelling keys are off.
+    pub fn modal_open(&self) -> bool {
+        self.new_project.is_some()
+            || self.error.is_some()
+            || self.picker.is_some()
+            || self.classes.is_some()
+            || self.templates.is_some()
+    }
+
+    pub fn close_top(&mut self) {
+        if self.picker.take().is_some() {
+            return;
+        }
+        if self.error.take().is_some() {
+            return;
+        }
+        if self.classes.take().is_some() {
+            return;
+        }
+        if self.templates.take().is_some() {
+            return;
+        }
+        self.new_project = None;
+    }
+}
+
+impl HeGraphApp {
+    pub(super) fn open_class_editor(&mut self) {
+        let Some(s) = &self.session else { return };
+        self.dialogs.classes = Some(ClassEditor {
+            rows: s
+                .classes()
+                .iter()
+                .map(|c| ClassRow {
+                    original: Some(c.clone()),
+                    name: c.clone(),
+                    remove: false,
+                })
+                .collect(),
+            new_name: String::new(),
+            error: None,
+        });
+    }
+
+    pub(super) fn open_template_editor(&mut self) {
+        let Some(s) = &self.session else { return };
+        self.dialogs.templates = Some(TemplateEditor {
+            text: s.project.templates.join("\n"),
+            error: None,
+        });
+    }
+
+    pub(super) fn show_dialogs(&mut self, ctx: &egui::Context) {
+        self.new_project_dialog(ctx);
+        self.error_dialog(ctx);
+        self.picker_dialog(ctx);
+        self.class_editor_dialog(ctx);
+        self.template_dialog(ctx);
+        self.export_window(ctx);
+        self.settings_window(ctx);
+        self.help_window(ctx);
+    }
+
+    fn new_project_dialog(&mut self, ctx: &egui::Context) {
+        let Some(d) = self.dialogs.new_project.as_mut() else { return };
+        let mut create = false;
+        let mut cancel = false;
+        let mut load_file = false;
+        egui::Modal::new(egui::Id::unique("hegraph-new-project")).show(ctx, |ui| {
+            ui.set_width(520.0);
+            ui.heading("New project");
+            ui.label(format!("{} · {} images", d.folder.display(), d.images));
+            ui.add_space(6.0);
+            let l = ui.label("Class names, one per line (the order gives the number keys 1–9):");
+            ui.add(
+                egui::TextEdit::multiline(&mut d.classes_text)
+                    .desired_rows(8)
+                    .desired_width(f32::INFINITY)
+                    .hint_text("cat\ndog\nbird"),
+            )
+            .labelled_by(l.id);
+            if ui.button("Load class names from a file…").clicked() {
+                load_file = true;
+            }
+            ui.add_space(6.0);
+            let l = ui.label("Prompt templates, one per line ({} is the class name):");
+            ui.add(
+                egui::TextEdit::multiline(&mut d.templates_text)
+                    .desired_rows(2)
+                    .desired_width(f32::INFINITY),
+            )
+            .labelled_by(l.id);
+            if let Some(e) = &d.error {
+                ui.colored_label(style::WARNING_FG, e);
+            }
+            ui.add_space(6.0);
+            ui.horizontal(|ui| {
+                if ui.button(RichText::new("Create project").strong()).clicked() {
+                    create = true;
+                }
+                if ui.button("Cancel").clicked() {
+                    cancel = true;
+                }
+            });
+        });
+        if load_file {
+            if let Some(f) = rfd::FileDialog::new().set_title("Class names (one per line)").pick_file() {
+                match std::fs::read_to_string(&f) {
+                    Ok(t) => d.classes_text = t,
+                    Err(e) => d.error = Some(format!("cannot read {}: {e}", f.display())),
+                }
+            }
+        }
+        if cancel {
+            self.dialogs.new_project = None;
+            return;
+        }
+        if create {
+            let names = match data::parse_class_names(&d.classes_text, "the class list") {
+                Ok(n) => n.names,
+                Err(e) => {
+                    d.error = Some(e.to_string());
+                    return;
+                }
+            };
+            let templates: Vec<String> = d
+                .templates_text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect();
+            if let Some(bad) = templates.iter().find(|t| !t.contains("{}")) {
+                d.error = Some(format!("the template '{bad}' has no {{}} for the class name"));
+                return;
+            }
+            let folder = d.folder.clone();
+            match self.create_project(&folder, names, templates) {
+                Ok(()) => self.dialogs.new_project = None,
+                Err(e) => {
+                    if let Some(d) = self.dialogs.new_project.as_mut() {
+                        d.error = Some(e.to_string());
+                    }
+                }
+            }
+        }
+    }
+
+    fn error_dialog(&mut self, ctx: &egui::Context) {
+        let Some(d) = self.dialogs.error.as_ref() else { return };
+        let mut close = false;
+        let mut set_aside = None;
+        egui::Modal::new(egui::Id::unique("hegraph-error")).show(ctx, |ui| {
+            ui.set_width(520.0);
+            ui.heading(&d.title);
+            ui.add_space(4.0);
+            ui.label(&d.message);
+            ui.add_space(8.0);
+            ui.horizontal(|ui| {
+                if let Some(p) = &d.set_aside {
+                    if ui
+                        .button("Move the file aside and start again")
+                        .on_hover_text("Renames it to a .bak file (nothing is deleted) and opens the folder anew")
+                        .clicked()
+                    {
+                        set_aside = Some(p.clone());
+                    }
+                }
+                if ui.button("Close").clicked() {
+                    close = true;
+                }
+            });
+        });
+        if close {
+            self.dialogs.error = None;
+        }
+        if let Some(p) = set_aside {
+            self.dialogs.error = None;
+            match project::set_aside(&p) {
+                Ok(moved) => {
+                    self.notify(Level::Info, format!("moved the unreadable project to {}", moved.display()));
+                    // The default layout `<folder>/.hegraph/project.json`: reopen the folder.
+                    let folder = p
+                        .parent()
+                        .filter(|d| d.file_name().is_some_and(|n| n == ".hegraph"))
+                        .and_then(Path::parent)
+                        .map(Path::to_path_buf);
+                    if let Some(f) = folder {
+                        if let Err(e) = self.open_path(&f) {
+                            self.notify(Level::Error, e.to_string());
+                        }
+                    }
+                }
+                Err(e) => self.notify(Level::Error, e.to_string()),
+            }
+        }
+    }
+
+    fn picker_dialog(&mut self, ctx: &egui::Context) {
+        let Some(p) = self.dialogs.picker.as_mut() else { return };
+        let classes: Vec<String> = self.session.as_ref().map(|s| s.classes().to_vec()).unwrap_or_default();
+        let q = p.query.to_lowercase();
+        let matches: Vec<usize> = (0..classes.len())
+            .filter(|&i| q.is_empty() || classes[i].to_lowercase().contains(&q))
+            .collect();
+        let (down, up, enter) = ctx.input_mut(|i| {
+            (
+                i.consume_key(Modifiers::NONE, Key::ArrowDown),
+                i.consume_key(Modifiers::NONE, Key::ArrowUp),
+                i.consume_key(Modifiers::NONE, Key::Enter),
+            )
+        });
+        if down {
+            p.highlighted = (p.highlighted + 1).min(matches.len().saturating_sub(1));
+        }
+        if up {
+            p.highlighted = p.highlighted.saturating_sub(1);
+        }
+        p.highlighted = p.highlighted.min(matches.len().saturating_sub(1));
+        let mut chosen = if enter { matches.get(p.highlighted).copied() } else { None };
+        let mut close = false;
+        egui::Modal::new(egui::Id::unique("hegraph-picker")).show(ctx, |ui| {
+            ui.set_width(380.0);
+            ui.heading("Label as…");
+            let l = ui.label("Type to search, ↑↓ to choose, Enter to label, Esc to close");
+            let r = ui.add(
+                egui::TextEdit::singleline(&mut p.query)
+                    .hint_text("class name")
+                    .desired_width(f32::INFINITY),
+            );
+            r.clone().labelled_by(l.id);
+            r.request_focus();
+            if r.changed() {
+                p.highlighted = 0;
+            }
+            egui::ScrollArea::vertical().max_height(320.0).show(ui, |ui| {
+                for (k, &c) in matches.iter().enumerate() {
+                    let text = format!(
+                        "{}{}",
+                        if c < 9 { format!("{}  ", c + 1) } else { "    ".into() },
+                        classes[c]
+                    );
+                    let resp = ui.add(egui::Button::selectable(
+                        k == p.highlighted,
+                        RichText::new(text).color(style::class_color(c)),
+                    ));
+                    if k == p.highlighted {
+                        resp.scroll_to_me(None);
+                    }
+                    if resp.clicked() {
+                        chosen = Some(c);
+                    }
+                }
+                if matches.is_empty() {
+                    ui.weak("no class matches");
+                }
+            });
+            if ui.button("Close").clicked() {
+                close = true;
+            }
+        });
+        if let Some(c) = chosen {
+            self.dialogs.picker = None;
+            self.label_with(Some(c));
+        } else if close {
+            self.dialogs.picker = None;
+        }
+    }
+
+    fn class_editor_dialog(&mut self, ctx: &egui::Context) {
+        let Some(ed) = self.dialogs.classes.as_mut() else { return };
+        let counts: std::collections::HashMap<String, usize> = self
+            .session
+            .as_ref()
+            .map(|s| s.classes().iter().cloned().zip(s.counts_per_class()).collect())
+            .unwrap_or_default();
+        let mut apply = false;
+        let mut cancel = false;
+        egui::Modal::new(egui::Id::unique("hegraph-classes")).show(ctx, |ui| {
+            ui.set_width(520.0);
+            ui.heading("Classes");
+            ui.label(RichText::new("Renaming keeps the labels; removing a class unlabels its images.").weak());
+            ui.add_space(4.0);
+            let mut swap: Option<(usize, usize)> = None;
+            let n = ed.rows.len();
+            egui::ScrollArea::vertical().max_height(360.0).show(ui, |ui| {
+                egui::Grid::new("hegraph-class-grid").num_columns(4).spacing([8.0, 4.0]).show(ui, |ui| {
+                    for (i, row) in ed.rows.iter_mut().enumerate() {
+                        let key = if i < 9 { format!("{}", i + 1) } else { String::new() };
+                        let l = ui.label(RichText::new(key).color(style::class_color(i)).strong());
+                        ui.add(egui::TextEdit::singleline(&mut row.name).desired_width(220.0))
+                            .labelled_by(l.id)
+                            .on_hover_text("class name");
+                        let labelled = row.original.as_ref().and_then(|o| counts.get(o)).copied().unwrap_or(0);
+                        ui.checkbox(&mut row.remove, format!("remove ({labelled} labels)"));
+                        ui.horizontal(|ui| {
+                            if ui.add_enabled(i > 0, egui::Button::new("↑")).on_hover_text("move up").clicked() {
+                                swap = Some((i - 1, i));
+                            }
+                            if ui.add_enabled(i + 1 < n, egui::Button::new("↓")).on_hover_text("move down").clicked() {
+                                swap = Some((i, i + 1));
+                            }
+                        });
+                        ui.end_row();
+                    }
+                });
+            });
+            if let Some((a, b)) = swap {
+                ed.rows.swap(a, b);
+            }
+            ui.horizontal(|ui| {
+                let l = ui.label("New class:");
+                let r = ui
+                    .add(egui::TextEdit::singleline(&mut ed.new_name).desired_width(220.0))
+                    .labelled_by(l.id);
+                let enter = r.lost_focus() && ui.input(|i| i.key_pressed(Key::Enter));
+                if (ui.button("Add").clicked() || enter) && !ed.new_name.trim().is_empty() {
+                    ed.rows.push(ClassRow {
+                        original: None,
+                        name: ed.new_name.trim().to_string(),
+                        remove: false,
+                    });
+                    ed.new_name.clear();
+                }
+            });
+            if let Some(e) = &ed.error {
+                ui.colored_label(style::WARNING_FG, e);
+            }
+            ui.add_space(6.0);
+            ui.horizontal(|ui| {
+                if ui.button(RichText::new("Apply").strong()).clicked() {
+                    apply = true;
+                }
+                if ui.button("Cancel").clicked() {
+                    cancel = true;
+                }
+            });
+        });
+        if cancel {
+            self.dialogs.classes = None;
+            return;
+        }
+        if apply {
+            let rows = std::mem::take(&mut ed.rows);
+            match self.apply_class_edits(&rows) {
+                Ok(()) => {
+                    self.dialogs.classes = None;
+                    self.classes_changed();
+                }
+                Err(e) => {
+                    if let Some(ed) = self.dialogs.classes.as_mut() {
+                        ed.rows = rows;
+                        ed.error = Some(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies removals, renames (through temporary names, so swaps work), additions and the new order.
+    fn apply_class_edits(&mut self, rows: &[ClassRow]) -> Result<(), String> {
+        let kept: Vec<&ClassRow> = rows.iter().filter(|r| !r.remove).collect();
+        if kept.is_empty() {
+            return Err("keep at least one class".into());
+        }
+        let names: Vec<String> = kept.iter().map(|r| r.name.trim().to_string()).collect();
+        data::parse_class_names(&names.join("\n"), "the class list").map_err(|e| e.to_string())?;
+        if names.iter().any(String::is_empty) || names.len() != kept.len() {
+            return Err("a class name cannot be empty".into());
+        }
+        let Some(s) = self.session.as_mut() else {
+            return Err("nothing is open".into());
+        };
+        let mut p = s.project.clone();
+        for r in rows.iter().filter(|r| r.remove) {
+            if let Some(o) = &r.original {
+                p.remove_class(o).map_err(|e| e.to_string())?;
+            }
+        }
+        for (i, r) in kept.iter().enumerate() {
+            if let Some(o) = &r.original {
+                p.rename_class(o, &format!("\u{1}tmp{i}")).map_err(|e| e.to_string())?;
+            }
+        }
+        for (i, r) in kept.iter().enumerate() {
+            if r.original.is_some() {
+                p.rename_class(&format!("\u{1}tmp{i}"), &names[i]).map_err(|e| e.to_string())?;
+            } else {
+                p.add_class(&names[i]).map_err(|e| e.to_string())?;
+            }
+        }
+        p.classes = names;
+        s.project = p;
+        Ok(())
+    }
+
+    fn template_dialog(&mut self, ctx: &egui::Context) {
+        let Some(ed) = self.dialogs.templates.as_mut() else { return };
+        let mut apply = false;
+        let mut cancel = false;
+        egui::Modal::new(egui::Id::unique("hegraph-templates")).show(ctx, |ui| {
+            ui.set_width(520.0);
+            ui.heading("Prompt templates");
+            let l = ui.label(
+                "One per line; {} is replaced by the class name. The negative prompts (\"a photo of no {}\") \
+                 are derived from these.",
+            );
+            ui.add(
+                egui::TextEdit::multiline(&mut ed.text)
+                    .desired_rows(6)
+                    .desired_width(f32::INFINITY),
+            )
+            .labelled_by(l.id);
+            if let Some(e) = &ed.error {
+                ui.colored_label(style::WARNING_FG, e);
+            }
+            ui.horizontal(|ui| {
+                if ui.button(RichText::new("Apply").strong()).clicked() {
+                    apply = true;
+                }
+                if ui.button("Cancel").clicked() {
+                    cancel = true;
+                }
+            });
+        });
+        if cancel {
+            self.dialogs.templates = None;
+        } else if apply {
+            let t: Vec<String> = ed
+                .text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect();
+            if t.is_empty() {
+                ed.error = Some("give at least one template".into());
+            } else if let Some(bad) = t.iter().find(|x| !x.contains("{}")) {
+                ed.error = Some(format!("'{bad}' has no {{}} for the class name"));
+            } else {
+                self.dialogs.templates = None;
+                if let Some(s) = self.session.as_mut() {
+                    s.project.templates = t;
+                }
+                self.classes_changed();
+            }
+        }
+    }
+
+    fn export_window(&mut self, ctx: &egui::Context) {
+        if !self.dialogs.export.open {
+            return;
+        }
+        let mut open = true;
+        let mut run = false;
+        let has_preds = self.session.as_ref().is_some_and(|s| s.predictions().is_some());
+        let d = &mut self.dialogs.export;
+        egui::Window::new("Export labels")
+            .open(&mut open)
+            .collapsible(false)
+            .resizable(false)
+            .default_width(380.0)
+            .show(ctx, |ui| {
+                ui.label("Format");
+                ui.radio_value(&mut d.format, ExportFormat::Csv, "CSV: path,label,confidence");
+                ui.radio_value(&mut d.format, ExportFormat::Json, "JSON");
+                ui.radio_value(&mut d.format, ExportFormat::TreeCopy, "Folder tree (class/image), copies");
+                ui.radio_value(&mut d.format, ExportFormat::TreeLink, "Folder tree (class/image), symbolic links");
+                ui.separator();
+                ui.add_enabled(
+                    has_preds,
+                    egui::Checkbox::new(&mut d.include_predicted, "also unlabelled images, with their predicted class"),
+                );
+                ui.add_enabled_ui(has_preds && d.include_predicted, |ui| {
+                    ui.add(egui::Slider::new(&mut d.min_confidence, 0.0..=1.0).text("minimum confidence"));
+                });
+                ui.add_space(6.0);
+                if ui.button(RichText::new("Export…").strong()).clicked() {
+                    run = true;
+                }
+            });
+        self.dialogs.export.open = open;
+        if run {
+            self.run_export();
+        }
+    }
+
+    fn run_export(&mut self) {
+        let Some(s) = self.session.as_ref() else { return };
+        let d = &self.dialogs.export;
+        let target = match d.format {
+            ExportFormat::Csv => rfd::FileDialog::new()
+                .set_file_name("labels.csv")
+                .add_filter("CSV", &["csv"])
+                .save_file(),
+            ExportFormat::Json => rfd::FileDialog::new()
+                .set_file_name("labels.json")
+                .add_filter("JSON", &["json"])
+                .save_file(),
+            ExportFormat::TreeCopy | ExportFormat::TreeLink => rfd::FileDialog::new()
+                .set_title("An empty folder for the class folders")
+                .pick_folder(),
+        };
+        let Some(target) = target else { return };
+        let opts = RowOptions {
+            include_predicted: d.include_predicted,
+            min_confidence: d.min_confidence,
+        };
+        let result = export_session(s, d.format, &opts, &target);
+        match result {
+            Ok(msg) => self.notify(Level::Info, msg),
+            Err(e) => self.notify(Level::Error, e),
+        }
+    }
+
+    fn settings_window(&mut self, ctx: &egui::Context) {
+        if !self.dialogs.settings {
+            return;
+        }
+        let Some(s) = self.session.as_mut() else {
+            self.dialogs.settings = false;
+            return;
+        };
+        let mut open = true;
+        let before = s.project.settings.clone();
+        let text = self
+            .dialogs
+            .model_dir_text
+            .get_or_insert_with(|| {
+                s.project
+                    .settings
+                    .model_dir
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            });
+        let mut reload_model = false;
+        egui::Window::new("Settings")
+            .open(&mut open)
+            .collapsible(false)
+            .default_width(440.0)
+            .show(ctx, |ui| {
+                let st = &mut s.project.settings;
+                ui.heading("Model");
+                ui.horizontal(|ui| {
+                    let l = ui.label("CLIP folder:");
+                    ui.add(
+                        egui::TextEdit::singleline(text)
+                            .hint_text("default look-up (HEGRAPH_MODEL_DIR, user cache)")
+                            .desired_width(250.0),
+                    )
+                    .labelled_by(l.id);
+                    if ui.button("Browse…").clicked() {
+                        if let Some(d) = rfd::FileDialog::new().pick_folder() {
+                            *text = d.display().to_string();
+                        }
+                    }
+                });
+                ui.checkbox(&mut st.allow_download, "download the default CLIP model when none is found");
+                if ui.button("Use this model").on_hover_text("Load the model and embed the folder again").clicked() {
+                    st.model_dir = (!text.trim().is_empty()).then(|| PathBuf::from(text.trim()));
+                    reload_model = true;
+                }
+                ui.separator();
+                ui.heading("Labelling");
+                ui.checkbox(&mut st.auto_advance, "move to the next image after labelling");
+                ui.horizontal(|ui| {
+                    let l = ui.label("retrain automatically after");
+                    ui.add(egui::DragValue::new(&mut st.auto_train_every).range(0..=10_000))
+                        .labelled_by(l.id);
+                    ui.label("new labels (0 = only with T)");
+                });
+                ui.add(egui::Slider::new(&mut st.held_out_percent, 0..=50).text("% of labels held out for accuracy"));
+                ui.add(egui::Slider::new(&mut st.thumb_size, 64.0..=240.0).text("thumbnail size"));
+            });
+        if s.project.settings != before {
+            if let Err(e) = s.save() {
+                let t = e.to_string();
+                self.notify(Level::Error, t);
+            }
+        }
+        if reload_model {
+            self.engine.embedder = None;
+            self.engine.model = None;
+            self.engine.centre = None;
+            self.engine.text = None;
+            self.start_embedding();
+        }
+        if !open {
+            self.dialogs.settings = false;
+            self.dialogs.model_dir_text = None;
+        }
+    }
+
+    fn help_window(&mut self, ctx: &egui::Context) {
+        let mut open = self.dialogs.help;
+        egui::Window::new("Keyboard shortcuts")
+            .open(&mut open)
+            .collapsible(false)
+            .resizable(false)
+            .default_width(520.0)
+            .show(ctx, |ui| {
+                egui::Grid::new("hegraph-help").num_columns(2).striped(true).spacing([16.0, 6.0]).show(ui, |ui| {
+                    for (k, what) in SHORTCUTS {
+                        ui.label(RichText::new(*k).monospace().color(style::ACCENT));
+                        ui.label(*what);
+                        ui.end_row();
+                    }
+                });
+                ui.add_space(6.0);
+                ui.label(
+                    RichText::new(
+                        "Labels are saved after every change. Training runs in the background; the grid's \
+                         predictions update when it ends.",
+                    )
+                    .weak(),
+                );
+            });
+        self.dialogs.help = open;
+    }
+}
+
+/// Writes an export of the session (shared by the export window and tests). Returns a summary line.
+pub(super) fn export_session(
+    s: &super::state::Session,
+    format: ExportFormat,
+    opts: &RowOptions,
+    target: &Path,
+) -> Result<String, String> {
+    let rels: Vec<String> = s.images.iter().map(|i| i.rel.clone()).collect();
+    let rows = export::export_rows(&s.project, &rels, s.predictions(), opts).map_err(|e| e.to_string())?;
+    match format {
+        ExportFormat::Csv => export::write_csv(&rows, target).map_err(|e| e.to_string())?,
+        ExportFormat::Json => export::write_json(&s.project, &rows, target).map_err(|e| e.to_string())?,
+        ExportFormat::TreeCopy | ExportFormat::TreeLink => {
+            let mode = if format == ExportFormat::TreeCopy {
+                TreeMode::Copy
+            } else {
+                TreeMode::Symlink
+            };
+            export::export_tree(&s.project.folder, &rows, target, mode).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(format!("exported {} images to {}", rows.len(), target.display()))
+}
+
+/// Hyperparameter widgets of the training view.
+pub(super) fn method_combo(ui: &mut egui::Ui, method: &mut Method) {
+    egui::ComboBox::from_label("method")
+        .selected_text(method.title())
+        .width(200.0)
+        .show_ui(ui, |ui| {
+            for m in Method::ALL {
+                ui.selectable_value(method, m, m.title());
+            }
+        });
+}
+
+/// Labelled numeric field.
+pub(super) fn param<N: egui::emath::Numeric>(ui: &mut egui::Ui, value: &mut N, label: &str, speed: f64, help: &str) {
+    ui.horizontal(|ui| {
+        let l = ui.label(label);
+        ui.add(egui::DragValue::new(value).speed(speed))
+            .labelled_by(l.id)
+            .on_hover_text(help);
+    });
+}
+
+/// The defaults button of the training view.
+pub(super) fn reset_params(ui: &mut egui::Ui, params: &mut TrainParams) {
+    if ui.button("Reset to the paper's defaults").clicked() {
+        *params = TrainParams::default();
+    }
+}

@@ -1,0 +1,1470 @@
+//! The desktop application: open a folder, label images with the keyboard, train in the background, look at the
+//! heterogeneous graph, export. eframe with the wgpu renderer; the compute engine is handed the same wgpu
+//! device ([`compute_gpu`]).
+//!
+//! Structure: [`HeGraphApp`] owns a [`state::Session`] (labels, undo, filter; no egui), the background
+//! [`jobs`] (embedding, training), the [`thumbs`] cache and the [`graph_view`]. [`HeGraphApp::show`] draws
+//! everything into a `Ui`, so the same code runs in the window and in headless tests (egui_kittest).
+//!
+//! Choices:
+//! - A folder's project lives in `<folder>/.hegraph/project.json` (next to its features), and is saved after
+//!   every labelling action; see [`crate::project`] for why saves are atomic.
+//! - Predictions exist from the moment the folder is embedded: zero-shot CLIP until the first training, then
+//!   the trained adapter's. So sorting by margin and "label next" help from the first label on.
+//! - Held-out accuracy: a stable hash-based share of the labelled images (setting, default 20 %) is left out
+//!   of training and measured after it; 0 % trains on everything and shows no accuracy.
+//! - The graph view shows the trained HeGraphAdapter's graph; before any such training it shows the graph the
+//!   current labels would give (centre crops as the visual side), built on the UI thread (it is `C×C`).
+
+pub mod graph_view;
+pub mod jobs;
+pub mod state;
+pub mod style;
+pub mod thumbs;
+
+mod dialogs;
+mod label_view;
+mod train_view;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use egui::{Color32, Key, Modifiers, RichText};
+
+use crate::adapter::{TrainedAdapter, TrainParams};
+use crate::clip::ModelInfo;
+use crate::data::{self, DataError};
+use crate::extract::Embedder;
+use crate::gpu::GpuContext;
+use crate::graph::{GraphOptions, HeteroGraph, LabelledViewsRef};
+use crate::linalg::Mat;
+use crate::project::{default_project_path, Project, ProjectError, TrainingRecord};
+
+use graph_view::{GraphAction, GraphView};
+use jobs::{EmbedOutput, EmbedRequest, Job, Polled, TrainOutput, TrainRequest};
+use state::{ImageItem, Session};
+use thumbs::ThumbCache;
+
+/// The line shown whenever the model is a test checkpoint.
+pub const TEST_CHECKPOINT_BANNER: &str = "TEST CHECKPOINT (random weights): predictions are not meaningful";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Project(#[from] ProjectError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error("{}: no such folder or project file; give an image folder or a project .json file", path.display())]
+    NotFound { path: PathBuf },
+    #[error("nothing is open; open an image folder first")]
+    NothingOpen,
+    #[error("cannot open the window: {0}")]
+    Window(String),
+}
+
+/// Settings of one run of the application that are not part of a project.
+#[derive(Clone, Debug)]
+pub struct AppOptions {
+    /// Where the feature cache lives (`None` = the user cache directory).
+    pub cache_dir: Option<PathBuf>,
+    /// A CLIP model directory that overrides the project's setting (tests, command line).
+    pub model_dir: Option<PathBuf>,
+    /// Start embedding as soon as a folder is open.
+    pub auto_embed: bool,
+    pub thumb_threads: usize,
+    pub thumb_capacity: usize,
+}
+
+impl Default for AppOptions {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self {
+            cache_dir: None,
+            model_dir: None,
+            auto_embed: true,
+            thumb_threads: (cores / 2).clamp(1, 4),
+            thumb_capacity: 600,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum View {
+    Label,
+    Graph,
+    Train,
+}
+
+impl View {
+    pub const ALL: [View; 3] = [View::Label, View::Graph, View::Train];
+
+    pub fn title(self) -> &'static str {
+        match self {
+            View::Label => "Label",
+            View::Graph => "Graph",
+            View::Train => "Train",
+        }
+    }
+
+    fn shortcut(self) -> &'static str {
+        match self {
+            View::Label => "Ctrl+1",
+            View::Graph => "Ctrl+2",
+            View::Train => "Ctrl+3",
+        }
+    }
+}
+
+/// One finished training, for the history table.
+#[derive(Clone, Debug)]
+pub struct RunSummary {
+    pub method: String,
+    pub trained_on: usize,
+    pub held_out: usize,
+    pub accuracy: Option<f32>,
+    pub seconds: f64,
+    pub backend: String,
+    pub finished: SystemTime,
+    pub losses: Vec<(usize, f32)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Level {
+    Info,
+    Warn,
+    Error,
+}
+
+struct Notice {
+    text: String,
+    level: Level,
+    at: Instant,
+}
+
+/// What the engine holds for the open folder.
+#[derive(Default)]
+struct Engine {
+    embedder: Option<Arc<Embedder>>,
+    model: Option<ModelInfo>,
+    /// Centre-crop features of every image of the session (rows aligned with it).
+    centre: Option<Arc<Mat>>,
+    ok: Vec<bool>,
+    text: Option<Arc<Mat>>,
+    text_neg: Option<Arc<Mat>>,
+    /// Bumped when features or text change (derived views rebuild).
+    serial: u64,
+    adapter: Option<Arc<TrainedAdapter>>,
+    embed_job: Option<Job<EmbedOutput>>,
+    train_job: Option<Job<TrainOutput>>,
+    history: Vec<RunSummary>,
+    model_error: Option<String>,
+    last_embed: Option<(usize, f64, usize)>,
+}
+
+/// Grid layout facts the keyboard needs (columns for up/down) and the scroll request.
+#[derive(Default)]
+struct GridUi {
+    cols: usize,
+    scroll_to_cursor: bool,
+    rows_shown: std::ops::Range<usize>,
+}
+
+pub struct HeGraphApp {
+    opts: AppOptions,
+    ctx: Option<egui::Context>,
+    session: Option<Session>,
+    thumbs: Option<ThumbCache>,
+    pub view: View,
+    engine: Engine,
+    graph: GraphView,
+    graph_key: Option<(u64, u64, bool)>,
+    graph_note: String,
+    gpu: Option<GpuContext>,
+    notices: Vec<Notice>,
+    dialogs: dialogs::Dialogs,
+    grid: GridUi,
+    train_after_embed: bool,
+    styled: bool,
+}
+
+impl HeGraphApp {
+    pub fn new(opts: AppOptions) -> Self {
+        Self {
+            opts,
+            ctx: None,
+            session: None,
+            thumbs: None,
+            view: View::Label,
+            engine: Engine::default(),
+            graph: GraphView::default(),
+            graph_key: None,
+            graph_note: String::new(),
+            gpu: None,
+            notices: Vec::new(),
+            dialogs: dialogs::Dialogs::default(),
+            grid: GridUi::default(),
+            train_after_embed: false,
+            styled: false,
+        }
+    }
+
+    // --- public API (the window and the tests drive the app through these) ------------------------------
+
+    pub fn session(&self) -> Option<&Session> {
+        self.session.as_ref()
+    }
+
+    pub fn session_mut(&mut self) -> Option<&mut Session> {
+        self.session.as_mut()
+    }
+
+    pub fn model(&self) -> Option<&ModelInfo> {
+        self.engine.model.as_ref()
+    }
+
+    pub fn adapter(&self) -> Option<&TrainedAdapter> {
+        self.engine.adapter.as_deref()
+    }
+
+    pub fn history(&self) -> &[RunSummary] {
+        &self.engine.history
+    }
+
+    /// True while embedding or training runs (or is about to).
+    pub fn is_busy(&self) -> bool {
+        self.engine.embed_job.is_some() || self.engine.train_job.is_some() || self.train_after_embed
+    }
+
+    pub fn has_features(&self) -> bool {
+        self.engine.centre.is_some() && self.engine.text.is_some()
+    }
+
+    /// The last error shown to the person, if any (tests read it to explain failures).
+    pub fn last_error(&self) -> Option<&str> {
+        self.notices
+            .iter()
+            .rev()
+            .find(|n| n.level == Level::Error)
+            .map(|n| n.text.as_str())
+    }
+
+    /// The wgpu device the engine may use (eframe's); the status line names it.
+    pub fn set_gpu(&mut self, gpu: Option<GpuContext>) {
+        self.gpu = gpu;
+    }
+
+    pub fn gpu(&self) -> Option<&GpuContext> {
+        self.gpu.as_ref()
+    }
+
+    /// True while thumbnails that the grid asked for are still being decoded.
+    pub fn thumbnails_loading(&self) -> bool {
+        self.thumbs.as_ref().is_some_and(ThumbCache::busy)
+    }
+
+    /// Number of thumbnail textures held (bounded by the cache's capacity).
+    pub fn thumbnail_count(&self) -> usize {
+        self.thumbs.as_ref().map_or(0, ThumbCache::len)
+    }
+
+    /// The graph view's state (tests check what is drawn).
+    pub fn graph_view(&self) -> &GraphView {
+        &self.graph
+    }
+
+    /// Opens an image folder (its project if it has one) or a project file.
+    pub fn open_path(&mut self, path: &Path) -> Result<(), AppError> {
+        if path.is_file() {
+            return self.open_project_file(path);
+        }
+        if !path.is_dir() {
+            return Err(AppError::NotFound {
+                path: path.to_path_buf(),
+            });
+        }
+        let pp = default_project_path(path);
+        if pp.exists() {
+            return self.open_project_file(&pp);
+        }
+        self.new_project_from_folder(path)
+    }
+
+    /// Starts a project for a folder: classes from sub-folders, or `classes.txt` (plus `labels.csv` when
+    /// present) in the folder; without either, asks for class names.
+    fn new_project_from_folder(&mut self, folder: &Path) -> Result<(), AppError> {
+        let classes_file = folder.join("classes.txt");
+        let labels_csv = folder.join("labels.csv");
+        let opts = data::OpenOptions {
+            classes_file: classes_file.is_file().then_some(classes_file.as_path()),
+            labels_csv: labels_csv.is_file().then_some(labels_csv.as_path()),
+            ..Default::default()
+        };
+        match data::open_folder(folder, &opts) {
+            Ok(ds) => {
+                let mut project = Project::new(ds.root.clone(), ds.classes.clone());
+                for img in &ds.images {
+                    if let Some(l) = img.label {
+                        project.labels.insert(img.rel.clone(), ds.classes[l].clone());
+                    }
+                }
+                self.report_problems(&ds.problems);
+                let images = ds
+                    .images
+                    .iter()
+                    .map(|e| ImageItem {
+                        rel: e.rel.clone(),
+                        path: e.path.clone(),
+                    })
+                    .collect();
+                let path = default_project_path(&ds.root);
+                self.install(project, Some(path), images);
+                if let Some(s) = &self.session {
+                    if let Err(e) = s.save() {
+                        self.notify(Level::Warn, format!("{e}; use Project ▸ Save as… to keep your labels"));
+                    }
+                }
+                Ok(())
+            }
+            Err(DataError::NoClassFolders { .. }) => {
+                let count = data::open_folder(
+                    folder,
+                    &data::OpenOptions {
+                        classes: Some(vec!["unnamed".into()]),
+                        ..Default::default()
+                    },
+                )
+                .map(|d| d.images.len())
+                .unwrap_or(0);
+                self.dialogs.new_project = Some(dialogs::NewProject::new(folder, count));
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Creates a project for `folder` with the given classes (and templates, when not empty) and opens it.
+    pub fn create_project(&mut self, folder: &Path, classes: Vec<String>, templates: Vec<String>) -> Result<(), AppError> {
+        let ds = data::open_folder(
+            folder,
+            &data::OpenOptions {
+                classes: Some(classes),
+                ..Default::default()
+            },
+        )?;
+        let mut project = Project::new(ds.root.clone(), ds.classes.clone());
+        if !templates.is_empty() {
+            project.templates = templates;
+        }
+        for img in &ds.images {
+            if let Some(l) = img.label {
+                project.labels.insert(img.rel.clone(), ds.classes[l].clone());
+            }
+        }
+        self.report_problems(&ds.problems);
+        let images = ds
+            .images
+            .iter()
+            .map(|e| ImageItem {
+                rel: e.rel.clone(),
+                path: e.path.clone(),
+            })
+            .collect();
+        let path = default_project_path(&ds.root);
+        self.install(project, Some(path), images);
+        if let Some(s) = &self.session {
+            s.save()?;
+        }
+        Ok(())
+    }
+
+    fn open_project_file(&mut self, path: &Path) -> Result<(), AppError> {
+        let loaded = match Project::load(path) {
+            Ok(l) => l,
+            Err(e @ (ProjectError::Corrupt { .. } | ProjectError::TooNew { .. })) => {
+                let corrupt = matches!(e, ProjectError::Corrupt { .. });
+                self.dialogs.error = Some(dialogs::ErrorDialog {
+                    title: "This project cannot be opened".into(),
+                    message: e.to_string(),
+                    set_aside: corrupt.then(|| path.to_path_buf()),
+                });
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(v) = loaded.migrated_from {
+            self.notify(
+                Level::Info,
+                format!("upgraded a version-{v} project; the original is kept as a .bak file when saved"),
+            );
+        }
+        for w in &loaded.warnings {
+            self.notify(Level::Warn, w.clone());
+        }
+        let project = loaded.project;
+        let classes = if project.classes.is_empty() {
+            None
+        } else {
+            Some(project.classes.clone())
+        };
+        let ds = data::open_folder(
+            &project.folder,
+            &data::OpenOptions {
+                classes,
+                ..Default::default()
+            },
+        )?;
+        self.report_problems(&ds.problems);
+        let images: Vec<ImageItem> = ds
+            .images
+            .iter()
+            .map(|e| ImageItem {
+                rel: e.rel.clone(),
+                path: e.path.clone(),
+            })
+            .collect();
+        let missing = project
+            .labels
+            .keys()
+            .filter(|k| !images.iter().any(|i| &i.rel == *k))
+            .count();
+        if missing > 0 {
+            self.notify(
+                Level::Warn,
+                format!("{missing} labelled image(s) are no longer in the folder; their labels are kept"),
+            );
+        }
+        let adapter_path = project.adapter_path.clone();
+        let mut project = project;
+        project.folder = ds.root.clone();
+        self.install(project, Some(path.to_path_buf()), images);
+        if let Some(p) = adapter_path {
+            let p = if p.is_relative() {
+                path.parent().map_or(p.clone(), |d| d.join(&p))
+            } else {
+                p
+            };
+            match TrainedAdapter::load(&p) {
+                Ok(a) if self.session.as_ref().is_some_and(|s| s.classes() == a.classes.as_slice()) => {
+                    self.engine.adapter = Some(Arc::new(a));
+                }
+                Ok(_) => self.notify(
+                    Level::Info,
+                    "the saved adapter was trained for other classes; train again".to_string(),
+                ),
+                Err(e) => self.notify(Level::Warn, format!("the saved adapter could not be loaded: {e}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes a project the open one and starts what follows (thumbnails, embedding).
+    fn install(&mut self, project: Project, path: Option<PathBuf>, images: Vec<ImageItem>) {
+        if let Some(job) = &self.engine.embed_job {
+            job.cancel();
+        }
+        if let Some(job) = &self.engine.train_job {
+            job.cancel();
+        }
+        let keep_embedder = self.engine.embedder.take();
+        let keep_model = self.engine.model.take();
+        self.engine = Engine {
+            embedder: keep_embedder,
+            model: keep_model,
+            ..Engine::default()
+        };
+        self.train_after_embed = false;
+        self.graph = GraphView::default();
+        self.graph_key = None;
+        self.thumbs = None;
+        self.grid = GridUi::default();
+        let session = Session::new(project, path, images);
+        self.session = Some(session);
+        if self.opts.auto_embed {
+            self.start_embedding();
+        }
+    }
+
+    fn report_problems(&mut self, problems: &[data::Problem]) {
+        match problems.len() {
+            0 => {}
+            1..=3 => {
+                for p in problems {
+                    self.notify(Level::Warn, p.to_string());
+                }
+            }
+            n => self.notify(
+                Level::Warn,
+                format!("{n} files were skipped, e.g. {}", problems[0]),
+            ),
+        }
+    }
+
+    /// Embeds the images (when their features are missing) and the class prompts in the background.
+    pub fn start_embedding(&mut self) {
+        let Some(s) = &self.session else { return };
+        if self.engine.embed_job.is_some() {
+            return;
+        }
+        let images_needed = self.engine.centre.is_none();
+        let model_dir = self
+            .opts
+            .model_dir
+            .clone()
+            .or_else(|| s.project.settings.model_dir.clone());
+        let req = EmbedRequest {
+            model_dir,
+            allow_download: s.project.settings.allow_download,
+            cache_dir: self.opts.cache_dir.clone(),
+            embedder: self.engine.embedder.clone(),
+            paths: images_needed.then(|| s.images.iter().map(|i| i.path.clone()).collect()),
+            classes: s.project.classes.clone(),
+            templates: s.project.templates.clone(),
+        };
+        self.engine.model_error = None;
+        self.engine.embed_job = Some(Job::spawn("embed", self.ctx.clone(), move |p, c, _| {
+            jobs::run_embed(req, p, c)
+        }));
+    }
+
+    /// Trains the chosen method on the current labels in the background (after embedding, if that still
+    /// runs). Returns why it cannot when it cannot.
+    pub fn start_training(&mut self) -> Result<(), String> {
+        let Some(s) = &self.session else {
+            return Err("open a folder first".into());
+        };
+        if self.engine.train_job.is_some() {
+            return Err("training is already running".into());
+        }
+        if s.labelled_count() == 0 {
+            return Err("label at least one image first (keys 1–9)".into());
+        }
+        if self.engine.embed_job.is_some() {
+            self.train_after_embed = true;
+            return Ok(());
+        }
+        let (Some(embedder), Some(centre), Some(text), Some(text_neg)) = (
+            self.engine.embedder.clone(),
+            self.engine.centre.clone(),
+            self.engine.text.clone(),
+            self.engine.text_neg.clone(),
+        ) else {
+            let why = self
+                .engine
+                .model_error
+                .clone()
+                .unwrap_or_else(|| "the images are not embedded yet".into());
+            return Err(format!("cannot train: {why}"));
+        };
+        let settings = &s.project.settings;
+        let (train_idx, held_idx) = s.split_labelled(settings.held_out_percent);
+        let ok = |i: &usize| self.engine.ok.get(*i).copied().unwrap_or(true);
+        let train: Vec<(usize, PathBuf, usize)> = train_idx
+            .iter()
+            .filter(|i| ok(i))
+            .filter_map(|&i| s.label(i).map(|l| (i, s.images[i].path.clone(), l)))
+            .collect();
+        let held_out: Vec<(usize, usize)> = held_idx
+            .iter()
+            .filter(|i| ok(i))
+            .filter_map(|&i| s.label(i).map(|l| (i, l)))
+            .collect();
+        let save_to = s
+            .project_path
+            .as_ref()
+            .and_then(|p| p.parent())
+            .map(|d| d.join("adapter.safetensors"));
+        let req = TrainRequest {
+            embedder,
+            method: settings.method,
+            params: settings.train.clone(),
+            classes: s.project.classes.clone(),
+            text,
+            text_neg,
+            centre,
+            train,
+            held_out,
+            save_to,
+            gpu: self.gpu.clone(),
+        };
+        if let Some(s) = self.session.as_mut() {
+            s.labels_since_train = 0;
+        }
+        self.engine.train_job = Some(Job::spawn("train", self.ctx.clone(), move |p, c, l| {
+            jobs::run_train(req, p, c, l)
+        }));
+        self.view_hint_training();
+        Ok(())
+    }
+
+    fn view_hint_training(&mut self) {
+        self.notify(Level::Info, "training started (Esc or Cancel stops it)".into());
+    }
+
+    pub fn cancel_jobs(&mut self) {
+        if let Some(j) = &self.engine.embed_job {
+            j.cancel();
+        }
+        if let Some(j) = &self.engine.train_job {
+            j.cancel();
+        }
+        self.train_after_embed = false;
+    }
+
+    /// Takes in what the background jobs finished. Called every frame by [`Self::show`]; tests may call it
+    /// directly.
+    pub fn poll_jobs(&mut self) {
+        if let Some(job) = self.engine.embed_job.as_mut() {
+            let polled = job.poll();
+            let messages: Vec<String> = job.messages.drain(..).collect();
+            let cancelled = job.is_cancelled();
+            for m in messages {
+                self.notify(Level::Warn, m);
+            }
+            if let Polled::Finished(result) = polled {
+                self.engine.embed_job = None;
+                match result {
+                    Ok(out) => self.embedding_done(out),
+                    Err(e) if cancelled => self.notify(Level::Info, format!("embedding stopped ({e})")),
+                    Err(e) => {
+                        self.engine.model_error = Some(e.clone());
+                        self.train_after_embed = false;
+                        self.notify(Level::Error, e);
+                    }
+                }
+            }
+        }
+        if let Some(job) = self.engine.train_job.as_mut() {
+            let polled = job.poll();
+            let messages: Vec<String> = job.messages.drain(..).collect();
+            let cancelled = job.is_cancelled();
+            let losses = job.losses.clone();
+            for m in messages {
+                self.notify(Level::Info, m);
+            }
+            if let Polled::Finished(result) = polled {
+                self.engine.train_job = None;
+                match result {
+                    Ok(out) => self.training_done(out, losses),
+                    Err(e) if cancelled => self.notify(Level::Info, format!("training stopped ({e})")),
+                    Err(e) => self.notify(Level::Error, format!("training failed: {e}")),
+                }
+            }
+        }
+        if self.train_after_embed && self.engine.embed_job.is_none() {
+            self.train_after_embed = false;
+            if let Err(e) = self.start_training() {
+                self.notify(Level::Warn, e);
+            }
+        }
+    }
+
+    fn embedding_done(&mut self, out: EmbedOutput) {
+        let EmbedOutput {
+            embedder,
+            info,
+            centre,
+            ok,
+            text,
+            text_neg,
+            zero_shot,
+            stats,
+        } = out;
+        if let Some(c) = centre {
+            let n = c.rows;
+            self.engine.centre = Some(c);
+            self.engine.ok = ok;
+            self.engine.last_embed = Some((n, stats.seconds, stats.features_from_cache));
+            let bad = self.engine.ok.iter().filter(|o| !**o).count();
+            if bad > 0 {
+                self.notify(Level::Warn, format!("{bad} image(s) could not be read and are left out"));
+            }
+        }
+        self.engine.text = Some(text);
+        self.engine.text_neg = Some(text_neg);
+        self.engine.embedder = Some(embedder);
+        self.engine.model = Some(info);
+        self.engine.serial += 1;
+        // Predictions: the saved adapter's when it fits, else zero-shot CLIP.
+        let from_adapter = match (&self.engine.adapter, &self.engine.centre) {
+            (Some(a), Some(c)) => a.predict(c).ok(),
+            _ => None,
+        };
+        let probs = from_adapter.or_else(|| {
+            let c = self.engine.centre.as_ref()?;
+            let t = self.engine.text.as_ref()?;
+            Some(zero_shot.unwrap_or_else(|| jobs::zero_shot_probs(c, t, TrainParams::default().logit_scale)))
+        });
+        if let Some(s) = self.session.as_mut() {
+            s.set_predictions(probs);
+        }
+    }
+
+    fn training_done(&mut self, out: TrainOutput, losses: Vec<(usize, f32)>) {
+        let title = out.adapter.title();
+        let summary = RunSummary {
+            method: title.clone(),
+            trained_on: out.trained_on,
+            held_out: out.held_out,
+            accuracy: out.held_out_accuracy,
+            seconds: out.seconds,
+            backend: out.backend.clone(),
+            finished: SystemTime::now(),
+            losses: if losses.is_empty() {
+                out.adapter.losses.clone()
+            } else {
+                losses
+            },
+        };
+        for n in &out.adapter.notes {
+            self.notify(Level::Info, n.clone());
+        }
+        let mut msg = format!("{title} trained on {} images in {}", out.trained_on, style::short_duration(out.seconds));
+        if let Some(a) = out.held_out_accuracy {
+            msg.push_str(&format!("; held-out accuracy {:.1} % ({} images)", a * 100.0, out.held_out));
+        }
+        self.notify(Level::Info, msg);
+        self.engine.history.push(summary);
+        self.engine.adapter = Some(out.adapter);
+        self.engine.serial += 1;
+        if let Some(s) = self.session.as_mut() {
+            s.set_predictions(Some(out.probs));
+            let finished_unix = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            s.project.last_training = Some(TrainingRecord {
+                finished_unix,
+                method: title,
+                labelled: out.trained_on + out.held_out,
+                held_out_accuracy: out.held_out_accuracy,
+                held_out: out.held_out,
+                seconds: out.seconds,
+            });
+            if let Some(p) = out.saved_to {
+                s.project.adapter_path = Some(p);
+            }
+            if let Err(e) = s.save() {
+                let text = e.to_string();
+                self.notify(Level::Error, text);
+            }
+        }
+    }
+
+    fn notify(&mut self, level: Level, text: String) {
+        self.notices.push(Notice {
+            text,
+            level,
+            at: Instant::now(),
+        });
+        if self.notices.len() > 200 {
+            self.notices.drain(..100);
+        }
+    }
+
+    /// Labels the cursor/selection with `class` (`None` clears) and does what follows a label: save, advance,
+    /// maybe retrain.
+    pub fn label_with(&mut self, class: Option<usize>) {
+        let Some(s) = self.session.as_mut() else { return };
+        let advance = s.project.settings.auto_advance;
+        let out = s.label_targets(class, advance);
+        let auto = s.project.settings.auto_train_every as usize;
+        let due = auto > 0 && s.labels_since_train >= auto;
+        if let Err(e) = out.saved {
+            self.notify(Level::Error, format!("{e}"));
+        }
+        if out.changed > 0 {
+            self.grid.scroll_to_cursor = true;
+        }
+        if due && self.engine.train_job.is_none() {
+            if let Err(e) = self.start_training() {
+                self.notify(Level::Warn, e);
+            }
+        }
+    }
+
+    pub fn undo(&mut self) {
+        if let Some(out) = self.session.as_mut().and_then(Session::undo) {
+            if let Err(e) = out.saved {
+                self.notify(Level::Error, e.to_string());
+            }
+            self.grid.scroll_to_cursor = true;
+        }
+    }
+
+    pub fn redo(&mut self) {
+        if let Some(out) = self.session.as_mut().and_then(Session::redo) {
+            if let Err(e) = out.saved {
+                self.notify(Level::Error, e.to_string());
+            }
+            self.grid.scroll_to_cursor = true;
+        }
+    }
+
+    pub fn label_next(&mut self) {
+        let Some(s) = self.session.as_mut() else { return };
+        if s.go_to_next_to_label().is_none() {
+            self.notify(Level::Info, "every image is labelled".into());
+        }
+        self.grid.scroll_to_cursor = true;
+    }
+
+    /// The class list or templates changed: labels are re-derived and the prompts embedded again.
+    fn classes_changed(&mut self) {
+        if let Some(s) = self.session.as_mut() {
+            s.classes_changed();
+            if let Err(e) = s.save() {
+                let text = e.to_string();
+                self.notify(Level::Error, text);
+            }
+        }
+        let fits = self.engine.adapter.as_ref().is_some_and(|a| {
+            self.session
+                .as_ref()
+                .is_some_and(|s| s.classes() == a.classes.as_slice())
+        });
+        if !fits {
+            self.engine.adapter = None;
+        }
+        self.engine.text = None;
+        self.engine.text_neg = None;
+        self.engine.serial += 1;
+        self.graph_key = None;
+        self.start_embedding();
+    }
+
+    // --- drawing ---------------------------------------------------------------------------------------
+
+    /// Draws the whole application into `ui` (the window's root or a test harness).
+    pub fn show(&mut self, ui: &mut egui::Ui) {
+        let ctx = ui.ctx().clone();
+        if !self.styled {
+            style::apply(&ctx);
+            self.styled = true;
+        }
+        if self.ctx.is_none() {
+            self.ctx = Some(ctx.clone());
+        }
+        self.poll_jobs();
+        if self.thumbs.is_none() {
+            if let Some(s) = &self.session {
+                let paths = s.images.iter().map(|i| i.path.clone()).collect();
+                self.thumbs = Some(ThumbCache::new(
+                    &ctx,
+                    paths,
+                    self.opts.thumb_threads,
+                    self.opts.thumb_capacity,
+                ));
+            }
+        }
+        if let Some(t) = self.thumbs.as_mut() {
+            t.begin_frame(&ctx, 24);
+        }
+        self.handle_dropped_files(&ctx);
+        self.handle_keys(&ctx);
+
+        self.top_bar(ui);
+        self.status_bar(ui);
+        match self.view {
+            View::Label => self.label_view(ui),
+            View::Graph => self.graph_page(ui),
+            View::Train => self.train_view(ui),
+        }
+        self.show_dialogs(&ctx);
+        self.show_notices(&ctx);
+        if self.is_busy() {
+            // Workers wake the UI with news; this keeps the ETA ticking between news.
+            ctx.request_repaint_after(Duration::from_millis(250));
+        }
+    }
+
+    fn handle_dropped_files(&mut self, ctx: &egui::Context) {
+        let dropped: Vec<PathBuf> = ctx.input(|i| i.raw.dropped_files.iter().map(|f| f.path().to_path_buf()).filter(|p| !p.as_os_str().is_empty()).collect());
+        if let Some(p) = dropped.first() {
+            let target = if p.is_file() && p.extension().is_none_or(|e| e != "json") {
+                p.parent().map(Path::to_path_buf).unwrap_or_else(|| p.clone())
+            } else {
+                p.clone()
+            };
+            if let Err(e) = self.open_path(&target) {
+                self.notify(Level::Error, e.to_string());
+            }
+        }
+    }
+
+    fn handle_keys(&mut self, ctx: &egui::Context) {
+        if self.dialogs.modal_open() {
+            if ctx.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Escape)) {
+                self.dialogs.close_top();
+            }
+            return;
+        }
+        let cmd = Modifiers::COMMAND;
+        let shift_cmd = Modifiers::COMMAND | Modifiers::SHIFT;
+        let pressed = |m: Modifiers, k: Key| ctx.input_mut(|i| i.consume_key(m, k));
+        // Shortcuts with a modifier work everywhere; plain keys only when no text field has the keyboard.
+        if pressed(shift_cmd, Key::Z) || pressed(cmd, Key::Y) {
+            self.redo();
+        }
+        if pressed(cmd, Key::Z) {
+            self.undo();
+        }
+        if pressed(cmd, Key::O) {
+            self.pick_folder();
+        }
+        if pressed(cmd, Key::S) {
+            if let Some(Err(e)) = self.session.as_ref().map(Session::save) {
+                self.notify(Level::Error, e.to_string());
+            } else if self.session.is_some() {
+                self.notify(Level::Info, "saved".into());
+            }
+        }
+        for (k, v) in [(Key::Num1, View::Label), (Key::Num2, View::Graph), (Key::Num3, View::Train)] {
+            if pressed(cmd, k) {
+                self.view = v;
+            }
+        }
+        if pressed(Modifiers::NONE, Key::F1) {
+            self.dialogs.help = !self.dialogs.help;
+        }
+        if ctx.egui_wants_keyboard_input() {
+            return;
+        }
+        if pressed(cmd, Key::A) {
+            if let Some(s) = self.session.as_mut() {
+                s.select_all_visible();
+            }
+        }
+        if pressed(Modifiers::NONE, Key::Escape) {
+            if self.engine.train_job.is_some() || self.engine.embed_job.is_some() {
+                self.cancel_jobs();
+            } else if let Some(s) = self.session.as_mut() {
+                s.clear_selection();
+            }
+        }
+        if pressed(Modifiers::NONE, Key::T) {
+            if let Err(e) = self.start_training() {
+                self.notify(Level::Warn, e);
+            }
+        }
+        if pressed(Modifiers::SHIFT, Key::Questionmark) || pressed(Modifiers::NONE, Key::Questionmark) {
+            self.dialogs.help = !self.dialogs.help;
+        }
+        if self.view != View::Label {
+            return;
+        }
+        let digits = [
+            Key::Num1,
+            Key::Num2,
+            Key::Num3,
+            Key::Num4,
+            Key::Num5,
+            Key::Num6,
+            Key::Num7,
+            Key::Num8,
+            Key::Num9,
+        ];
+        for (c, k) in digits.iter().enumerate() {
+            if pressed(Modifiers::NONE, *k) {
+                let n = self.session.as_ref().map_or(0, |s| s.classes().len());
+                if c < n {
+                    self.label_with(Some(c));
+                }
+            }
+        }
+        if pressed(Modifiers::NONE, Key::Num0) || pressed(Modifiers::NONE, Key::Backspace) || pressed(Modifiers::NONE, Key::Delete)
+        {
+            self.label_with(None);
+        }
+        if pressed(Modifiers::NONE, Key::N) {
+            self.label_next();
+        }
+        if (pressed(Modifiers::NONE, Key::Slash) || pressed(Modifiers::NONE, Key::L)) && self.session.is_some() {
+            self.dialogs.picker = Some(dialogs::ClassPicker::default());
+        }
+        let cols = self.grid.cols.max(1) as isize;
+        let moves = [
+            (Key::ArrowLeft, -1),
+            (Key::ArrowRight, 1),
+            (Key::ArrowUp, -cols),
+            (Key::ArrowDown, cols),
+            (Key::PageUp, -cols * 4),
+            (Key::PageDown, cols * 4),
+            (Key::Home, isize::MIN / 2),
+            (Key::End, isize::MAX / 2),
+        ];
+        for (k, d) in moves {
+            if pressed(Modifiers::NONE, k) {
+                if let Some(s) = self.session.as_mut() {
+                    s.move_cursor(d);
+                    self.grid.scroll_to_cursor = true;
+                }
+            }
+        }
+    }
+
+    fn pick_folder(&mut self) {
+        if let Some(folder) = rfd::FileDialog::new().set_title("Open an image folder").pick_folder() {
+            if let Err(e) = self.open_path(&folder) {
+                self.notify(Level::Error, e.to_string());
+            }
+        }
+    }
+
+    fn pick_project(&mut self) {
+        if let Some(file) = rfd::FileDialog::new()
+            .set_title("Open a hegraph project")
+            .add_filter("hegraph project", &["json"])
+            .pick_file()
+        {
+            if let Err(e) = self.open_path(&file) {
+                self.notify(Level::Error, e.to_string());
+            }
+        }
+    }
+
+    fn save_as(&mut self) {
+        let Some(s) = self.session.as_mut() else { return };
+        if let Some(file) = rfd::FileDialog::new()
+            .set_title("Save the project as")
+            .add_filter("hegraph project", &["json"])
+            .set_file_name("project.json")
+            .save_file()
+        {
+            let old = s.project_path.replace(file.clone());
+            if let Err(e) = s.save() {
+                s.project_path = old;
+                self.notify(Level::Error, e.to_string());
+            } else {
+                self.notify(Level::Info, format!("saved as {}", file.display()));
+            }
+        }
+    }
+
+    fn top_bar(&mut self, ui: &mut egui::Ui) {
+        egui::Panel::top("hegraph-top")
+            .frame(egui::Frame::side_top_panel(ui.style()).inner_margin(egui::Margin::symmetric(10, 6)))
+            .show(ui, |ui| {
+                egui::MenuBar::new().ui(ui, |ui| {
+                    ui.menu_button("Project", |ui| {
+                        if ui.button("Open folder…  (Ctrl+O)").clicked() {
+                            self.pick_folder();
+                        }
+                        if ui.button("Open project file…").clicked() {
+                            self.pick_project();
+                        }
+                        let open = self.session.is_some();
+                        if ui.add_enabled(open, egui::Button::new("Save as…")).clicked() {
+                            self.save_as();
+                        }
+                        ui.separator();
+                        if ui.add_enabled(open, egui::Button::new("Export labels…")).clicked() {
+                            self.dialogs.export.open = true;
+                        }
+                        ui.separator();
+                        if ui.button("Settings…").clicked() {
+                            self.dialogs.settings = true;
+                        }
+                    });
+                    ui.menu_button("Edit", |ui| {
+                        let (u, r) = self
+                            .session
+                            .as_ref()
+                            .map_or((false, false), |s| (s.can_undo(), s.can_redo()));
+                        if ui.add_enabled(u, egui::Button::new("Undo  (Ctrl+Z)")).clicked() {
+                            self.undo();
+                        }
+                        if ui.add_enabled(r, egui::Button::new("Redo  (Ctrl+Shift+Z)")).clicked() {
+                            self.redo();
+                        }
+                        ui.separator();
+                        let open = self.session.is_some();
+                        if ui.add_enabled(open, egui::Button::new("Classes…")).clicked() {
+                            self.open_class_editor();
+                        }
+                        if ui.add_enabled(open, egui::Button::new("Prompt templates…")).clicked() {
+                            self.open_template_editor();
+                        }
+                    });
+                    ui.menu_button("Help", |ui| {
+                        if ui.button("Keyboard shortcuts  (F1)").clicked() {
+                            self.dialogs.help = true;
+                        }
+                    });
+                    ui.add_space(16.0);
+                    for v in View::ALL {
+                        let selected = self.view == v;
+                        let text = RichText::new(v.title()).size(15.0);
+                        let text = if selected { text.strong().color(style::ACCENT) } else { text };
+                        if ui
+                            .add(egui::Button::selectable(selected, text))
+                            .on_hover_text(format!("{} view ({})", v.title(), v.shortcut()))
+                            .clicked()
+                        {
+                            self.view = v;
+                        }
+                    }
+                    ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                        self.job_controls(ui);
+                    });
+                });
+            });
+        let banner = self
+            .engine
+            .model
+            .as_ref()
+            .is_some_and(|m| m.is_test_checkpoint);
+        if banner {
+            egui::Panel::top("hegraph-banner")
+                .frame(egui::Frame::NONE.fill(style::WARNING_BG).inner_margin(egui::Margin::symmetric(10, 4)))
+                .show(ui, |ui| {
+                    ui.horizontal(|ui| {
+                        ui.label(
+                            RichText::new(format!("⚠ {TEST_CHECKPOINT_BANNER}"))
+                                .color(style::WARNING_FG)
+                                .strong(),
+                        );
+                    });
+                });
+        }
+    }
+
+    /// Train button, progress of the running job with rate and ETA, cancel.
+    fn job_controls(&mut self, ui: &mut egui::Ui) {
+        if let Some(job) = &self.engine.train_job {
+            if ui.button("Cancel").on_hover_text("Stop training (Esc)").clicked() {
+                job.cancel();
+            }
+            job_progress(ui, job, "steps");
+        } else if let Some(job) = &self.engine.embed_job {
+            if ui.button("Cancel").on_hover_text("Stop embedding (Esc); what is done is kept").clicked() {
+                job.cancel();
+            }
+            job_progress(ui, job, "images");
+        } else {
+            let can = self.session.as_ref().is_some_and(|s| s.labelled_count() > 0);
+            let b = egui::Button::new(RichText::new("▶ Train").strong()).fill(style::ACCENT.gamma_multiply(0.45));
+            if ui
+                .add_enabled(can, b)
+                .on_hover_text("Train the adapter on the labelled images (T)")
+                .on_disabled_hover_text("Label a few images first (keys 1–9)")
+                .clicked()
+            {
+                if let Err(e) = self.start_training() {
+                    self.notify(Level::Warn, e);
+                }
+            }
+            if self.session.is_some() && !self.has_features() {
+                if let Some(e) = &self.engine.model_error {
+                    let short: String = e.chars().take(60).collect();
+                    ui.label(RichText::new(format!("⚠ {short}…")).color(style::WARNING_FG))
+                        .on_hover_text(e);
+                    if ui.button("Retry").on_hover_text("Embed the folder again").clicked() {
+                        self.start_embedding();
+                    }
+                }
+            }
+        }
+    }
+
+    fn status_bar(&mut self, ui: &mut egui::Ui) {
+        egui::Panel::bottom("hegraph-status")
+            .frame(egui::Frame::side_top_panel(ui.style()).inner_margin(egui::Margin::symmetric(10, 5)))
+            .show(ui, |ui| {
+                ui.horizontal(|ui| {
+                    let weak = ui.visuals().weak_text_color();
+                    // Backend.
+                    let backend = match (&self.gpu, self.engine.history.last()) {
+                        (_, Some(r)) => format!("training: {}", r.backend),
+                        (Some(g), None) => format!("GPU: {}", g.adapter_name()),
+                        (None, None) => "CPU".to_string(),
+                    };
+                    let gpu_line = self
+                        .gpu
+                        .as_ref()
+                        .map_or("no GPU device from the window".to_string(), |g| format!("window GPU: {}", g.describe()));
+                    ui.label(RichText::new(format!("⚙ {backend}")).color(weak)).on_hover_text(gpu_line);
+                    ui.separator();
+                    // Model.
+                    match &self.engine.model {
+                        Some(m) if m.is_test_checkpoint => {
+                            ui.label(RichText::new(format!("{} · {TEST_CHECKPOINT_BANNER}", m.name)).color(style::WARNING_FG))
+                                .on_hover_text(m.banner());
+                        }
+                        Some(m) => {
+                            ui.label(RichText::new(format!("model: {}", m.name)).color(weak)).on_hover_text(m.banner());
+                        }
+                        None if self.engine.model_error.is_some() => {
+                            ui.label(RichText::new("no model").color(style::WARNING_FG))
+                                .on_hover_text(self.engine.model_error.clone().unwrap_or_default());
+                        }
+                        None => {
+                            ui.label(RichText::new("model: not loaded").color(weak));
+                        }
+                    }
+                    ui.separator();
+                    // Counts.
+                    if let Some(s) = &self.session {
+                        let counts = s.counts_per_class();
+                        let per_class: Vec<String> = s
+                            .classes()
+                            .iter()
+                            .zip(&counts)
+                            .map(|(c, n)| format!("{c} {n}"))
+                            .collect();
+                        ui.label(format!("{} images · {} labelled", s.len(), s.labelled_count()))
+                            .on_hover_text(per_class.join("\n"));
+                        let shown: String = per_class.iter().take(6).cloned().collect::<Vec<_>>().join(", ");
+                        let more = if per_class.len() > 6 { ", …" } else { "" };
+                        ui.label(RichText::new(format!("({shown}{more})")).color(weak).small());
+                        ui.separator();
+                        match (&s.project.last_training, self.engine.history.last()) {
+                            (Some(r), _) => {
+                                let ago = SystemTime::now()
+                                    .duration_since(SystemTime::UNIX_EPOCH)
+                                    .map_or(0, |d| d.as_secs())
+                                    .saturating_sub(r.finished_unix);
+                                let acc = r
+                                    .held_out_accuracy
+                                    .map_or("no held-out images".into(), |a| {
+                                        format!("held-out accuracy {:.1} % ({} images)", a * 100.0, r.held_out)
+                                    });
+                                ui.label(format!("last training {} ago: {} · {acc}", style::short_duration(ago as f64), r.method));
+                            }
+                            (None, _) => {
+                                ui.label(RichText::new("not trained yet (T)").color(weak));
+                            }
+                        }
+                    } else {
+                        ui.label(RichText::new("no folder open: Project ▸ Open folder… or drop a folder here").color(weak));
+                    }
+                });
+            });
+    }
+
+    fn show_notices(&mut self, ctx: &egui::Context) {
+        let now = Instant::now();
+        let life = Duration::from_secs(8);
+        let live: Vec<&Notice> = self.notices.iter().filter(|n| now.duration_since(n.at) < life).collect();
+        if live.is_empty() {
+            return;
+        }
+        egui::Area::new(egui::Id::unique("hegraph-notices"))
+            .anchor(egui::Align2::RIGHT_BOTTOM, egui::vec2(-14.0, -40.0))
+            .interactable(false)
+            .show(ctx, |ui| {
+                ui.set_max_width(460.0);
+                for n in live.iter().rev().take(4).rev() {
+                    let (fill, fg) = match n.level {
+                        Level::Info => (Color32::from_rgb(38, 52, 70), Color32::from_rgb(215, 228, 245)),
+                        Level::Warn => (Color32::from_rgb(74, 60, 28), Color32::from_rgb(255, 226, 160)),
+                        Level::Error => (Color32::from_rgb(90, 32, 32), Color32::from_rgb(255, 205, 205)),
+                    };
+                    egui::Frame::NONE
+                        .fill(fill)
+                        .corner_radius(6)
+                        .inner_margin(egui::Margin::symmetric(10, 6))
+                        .show(ui, |ui| {
+                            ui.label(RichText::new(&n.text).color(fg));
+                        });
+                }
+            });
+        ctx.request_repaint_after(Duration::from_millis(500));
+    }
+
+    // --- graph page --------------------------------------------------------------------------------------
+
+    /// Rebuilds the graph view when what it shows changed.
+    fn refresh_graph(&mut self) {
+        let Some(s) = &self.session else { return };
+        let trained = self.engine.adapter.as_ref().and_then(|a| a.graph().cloned());
+        let key = (s.label_generation, self.engine.serial, trained.is_some());
+        // A trained graph only changes with training; the live one with every label.
+        let key = if trained.is_some() { (0, key.1, true) } else { key };
+        if self.graph_key == Some(key) {
+            return;
+        }
+        self.graph_key = Some(key);
+        let graph = match trained {
+            Some(g) => {
+                self.graph_note = "graph of the last HeGraphAdapter training".into();
+                Some(g)
+            }
+            None => self.live_graph(),
+        };
+        match graph {
+            Some(g) => self.graph.set_graph(&g),
+            None => self.graph.clear(),
+        }
+    }
+
+    /// The graph the current labels give, with centre crops as the visual side (no training needed).
+    fn live_graph(&mut self) -> Option<HeteroGraph> {
+        let s = self.session.as_ref()?;
+        let (centre, text) = (self.engine.centre.as_ref()?, self.engine.text.as_ref()?);
+        let labelled: Vec<usize> = (0..s.len())
+            .filter(|&i| s.label(i).is_some() && self.engine.ok.get(i).copied().unwrap_or(true))
+            .collect();
+        if labelled.is_empty() {
+            self.graph_note = "label a few images to see the visual nodes and their edges".into();
+            return None;
+        }
+        let views = vec![centre.select_rows(&labelled)];
+        let labels: Vec<usize> = labelled.iter().filter_map(|&i| s.label(i)).collect();
+        let use_neg = s.project.settings.train.use_negative;
+        let g = HeteroGraph::build(
+            s.classes(),
+            text,
+            if use_neg { self.engine.text_neg.as_deref() } else { None },
+            &LabelledViewsRef {
+                views: &views,
+                labels: &labels,
+            },
+            &GraphOptions::default(),
+        );
+        match g {
+            Ok(g) => {
+                self.graph_note = "graph from the current labels (not trained yet)".into();
+                Some(g)
+            }
+            Err(e) => {
+                self.graph_note = format!("no graph: {e}");
+                None
+            }
+        }
+    }
+
+    fn graph_page(&mut self, ui: &mut egui::Ui) {
+        self.refresh_graph();
+        let classes: Vec<String> = self.session.as_ref().map(|s| s.classes().to_vec()).unwrap_or_default();
+        let confidence: Option<Vec<f32>> = self.session.as_ref().and_then(|s| match self.graph.sizing {
+            graph_view::NodeSizing::Selected => s
+                .cursor
+                .and_then(|c| s.predictions().map(|p| p.row(c).to_vec())),
+            _ => s.mean_confidence(),
+        });
+        let selected_name = self
+            .session
+            .as_ref()
+            .and_then(|s| s.cursor.map(|c| s.images[c].rel.clone()));
+        egui::Panel::left("hegraph-graph-controls")
+            .resizable(false)
+            .exact_size(270.0)
+            .show(ui, |ui| {
+                egui::ScrollArea::vertical().show(ui, |ui| {
+                    ui.add_space(6.0);
+                    self.graph.controls(ui, selected_name.as_deref());
+                    ui.add_space(8.0);
+                    ui.label(RichText::new(&self.graph_note).small().weak());
+                });
+            });
+        egui::CentralPanel::default()
+            .frame(egui::Frame::central_panel(ui.style()).inner_margin(8))
+            .show(ui, |ui| {
+                if let Some(GraphAction::ShowClass(c)) = self.graph.canvas(ui, &classes, confidence.as_deref()) {
+                    if let Some(s) = self.session.as_mut() {
+                        let f = state::GridFilter {
+                            class: Some(c),
+                            ..Default::default()
+                        };
+                        s.set_filter(f);
+                    }
+                    self.view = View::Label;
+                    let name = classes.get(c).cloned().unwrap_or_default();
+                    self.notify(Level::Info, format!("showing the images labelled '{name}'"));
+                }
+            });
+    }
+}
+
+fn job_progress<T: Send + 'static>(ui: &mut egui::Ui, job: &Job<T>, unit: &str) {
+    let mut text = if job.stage.is_empty() { job.name.to_string() } else { job.stage.clone() };
+    if job.total > 0 {
+        text.push_str(&format!(" · {}/{}", job.done, job.total));
+    }
+    if let Some(r) = job.rate() {
+        text.push_str(&format!(" · {r:.1} {unit}/s"));
+    }
+    if let Some(eta) = job.eta() {
+        text.push_str(&format!(" · {} left", style::short_duration(eta)));
+    }
+    ui.add(
+        egui::ProgressBar::new(job.fraction())
+            .desired_width(360.0)
+            .text(text)
+            .animate(job.total == 0),
+    );
+}
+
+// -------------------------------------------------------------------------------------------------------------
+// The window.
+
+/// The wgpu device eframe renders with, wrapped for the compute engine. This is the one place where the UI's
+/// device is handed to the engine.
+pub fn compute_gpu(rs: &eframe::egui_wgpu::RenderState) -> GpuContext {
+    GpuContext::from_device(rs.device.clone(), rs.queue.clone(), rs.adapter.get_info())
+}
+
+/// eframe's wgpu set-up, asking for the adapter's own limits (not wgpu's conservative defaults) so that the
+/// compute engine can bind large feature matrices on the UI's device.
+fn wgpu_configuration() -> eframe::egui_wgpu::WgpuConfiguration {
+    use eframe::egui_wgpu::{WgpuConfiguration, WgpuSetup, WgpuSetupCreateNew};
+    let mut setup = WgpuSetupCreateNew::without_display_handle();
+    setup.device_descriptor = Arc::new(|adapter: &eframe::wgpu::Adapter| {
+        let mut limits = adapter.limits();
+        limits.max_texture_dimension_2d = limits.max_texture_dimension_2d.max(8192).min(adapter.limits().max_texture_dimension_2d);
+        eframe::wgpu::DeviceDescriptor {
+            label: Some("hegraph (UI and compute)"),
+            required_limits: limits,
+            ..Default::default()
+        }
+    });
+    WgpuConfiguration {
+        wgpu_setup: WgpuSetup::CreateNew(setup),
+        ..Default::default()
+    }
+}
+
+/// Opens the window; `start` is a folder or project file to open at once.
+pub fn run_gui(start: Option<PathBuf>) -> Result<(), AppError> {
+    let options = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_title("hegraph")
+            .with_inner_size([1280.0, 800.0])
+            .with_min_inner_size([960.0, 600.0])
+            .with_drag_and_drop(true),
+        renderer: eframe::Renderer::Wgpu,
+        wgpu_options: wgpu_configuration(),
+        ..Default::default()
+    };
+    eframe::run_native(
+        "hegraph",
+        options,
+        Box::new(move |cc| {
+            let mut app = HeGraphApp::new(AppOptions::default());
+            style::apply(&cc.egui_ctx);
+            app.styled = true;
+            app.ctx = Some(cc.egui_ctx.clone());
+            app.set_gpu(cc.wgpu_render_state.as_ref().map(compute_gpu));
+            if let Some(p) = start {
+                if let Err(e) = app.open_path(&p) {
+                    app.notify(Level::Error, e.to_string());
+                }
+            }
+            Ok(Box::new(app))
+        }),
+    )
+    .map_err(|e| AppError::Window(e.to_string()))
+}
+
+impl eframe::App for HeGraphApp {
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        self.show(ui);
+    }
+
+    fn on_exit(&mut self) {
+        self.cancel_jobs();
+        if let Some(Err(e)) = self.session.as_ref().map(Session::save) {
+            eprintln!("hegraph: the project could not be saved on exit: {e}");
+        }
+    }
+}

@@ -1,0 +1,716 @@
+//! The labelling session without any drawing: images, labels (with undo/redo and a save after every change),
+//! predictions, the grid's filter and sort, selection and the "label next" choice. The GUI is a view of this;
+//! tests drive it directly.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use crate::linalg::{argmax, Mat};
+use crate::project::{Project, ProjectError};
+
+/// One image of the folder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageItem {
+    /// Relative to the project folder, with `/` (the key of the project's labels).
+    pub rel: String,
+    pub path: PathBuf,
+}
+
+/// Which images the grid shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Show {
+    #[default]
+    All,
+    Labelled,
+    Unlabelled,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SortKey {
+    /// Folder order (relative path).
+    #[default]
+    Name,
+    /// Least confident first (top-1 probability).
+    ConfidenceAsc,
+    /// Most confident first.
+    ConfidenceDesc,
+    /// Smallest top-1 minus top-2 first: the images the model is torn about.
+    MarginAsc,
+}
+
+impl SortKey {
+    pub const ALL: [SortKey; 4] = [
+        SortKey::Name,
+        SortKey::ConfidenceAsc,
+        SortKey::ConfidenceDesc,
+        SortKey::MarginAsc,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            SortKey::Name => "name",
+            SortKey::ConfidenceAsc => "confidence ↑ (least sure first)",
+            SortKey::ConfidenceDesc => "confidence ↓ (most sure first)",
+            SortKey::MarginAsc => "margin ↑ (most torn first)",
+        }
+    }
+}
+
+/// The grid's filter.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct GridFilter {
+    pub show: Show,
+    /// Only images labelled with this class.
+    pub class: Option<usize>,
+    /// Only images whose predicted (top-1) class is this one.
+    pub predicted: Option<usize>,
+    /// Case-insensitive substring of the relative path.
+    pub search: String,
+    pub sort: SortKey,
+}
+
+/// One undoable labelling action: `(image, label before, label after)` for every image it touched.
+#[derive(Clone, Debug, PartialEq)]
+struct Edit {
+    changes: Vec<(usize, Option<String>, Option<String>)>,
+}
+
+/// How a labelling action went: whether the project was saved (a failed save keeps the label in memory and is
+/// reported; the next action tries again).
+#[derive(Debug)]
+pub struct LabelOutcome {
+    pub changed: usize,
+    pub saved: Result<(), ProjectError>,
+}
+
+pub struct Session {
+    pub project: Project,
+    /// Where the project is saved after every change; `None` = not saved (tests, or no writable place).
+    pub project_path: Option<PathBuf>,
+    pub images: Vec<ImageItem>,
+    /// `labels[i]` = class index of image `i` (mirror of `project.labels` for speed).
+    labels: Vec<Option<usize>>,
+    /// `N×C` probabilities from the last training (or zero-shot), rows aligned with `images`.
+    probs: Option<Mat>,
+    /// Per image: (top-1 class, top-1 probability, top-1 − top-2).
+    summary: Vec<Option<(usize, f32, f32)>>,
+    undo: Vec<Edit>,
+    redo: Vec<Edit>,
+    /// The image the keyboard acts on and the preview shows.
+    pub cursor: Option<usize>,
+    /// Extra images selected with ctrl/shift-click; labelling acts on all of them (and the cursor).
+    pub selection: BTreeSet<usize>,
+    anchor: Option<usize>,
+    filter: GridFilter,
+    visible: Vec<usize>,
+    visible_dirty: bool,
+    /// Labels given since the last training started (for automatic retraining).
+    pub labels_since_train: usize,
+    /// Bumped on every label change so views can cache derived data.
+    pub label_generation: u64,
+}
+
+impl Session {
+    /// `images` in folder order; labels come from `project.labels`.
+    pub fn new(project: Project, project_path: Option<PathBuf>, images: Vec<ImageItem>) -> Self {
+        let labels = images
+            .iter()
+            .map(|im| project.label_index(&im.rel))
+            .collect();
+        let n = images.len();
+        let mut s = Self {
+            project,
+            project_path,
+            images,
+            labels,
+            probs: None,
+            summary: vec![None; n],
+            undo: Vec::new(),
+            redo: Vec::new(),
+            cursor: if n > 0 { Some(0) } else { None },
+            selection: BTreeSet::new(),
+            anchor: None,
+            filter: GridFilter::default(),
+            visible: Vec::new(),
+            visible_dirty: true,
+            labels_since_train: 0,
+            label_generation: 0,
+        };
+        s.refresh_visible();
+        s
+    }
+
+    pub fn folder(&self) -> &Path {
+        &self.project.folder
+    }
+
+    pub fn classes(&self) -> &[String] {
+        &self.project.classes
+    }
+
+    pub fn len(&self) -> usize {
+        self.images.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.images.is_empty()
+    }
+
+    pub fn label(&self, i: usize) -> Option<usize> {
+        self.labels.get(i).copied().flatten()
+    }
+
+    pub fn labels(&self) -> &[Option<usize>] {
+        &self.labels
+    }
+
+    pub fn labelled_count(&self) -> usize {
+        self.labels.iter().filter(|l| l.is_some()).count()
+    }
+
+    pub fn counts_per_class(&self) -> Vec<usize> {
+        let mut c = vec![0; self.classes().len()];
+        for l in self.labels.iter().flatten() {
+            if let Some(x) = c.get_mut(*l) {
+                *x += 1;
+            }
+        }
+        c
+    }
+
+    /// Re-derives the label mirror after the class list changed (rename/remove/add), and drops predictions
+    /// whose columns no longer match the classes.
+    pub fn classes_changed(&mut self) {
+        self.labels = self
+            .images
+            .iter()
+            .map(|im| self.project.label_index(&im.rel))
+            .collect();
+        if self
+            .probs
+            .as_ref()
+            .is_some_and(|p| p.cols != self.project.classes.len())
+        {
+            self.set_predictions(None);
+        }
+        self.undo.clear();
+        self.redo.clear();
+        self.label_generation += 1;
+        self.visible_dirty = true;
+    }
+
+    // --- predictions ---------------------------------------------------------------------------------
+
+    pub fn predictions(&self) -> Option<&Mat> {
+        self.probs.as_ref()
+    }
+
+    /// Installs new predictions (`N×C`, rows aligned with `images`); a matrix of the wrong shape is ignored.
+    pub fn set_predictions(&mut self, probs: Option<Mat>) {
+        let probs = probs.filter(|p| p.rows == self.images.len() && p.cols == self.classes().len());
+        self.summary = match &probs {
+            Some(p) => (0..p.rows).map(|i| top2(p.row(i))).collect(),
+            None => vec![None; self.images.len()],
+        };
+        self.probs = probs;
+        self.visible_dirty = true;
+    }
+
+    /// (predicted class, its probability, top-1 − top-2 margin).
+    pub fn prediction(&self, i: usize) -> Option<(usize, f32, f32)> {
+        self.summary.get(i).copied().flatten()
+    }
+
+    /// Mean probability per class over the folder (for the graph's node sizes).
+    pub fn mean_confidence(&self) -> Option<Vec<f32>> {
+        let p = self.probs.as_ref()?;
+        let mut m = vec![0.0f32; p.cols];
+        for i in 0..p.rows {
+            for (a, b) in m.iter_mut().zip(p.row(i)) {
+                *a += b;
+            }
+        }
+        let n = p.rows.max(1) as f32;
+        m.iter_mut().for_each(|x| *x /= n);
+        Some(m)
+    }
+
+    // --- grid ------------------------------------------------------------------------------------------
+
+    pub fn filter(&self) -> &GridFilter {
+        &self.filter
+    }
+
+    pub fn set_filter(&mut self, f: GridFilter) {
+        if f != self.filter {
+            self.filter = f;
+            self.visible_dirty = true;
+        }
+    }
+
+    /// Indices of the images the grid shows, in display order.
+    pub fn visible(&mut self) -> &[usize] {
+        if self.visible_dirty {
+            self.refresh_visible();
+        }
+        &self.visible
+    }
+
+    fn refresh_visible(&mut self) {
+        let f = &self.filter;
+        let needle = f.search.to_lowercase();
+        let mut v: Vec<usize> = (0..self.images.len())
+            .filter(|&i| {
+                let l = self.labels[i];
+                let show = match f.show {
+                    Show::All => true,
+                    Show::Labelled => l.is_some(),
+                    Show::Unlabelled => l.is_none(),
+                };
+                show && f.class.is_none_or(|c| l == Some(c))
+                    && f.predicted
+                        .is_none_or(|c| self.summary[i].is_some_and(|(p, _, _)| p == c))
+                    && (needle.is_empty() || self.images[i].rel.to_lowercase().contains(&needle))
+            })
+            .collect();
+        let key = |i: usize| self.summary[i];
+        match f.sort {
+            SortKey::Name => {}
+            SortKey::ConfidenceAsc => {
+                v.sort_by(|&a, &b| cmp_opt(key(a).map(|s| s.1), key(b).map(|s| s.1)))
+            }
+            SortKey::ConfidenceDesc => v.sort_by(|&a, &b| {
+                cmp_opt(key(b).map(|s| s.1), key(a).map(|s| s.1)).then(a.cmp(&b))
+            }),
+            SortKey::MarginAsc => {
+                v.sort_by(|&a, &b| cmp_opt(key(a).map(|s| s.2), key(b).map(|s| s.2)))
+            }
+        }
+        self.visible = v;
+        self.visible_dirty = false;
+    }
+
+    // --- selection -------------------------------------------------------------------------------------
+
+    /// A plain click: the image becomes the cursor and the only selection.
+    pub fn click(&mut self, i: usize) {
+        self.cursor = Some(i);
+        self.selection.clear();
+        self.anchor = Some(i);
+    }
+
+    /// Ctrl-click: toggles the image in the selection (the cursor moves to it).
+    pub fn ctrl_click(&mut self, i: usize) {
+        if let Some(c) = self.cursor {
+            if self.selection.is_empty() && c != i {
+                self.selection.insert(c);
+            }
+        }
+        if !self.selection.remove(&i) {
+            self.selection.insert(i);
+        }
+        self.cursor = Some(i);
+        self.anchor = Some(i);
+    }
+
+    /// Shift-click: selects the visible range from the anchor to the image.
+    pub fn shift_click(&mut self, i: usize) {
+        let anchor = self.anchor.or(self.cursor).unwrap_or(i);
+        let vis = self.visible().to_vec();
+        let (Some(a), Some(b)) = (
+            vis.iter().position(|&x| x == anchor),
+            vis.iter().position(|&x| x == i),
+        ) else {
+            self.click(i);
+            return;
+        };
+        let (lo, hi) = (a.min(b), a.max(b));
+        self.selection = vis[lo..=hi].iter().copied().collect();
+        self.cursor = Some(i);
+    }
+
+    pub fn select_all_visible(&mut self) {
+        self.selection = self.visible().iter().copied().collect();
+    }
+
+    pub fn clear_selection(&mut self) {
+        self.selection.clear();
+    }
+
+    /// The images a labelling action applies to: the selection, or else the cursor.
+    pub fn targets(&self) -> Vec<usize> {
+        if !self.selection.is_empty() {
+            self.selection.iter().copied().collect()
+        } else {
+            self.cursor.into_iter().collect()
+        }
+    }
+
+    /// Moves the cursor by `delta` positions in the visible order (clamped), clearing the selection.
+    pub fn move_cursor(&mut self, delta: isize) {
+        let vis = self.visible().to_vec();
+        if vis.is_empty() {
+            return;
+        }
+        let pos = self
+            .cursor
+            .and_then(|c| vis.iter().position(|&x| x == c))
+            .map_or(0, |p| {
+                (p as isize + delta).clamp(0, vis.len() as isize - 1) as usize
+            });
+        self.cursor = Some(vis[pos]);
+        self.selection.clear();
+        self.anchor = self.cursor;
+    }
+
+    /// Position of the cursor in the visible order.
+    pub fn cursor_position(&mut self) -> Option<usize> {
+        let c = self.cursor?;
+        self.visible().iter().position(|&x| x == c)
+    }
+
+    // --- labelling -------------------------------------------------------------------------------------
+
+    /// Labels the targets with `class` (`None` removes the label), records the action for undo, saves, and
+    /// (with `advance`) moves the cursor to the next visible image after the labelled ones.
+    pub fn label_targets(&mut self, class: Option<usize>, advance: bool) -> LabelOutcome {
+        let targets = self.targets();
+        let next = if advance {
+            self.next_after(&targets)
+        } else {
+            None
+        };
+        let outcome = self.set_labels(&targets, class);
+        if advance && outcome.changed > 0 {
+            if let Some(n) = next {
+                self.cursor = Some(n);
+                self.anchor = Some(n);
+            }
+            self.selection.clear();
+        }
+        outcome
+    }
+
+    /// The first visible image after the last of `targets` that is not itself a target.
+    fn next_after(&mut self, targets: &[usize]) -> Option<usize> {
+        let vis = self.visible().to_vec();
+        let last = targets
+            .iter()
+            .filter_map(|t| vis.iter().position(|x| x == t))
+            .max()?;
+        vis[last + 1..]
+            .iter()
+            .chain(vis[..last].iter().rev())
+            .copied()
+            .find(|x| !targets.contains(x))
+    }
+
+    /// Sets labels of `images` (an undoable action) and saves.
+    pub fn set_labels(&mut self, images: &[usize], class: Option<usize>) -> LabelOutcome {
+        let name = class.and_then(|c| self.classes().get(c).cloned());
+        if class.is_some() && name.is_none() {
+            return LabelOutcome {
+                changed: 0,
+                saved: Ok(()),
+            };
+        }
+        let changes: Vec<(usize, Option<String>, Option<String>)> = images
+            .iter()
+            .filter(|&&i| i < self.images.len())
+            .filter_map(|&i| {
+                let old = self.project.labels.get(&self.images[i].rel).cloned();
+                (old != name).then(|| (i, old, name.clone()))
+            })
+            .collect();
+        if changes.is_empty() {
+            return LabelOutcome {
+                changed: 0,
+                saved: Ok(()),
+            };
+        }
+        let changed = changes.len();
+        if name.is_some() {
+            self.labels_since_train += changes.iter().filter(|c| c.1.is_none()).count();
+        }
+        let edit = Edit { changes };
+        self.apply(&edit, false);
+        self.undo.push(edit);
+        self.redo.clear();
+        LabelOutcome {
+            changed,
+            saved: self.save(),
+        }
+    }
+
+    fn apply(&mut self, edit: &Edit, backwards: bool) {
+        for (i, before, after) in &edit.changes {
+            let value = if backwards { before } else { after };
+            let rel = self.images[*i].rel.clone();
+            match value {
+                Some(c) => {
+                    self.project.labels.insert(rel, c.clone());
+                }
+                None => {
+                    self.project.labels.remove(&rel);
+                }
+            }
+            self.labels[*i] = value
+                .as_ref()
+                .and_then(|c| self.project.classes.iter().position(|x| x == c));
+        }
+        self.label_generation += 1;
+        self.visible_dirty = true;
+    }
+
+    pub fn can_undo(&self) -> bool {
+        !self.undo.is_empty()
+    }
+
+    pub fn can_redo(&self) -> bool {
+        !self.redo.is_empty()
+    }
+
+    /// Undoes the last labelling action (the cursor goes back to the first image it touched) and saves.
+    pub fn undo(&mut self) -> Option<LabelOutcome> {
+        let edit = self.undo.pop()?;
+        self.apply(&edit, true);
+        self.cursor = edit.changes.first().map(|c| c.0);
+        let changed = edit.changes.len();
+        self.redo.push(edit);
+        Some(LabelOutcome {
+            changed,
+            saved: self.save(),
+        })
+    }
+
+    pub fn redo(&mut self) -> Option<LabelOutcome> {
+        let edit = self.redo.pop()?;
+        self.apply(&edit, false);
+        self.cursor = edit.changes.first().map(|c| c.0);
+        let changed = edit.changes.len();
+        self.undo.push(edit);
+        Some(LabelOutcome {
+            changed,
+            saved: self.save(),
+        })
+    }
+
+    /// The unlabelled image the model is least sure about (smallest top-1 − top-2 margin); without predictions,
+    /// the first unlabelled image in folder order. `None` when everything is labelled.
+    pub fn next_to_label(&self) -> Option<usize> {
+        let unlabelled = (0..self.images.len()).filter(|&i| self.labels[i].is_none());
+        if self.probs.is_some() {
+            unlabelled.min_by(|&a, &b| {
+                cmp_opt(self.summary[a].map(|s| s.2), self.summary[b].map(|s| s.2)).then(a.cmp(&b))
+            })
+        } else {
+            unlabelled.min()
+        }
+    }
+
+    /// Puts the cursor on [`Self::next_to_label`], widening the filter if it hides that image.
+    pub fn go_to_next_to_label(&mut self) -> Option<usize> {
+        let next = self.next_to_label()?;
+        if !self.visible().contains(&next) {
+            let f = GridFilter {
+                sort: self.filter.sort,
+                ..Default::default()
+            };
+            self.set_filter(f);
+        }
+        self.click(next);
+        Some(next)
+    }
+
+    /// Saves the project if it has a path.
+    pub fn save(&self) -> Result<(), ProjectError> {
+        match &self.project_path {
+            Some(p) => self.project.save(p),
+            None => Ok(()),
+        }
+    }
+
+    /// Deterministic held-out split of the labelled images: an image is held out when a hash of its path
+    /// falls under `percent`, but every class keeps at least one training image (the first in folder
+    /// order). Returns (train, held out) image indices. A hash rather than a random draw keeps the split
+    /// stable as labels are added, so accuracies of successive trainings are comparable.
+    pub fn split_labelled(&self, percent: u32) -> (Vec<usize>, Vec<usize>) {
+        let mut train = Vec::new();
+        let mut held = Vec::new();
+        let mut has_train = vec![false; self.classes().len()];
+        for (i, l) in self.labels.iter().enumerate() {
+            let Some(c) = *l else { continue };
+            let h = blake3::hash(self.images[i].rel.as_bytes());
+            let bucket = u32::from_le_bytes([
+                h.as_bytes()[0],
+                h.as_bytes()[1],
+                h.as_bytes()[2],
+                h.as_bytes()[3],
+            ]) % 100;
+            if bucket < percent && has_train[c] {
+                held.push(i);
+            } else {
+                has_train[c] = true;
+                train.push(i);
+            }
+        }
+        (train, held)
+    }
+}
+
+/// (argmax, max, max − second max) of a probability row.
+fn top2(row: &[f32]) -> Option<(usize, f32, f32)> {
+    if row.is_empty() {
+        return None;
+    }
+    let best = argmax(row);
+    let second = row
+        .iter()
+        .enumerate()
+        .filter(|&(j, _)| j != best)
+        .map(|(_, &x)| x)
+        .fold(f32::NEG_INFINITY, f32::max);
+    let margin = if second.is_finite() {
+        row[best] - second
+    } else {
+        row[best]
+    };
+    Some((best, row[best], margin))
+}
+
+/// Orders `Some` values ascending and `None` last.
+fn cmp_opt(a: Option<f32>, b: Option<f32>) -> std::cmp::Ordering {
+    match (a, b) {
+        (Some(x), Some(y)) => x.total_cmp(&y),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => std::cmp::Ordering::Equal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(n: usize, dir: Option<&Path>) -> Session {
+        let folder = dir.map_or_else(|| PathBuf::from("/x"), Path::to_path_buf);
+        let project = Project::new(folder.clone(), vec!["a".into(), "b".into(), "c".into()]);
+        let images = (0..n)
+            .map(|i| ImageItem {
+                rel: format!("img{i:02}.png"),
+                path: folder.join(format!("img{i:02}.png")),
+            })
+            .collect();
+        Session::new(project, dir.map(|d| d.join("p.json")), images)
+    }
+
+    #[test]
+    fn labelling_undo_redo_and_save_after_each_action() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = session(6, Some(dir.path()));
+        s.click(1);
+        let out = s.label_targets(Some(2), true);
+        assert_eq!(out.changed, 1);
+        out.saved.unwrap();
+        assert_eq!(s.label(1), Some(2));
+        assert_eq!(s.cursor, Some(2), "auto-advance");
+        let saved = Project::load(&dir.path().join("p.json")).unwrap().project;
+        assert_eq!(saved.labels.get("img01.png").map(String::as_str), Some("c"));
+
+        // Bulk: ctrl-click 3 and 5, label both.
+        s.ctrl_click(3);
+        s.ctrl_click(5);
+        assert_eq!(s.targets(), vec![2, 3, 5]);
+        s.label_targets(Some(0), false).saved.unwrap();
+        assert_eq!(s.counts_per_class(), vec![3, 0, 1]);
+        s.undo().unwrap().saved.unwrap();
+        assert_eq!(s.counts_per_class(), vec![0, 0, 1]);
+        s.redo().unwrap().saved.unwrap();
+        assert_eq!(s.counts_per_class(), vec![3, 0, 1]);
+        // A new action clears the redo stack.
+        s.undo();
+        s.click(0);
+        s.label_targets(Some(1), false);
+        assert!(!s.can_redo());
+        let saved = Project::load(&dir.path().join("p.json")).unwrap().project;
+        assert_eq!(saved.labels.len(), 2);
+        // Removing a label.
+        s.click(0);
+        s.label_targets(None, false);
+        assert_eq!(s.label(0), None);
+        assert_eq!(s.labelled_count(), 1);
+    }
+
+    #[test]
+    fn advance_skips_to_the_next_visible_image_when_the_filter_hides_labelled_ones() {
+        let mut s = session(5, None);
+        s.set_filter(GridFilter {
+            show: Show::Unlabelled,
+            ..Default::default()
+        });
+        s.click(0);
+        s.label_targets(Some(0), true);
+        assert_eq!(s.cursor, Some(1));
+        assert_eq!(s.visible(), &[1, 2, 3, 4]);
+        s.shift_click(3);
+        assert_eq!(s.targets(), vec![1, 2, 3]);
+        s.label_targets(Some(1), true);
+        assert_eq!(s.cursor, Some(4));
+        assert_eq!(s.visible(), &[4]);
+    }
+
+    #[test]
+    fn predictions_drive_sorting_filtering_and_label_next() {
+        let mut s = session(4, None);
+        assert_eq!(s.next_to_label(), Some(0));
+        let probs = Mat::from_vec(
+            4,
+            3,
+            vec![
+                0.9, 0.05, 0.05, // sure: a
+                0.4, 0.35, 0.25, // torn: margin 0.05
+                0.2, 0.7, 0.1, // b
+                0.5, 0.2, 0.3, // a, margin 0.2
+            ],
+        );
+        s.set_predictions(Some(probs));
+        assert_eq!(s.next_to_label(), Some(1));
+        s.set_filter(GridFilter {
+            sort: SortKey::MarginAsc,
+            ..Default::default()
+        });
+        assert_eq!(s.visible(), &[1, 3, 2, 0]);
+        s.set_filter(GridFilter {
+            sort: SortKey::ConfidenceDesc,
+            predicted: Some(0),
+            ..Default::default()
+        });
+        assert_eq!(s.visible(), &[0, 3, 1]);
+        s.click(1);
+        s.label_targets(Some(0), false);
+        assert_eq!(s.next_to_label(), Some(3));
+        s.go_to_next_to_label();
+        assert_eq!(s.cursor, Some(3));
+        assert!(s.visible().contains(&3));
+        let mean = s.mean_confidence().unwrap();
+        assert!((mean.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        // A wrong-shaped matrix is refused.
+        s.set_predictions(Some(Mat::zeros(2, 3)));
+        assert!(s.predictions().is_none());
+    }
+
+    #[test]
+    fn held_out_split_is_stable_and_keeps_a_training_image_per_class() {
+        let mut s = session(40, None);
+        let all: Vec<usize> = (0..40).collect();
+        s.set_labels(&all[..20], Some(0));
+        s.set_labels(&all[20..39], Some(1));
+        s.set_labels(&all[39..], Some(2));
+        let (train, held) = s.split_labelled(30);
+        assert_eq!(train.len() + held.len(), 40);
+        assert!(!held.is_empty() && held.len() < 25);
+        assert!(train.contains(&39), "the only image of class c trains");
+        assert_eq!(s.split_labelled(30), (train, held));
+        assert!(s.split_labelled(0).1.is_empty());
+    }
+}

@@ -1,0 +1,104 @@
+//! The look: a calm dark theme with one accent colour, and a stable colour per class (the same class keeps its
+//! colour in the grid, the confidence bars and the charts).
+
+use egui::{Color32, CornerRadius, FontId, Stroke, TextStyle};
+
+pub const ACCENT: Color32 = Color32::from_rgb(86, 156, 255);
+pub const WARNING_BG: Color32 = Color32::from_rgb(120, 30, 30);
+pub const WARNING_FG: Color32 = Color32::from_rgb(255, 226, 160);
+pub const OK: Color32 = Color32::from_rgb(110, 200, 130);
+
+/// Twelve well-separated colours (Tableau-like, lifted for a dark background); beyond twelve classes the hue
+/// walks the golden angle so neighbours still differ.
+const PALETTE: [Color32; 12] = [
+    Color32::from_rgb(88, 160, 255),
+    Color32::from_rgb(255, 160, 70),
+    Color32::from_rgb(96, 206, 120),
+    Color32::from_rgb(240, 98, 98),
+    Color32::from_rgb(182, 140, 240),
+    Color32::from_rgb(200, 150, 110),
+    Color32::from_rgb(245, 140, 200),
+    Color32::from_rgb(170, 170, 170),
+    Color32::from_rgb(215, 215, 90),
+    Color32::from_rgb(70, 210, 220),
+    Color32::from_rgb(150, 190, 255),
+    Color32::from_rgb(255, 200, 150),
+];
+
+pub fn class_color(i: usize) -> Color32 {
+    if i < PALETTE.len() {
+        return PALETTE[i];
+    }
+    let h = (i as f32 * 0.618_034).fract();
+    egui::ecolor::Hsva::new(h, 0.55, 0.95, 1.0).into()
+}
+
+/// Installs the theme on a context.
+pub fn apply(ctx: &egui::Context) {
+    ctx.set_theme(egui::Theme::Dark);
+    ctx.style_mut_of(egui::Theme::Dark, |style| {
+        style.text_styles = [
+            (TextStyle::Small, FontId::proportional(11.5)),
+            (TextStyle::Body, FontId::proportional(14.0)),
+            (TextStyle::Button, FontId::proportional(14.0)),
+            (TextStyle::Heading, FontId::proportional(19.0)),
+            (TextStyle::Monospace, FontId::monospace(13.0)),
+        ]
+        .into();
+        style.spacing.item_spacing = egui::vec2(8.0, 6.0);
+        style.spacing.button_padding = egui::vec2(9.0, 4.0);
+        style.spacing.interact_size.y = 24.0;
+        let v = &mut style.visuals;
+        v.panel_fill = Color32::from_rgb(27, 29, 34);
+        v.window_fill = Color32::from_rgb(33, 36, 42);
+        v.extreme_bg_color = Color32::from_rgb(19, 20, 24);
+        v.faint_bg_color = Color32::from_rgb(36, 39, 46);
+        v.selection.bg_fill = ACCENT.gamma_multiply(0.55);
+        v.selection.stroke = Stroke::new(1.5, ACCENT);
+        v.hyperlink_color = ACCENT;
+        v.window_corner_radius = CornerRadius::same(8);
+        v.menu_corner_radius = CornerRadius::same(6);
+        for w in [
+            &mut v.widgets.inactive,
+            &mut v.widgets.hovered,
+            &mut v.widgets.active,
+            &mut v.widgets.open,
+            &mut v.widgets.noninteractive,
+        ] {
+            w.corner_radius = CornerRadius::same(5);
+        }
+        v.widgets.inactive.weak_bg_fill = Color32::from_rgb(46, 50, 58);
+        v.widgets.inactive.bg_fill = Color32::from_rgb(46, 50, 58);
+        v.widgets.hovered.weak_bg_fill = Color32::from_rgb(60, 66, 78);
+        v.widgets.noninteractive.bg_stroke = Stroke::new(1.0, Color32::from_rgb(48, 52, 60));
+    });
+}
+
+/// Seconds as "12 s", "3 min", "2 h".
+pub fn short_duration(secs: f64) -> String {
+    if secs < 1.0 {
+        format!("{:.0} ms", secs * 1000.0)
+    } else if secs < 90.0 {
+        format!("{secs:.0} s")
+    } else if secs < 5400.0 {
+        format!("{:.0} min", secs / 60.0)
+    } else {
+        format!("{:.1} h", secs / 3600.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn class_colours_differ_and_durations_read_well() {
+        for i in 0..40 {
+            assert_ne!(class_color(i), class_color(i + 1));
+        }
+        assert_eq!(short_duration(0.25), "250 ms");
+        assert_eq!(short_duration(12.0), "12 s");
+        assert_eq!(short_duration(600.0), "10 min");
+        assert_eq!(short_duration(7200.0), "2.0 h");
+    }
+}

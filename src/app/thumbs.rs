@@ -1,0 +1,350 @@
+//! Thumbnails off the UI thread: a small pool of decoder threads fed with "what is on screen now", and a
+//! texture cache with an LRU bound.
+//!
+//! Why this shape: scrolling through 10,000 photos must never wait for a decoder. Each frame the grid says which
+//! images it shows ([`ThumbCache::want`]); the wish list *replaces* the queue, so images scrolled past are never
+//! decoded, and the first wished image is decoded first (the preview, then the rows from the top). Decoded
+//! images come back over a channel and are uploaded a few per frame; the cache keeps at most `capacity`
+//! textures and drops the least recently drawn ones.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+
+use egui::{ColorImage, TextureHandle, TextureOptions};
+
+/// Which picture of which image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ThumbKey {
+    pub image: usize,
+    /// The large preview rather than the grid thumbnail.
+    pub large: bool,
+}
+
+/// Longest side of a grid thumbnail and of the preview, in pixels. 256 keeps thumbnails sharp up to 2×
+/// scaling of the largest grid size.
+pub const THUMB_SIDE: u32 = 256;
+pub const PREVIEW_SIDE: u32 = 1024;
+
+struct Request {
+    key: ThumbKey,
+    path: PathBuf,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Back = next to decode.
+    stack: Vec<Request>,
+    in_flight: HashSet<ThumbKey>,
+    shutdown: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+}
+
+type Decoded = (ThumbKey, Result<ColorImage, String>);
+
+/// What the grid draws for one image.
+pub enum Thumb<'a> {
+    Ready(&'a TextureHandle),
+    Loading,
+    Failed(&'a str),
+}
+
+enum Entry {
+    Texture(TextureHandle),
+    Failed(String),
+}
+
+pub struct ThumbCache {
+    shared: Arc<Shared>,
+    results: Receiver<Decoded>,
+    entries: HashMap<ThumbKey, (Entry, u64)>,
+    capacity: usize,
+    frame: u64,
+    last_wish: Vec<ThumbKey>,
+    paths: Vec<PathBuf>,
+}
+
+impl ThumbCache {
+    /// `paths[i]` is image `i`. `threads` decoders (at least one), `capacity` textures at most.
+    pub fn new(ctx: &egui::Context, paths: Vec<PathBuf>, threads: usize, capacity: usize) -> Self {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+        });
+        let (tx, rx) = channel();
+        for n in 0..threads.max(1) {
+            let shared = Arc::clone(&shared);
+            let tx: Sender<Decoded> = tx.clone();
+            let ctx = ctx.clone();
+            // A thread that cannot start leaves the others; with none, thumbnails stay "loading" and the
+            // rest of the app works.
+            let _ = std::thread::Builder::new()
+                .name(format!("hegraph-thumb-{n}"))
+                .spawn(move || worker(&shared, &tx, &ctx));
+        }
+        Self {
+            shared,
+            results: rx,
+            entries: HashMap::new(),
+            capacity: capacity.max(16),
+            frame: 0,
+            last_wish: Vec::new(),
+            paths,
+        }
+    }
+
+    /// Call once per frame before drawing: takes decoded images in (at most `max_uploads` new textures, so a
+    /// burst of results does not stall a frame) and trims the cache.
+    pub fn begin_frame(&mut self, ctx: &egui::Context, max_uploads: usize) {
+        self.frame += 1;
+        let mut uploaded = 0;
+        while uploaded < max_uploads {
+            let Ok((key, result)) = self.results.try_recv() else {
+                break;
+            };
+            let entry = match result {
+                Ok(img) => {
+                    uploaded += 1;
+                    let name = format!("thumb-{}-{}", key.image, key.large);
+                    Entry::Texture(ctx.load_texture(name, img, TextureOptions::LINEAR))
+                }
+                Err(e) => Entry::Failed(e),
+            };
+            self.entries.insert(key, (entry, self.frame));
+        }
+        if uploaded == max_uploads {
+            ctx.request_repaint();
+        }
+        if self.entries.len() > self.capacity {
+            let mut ages: Vec<(u64, ThumbKey)> =
+                self.entries.iter().map(|(k, (_, f))| (*f, *k)).collect();
+            ages.sort_unstable_by_key(|a| a.0);
+            let excess = self.entries.len() - self.capacity;
+            for (f, k) in ages.into_iter().take(excess) {
+                // Never drop what was drawn in the previous frame: that would thrash when the cache is
+                // smaller than the screen.
+                if f + 1 < self.frame {
+                    self.entries.remove(&k);
+                }
+            }
+        }
+    }
+
+    /// The picture for `key`, marking it as used this frame.
+    pub fn get(&mut self, key: ThumbKey) -> Thumb<'_> {
+        match self.entries.get_mut(&key) {
+            Some((entry, used)) => {
+                *used = self.frame;
+                match entry {
+                    Entry::Texture(t) => Thumb::Ready(t),
+                    Entry::Failed(e) => Thumb::Failed(e),
+                }
+            }
+            None => Thumb::Loading,
+        }
+    }
+
+    pub fn contains(&self, key: ThumbKey) -> bool {
+        self.entries.contains_key(&key)
+    }
+
+    /// Replaces the decode queue with `keys` (first = most urgent), leaving out what is cached or being
+    /// decoded.
+    pub fn want(&mut self, keys: &[ThumbKey]) {
+        let missing: Vec<ThumbKey> = keys
+            .iter()
+            .copied()
+            .filter(|k| !self.entries.contains_key(k) && k.image < self.paths.len())
+            .collect();
+        if missing == self.last_wish {
+            return;
+        }
+        self.last_wish = missing.clone();
+        let Ok(mut q) = self.shared.queue.lock() else {
+            return;
+        };
+        let in_flight = q.in_flight.clone();
+        q.stack = missing
+            .into_iter()
+            .rev()
+            .filter(|k| !in_flight.contains(k))
+            .map(|key| Request {
+                key,
+                path: self.paths[key.image].clone(),
+            })
+            .collect();
+        drop(q);
+        self.shared.wake.notify_all();
+    }
+
+    /// Number of textures held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// True while requested pictures are still being decoded.
+    pub fn busy(&self) -> bool {
+        self.shared
+            .queue
+            .lock()
+            .map(|q| !q.stack.is_empty() || !q.in_flight.is_empty())
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for ThumbCache {
+    fn drop(&mut self) {
+        if let Ok(mut q) = self.shared.queue.lock() {
+            q.shutdown = true;
+            q.stack.clear();
+        }
+        self.shared.wake.notify_all();
+    }
+}
+
+fn worker(shared: &Shared, tx: &Sender<Decoded>, ctx: &egui::Context) {
+    loop {
+        let req = {
+            let Ok(mut q) = shared.queue.lock() else {
+                return;
+            };
+            loop {
+                if q.shutdown {
+                    return;
+                }
+                if let Some(r) = q.stack.pop() {
+                    q.in_flight.insert(r.key);
+                    break r;
+                }
+                q = match shared.wake.wait(q) {
+                    Ok(q) => q,
+                    Err(_) => return,
+                };
+            }
+        };
+        let side = if req.key.large {
+            PREVIEW_SIDE
+        } else {
+            THUMB_SIDE
+        };
+        let result = decode_thumbnail(&req.path, side);
+        if let Ok(mut q) = shared.queue.lock() {
+            q.in_flight.remove(&req.key);
+        }
+        if tx.send((req.key, result)).is_err() {
+            return;
+        }
+        ctx.request_repaint();
+    }
+}
+
+/// Decodes an image (honouring its EXIF orientation) and scales it to at most `side` pixels on its longest
+/// edge, keeping transparency.
+pub fn decode_thumbnail(path: &Path, side: u32) -> Result<ColorImage, String> {
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| e.to_string())?
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?;
+    let mut decoder = reader.into_decoder().map_err(|e| e.to_string())?;
+    let orientation = image::ImageDecoder::orientation(&mut decoder).ok();
+    let mut img = image::DynamicImage::from_decoder(decoder).map_err(|e| e.to_string())?;
+    if let Some(o) = orientation {
+        img.apply_orientation(o);
+    }
+    let img = if img.width() > side || img.height() > side {
+        img.resize(side, side, image::imageops::FilterType::Triangle)
+    } else {
+        img
+    };
+    let rgba = img.to_rgba8();
+    let size = [rgba.width() as usize, rgba.height() as usize];
+    Ok(ColorImage::from_rgba_unmultiplied(size, rgba.as_raw()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_real_photos_within_bounds_and_reports_bad_files() {
+        let photos = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/photos");
+        let Ok(entries) = std::fs::read_dir(&photos) else {
+            println!("skipped: {} is not there", photos.display());
+            return;
+        };
+        let mut n = 0;
+        for e in entries.flatten() {
+            let p = e.path();
+            if !crate::data::is_image_path(&p) {
+                continue;
+            }
+            let img = decode_thumbnail(&p, 64).unwrap();
+            assert!(
+                img.size[0] <= 64 && img.size[1] <= 64 && img.size[0].max(img.size[1]) == 64,
+                "{p:?}"
+            );
+            n += 1;
+        }
+        assert!(n > 5);
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.png");
+        std::fs::write(&bad, b"not a png").unwrap();
+        assert!(decode_thumbnail(&bad, 64).is_err());
+    }
+
+    #[test]
+    fn cache_loads_wished_images_and_stays_within_capacity() {
+        let photos = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/photos");
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&photos)
+            .map(|r| {
+                r.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| crate::data::is_image_path(p))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if paths.is_empty() {
+            println!("skipped: no photos in {}", photos.display());
+            return;
+        }
+        paths.sort();
+        // Repeat the photos to get more images than the cache holds.
+        let paths: Vec<PathBuf> = paths.iter().cycle().take(40).cloned().collect();
+        let ctx = egui::Context::default();
+        let mut cache = ThumbCache::new(&ctx, paths, 2, 16);
+        let keys: Vec<ThumbKey> = (0..40)
+            .map(|image| ThumbKey {
+                image,
+                large: false,
+            })
+            .collect();
+        // Ask for windows of 8 images in turn, as a scrolling grid would; each window gets fully loaded.
+        for window in keys.chunks(8) {
+            loop {
+                cache.begin_frame(&ctx, 100);
+                cache.want(window);
+                let ready = window
+                    .iter()
+                    .filter(|k| matches!(cache.get(**k), Thumb::Ready(_)))
+                    .count();
+                if ready == window.len() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        cache.begin_frame(&ctx, 100);
+        cache.begin_frame(&ctx, 100);
+        assert!(cache.len() <= 16 + 8, "{} textures", cache.len());
+        assert!(!cache.busy());
+    }
+}

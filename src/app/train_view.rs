@@ -1,0 +1,225 @@
+//! The training view: method and hyperparameters (left), the live loss curve, the history of runs with their
+//! held-out accuracy, and the labels per class (centre).
+
+use egui::{Align2, FontId, Pos2, Rect, RichText, Sense, Vec2};
+use egui_plot::{Legend, Line, Plot};
+
+use super::dialogs::{method_combo, param, reset_params};
+use super::{style, HeGraphApp};
+use crate::adapter::Method;
+
+impl HeGraphApp {
+    pub(super) fn train_view(&mut self, ui: &mut egui::Ui) {
+        if self.session.is_none() {
+            self.label_view(ui);
+            return;
+        }
+        egui::Panel::left("hegraph-train-settings")
+            .resizable(false)
+            .exact_size(320.0)
+            .show(ui, |ui| {
+                egui::ScrollArea::vertical().show(ui, |ui| self.train_settings(ui));
+            });
+        egui::CentralPanel::default()
+            .frame(egui::Frame::central_panel(ui.style()).inner_margin(egui::Margin::symmetric(14, 10)))
+            .show(ui, |ui| self.train_results(ui));
+    }
+
+    fn train_settings(&mut self, ui: &mut egui::Ui) {
+        let running = self.engine.train_job.is_some();
+        let Some(s) = self.session.as_mut() else { return };
+        let before = s.project.settings.clone();
+        let st = &mut s.project.settings;
+        ui.add_space(6.0);
+        ui.heading("Method");
+        method_combo(ui, &mut st.method);
+        let about = match st.method {
+            Method::ZeroShot => "CLIP alone: class prompts against each image. Needs no labels (the labels only \
+                                 measure it).",
+            Method::TipAdapter => "Training-free: a cache of the labelled images' features added to CLIP's \
+                                   prediction.",
+            Method::TipAdapterF => "Tip-Adapter with the cache keys fine-tuned (AdamW, cosine schedule).",
+            Method::HeGraph => "Heterogeneous graph of positive-text, negative-text and visual nodes per class; a \
+                                GNN refines the text classifier and the cache (Zhao et al. 2024).",
+        };
+        ui.label(RichText::new(about).small().weak());
+        ui.add_space(6.0);
+        let p = &mut st.train;
+        match st.method {
+            Method::ZeroShot => {}
+            Method::TipAdapter => {
+                ui.label(RichText::new("Cache").strong());
+                param(ui, &mut p.tip_alpha, "α (cache weight)", 0.01, "weight of the cache logits");
+                param(ui, &mut p.tip_beta, "β (sharpness)", 0.01, "sharpness of the cache affinities");
+            }
+            Method::TipAdapterF => {
+                ui.label(RichText::new("Fine-tuning").strong());
+                param(ui, &mut p.tip_epochs, "epochs", 1.0, "passes over the labelled images");
+                param(ui, &mut p.tip_lr, "learning rate", 0.0001, "AdamW learning rate");
+                param(ui, &mut p.tip_alpha, "α (cache weight)", 0.01, "weight of the cache logits");
+                param(ui, &mut p.tip_beta, "β (sharpness)", 0.01, "sharpness of the cache affinities");
+            }
+            Method::HeGraph => {
+                ui.label(RichText::new("Optimisation").strong());
+                param(ui, &mut p.epochs, "epochs", 1.0, "passes over the labelled images");
+                param(ui, &mut p.lr, "learning rate", 0.0001, "AdamW learning rate (cosine schedule)");
+                param(ui, &mut p.batch_size, "batch size", 1.0, "views per step (all of them when fewer)");
+                ui.add_space(4.0);
+                ui.label(RichText::new("Meta-path weights").strong());
+                param(ui, &mut p.alpha_pp, "α_pp", 0.01, "positive ← positive");
+                param(ui, &mut p.alpha_vp, "α_vp", 0.01, "positive ← visual");
+                param(ui, &mut p.alpha_np_train, "α_np (train)", 0.01, "positive ← negative, in training");
+                param(ui, &mut p.alpha_np_test, "α_np (test)", 0.01, "positive ← negative, at prediction");
+                param(ui, &mut p.beta_pn, "β_pn", 0.01, "negative ← positive");
+                param(ui, &mut p.beta_vn, "β_vn", 0.01, "negative ← visual");
+                param(ui, &mut p.gamma, "γ", 0.01, "weight of the visual bias added to the cache keys");
+                ui.add_space(4.0);
+                ui.label(RichText::new("Loss and prediction").strong());
+                param(ui, &mut p.lambda, "λ (cache loss)", 0.01, "weight of the cache classifier's loss");
+                param(ui, &mut p.fusion_weight, "w (cache in prediction)", 0.01, "weight of the cache classifier");
+                ui.checkbox(&mut p.use_negative, "negative-text nodes (\"a photo of no …\")");
+            }
+        }
+        ui.add_space(4.0);
+        reset_params(ui, p);
+        ui.separator();
+        ui.label(RichText::new("When to train").strong());
+        ui.horizontal(|ui| {
+            let l = ui.label("retrain after");
+            ui.add(egui::DragValue::new(&mut st.auto_train_every).range(0..=10_000))
+                .labelled_by(l.id)
+                .on_hover_text("0 = only when you press T");
+            ui.label("new labels");
+        });
+        ui.add(egui::Slider::new(&mut st.held_out_percent, 0..=50).text("% held out"))
+            .on_hover_text("Labelled images left out of training to measure accuracy (a stable choice per image)");
+        let changed = s.project.settings != before;
+        if changed {
+            if let Err(e) = s.save() {
+                let t = e.to_string();
+                self.notify(super::Level::Error, t);
+            }
+        }
+        ui.add_space(10.0);
+        let label = if running { "Training…" } else { "▶ Train now (T)" };
+        let b = egui::Button::new(RichText::new(label).strong().size(15.0))
+            .fill(style::ACCENT.gamma_multiply(0.45))
+            .min_size(Vec2::new(200.0, 32.0));
+        if ui.add_enabled(!running, b).clicked() {
+            if let Err(e) = self.start_training() {
+                self.notify(super::Level::Warn, e);
+            }
+        }
+    }
+
+    fn train_results(&mut self, ui: &mut egui::Ui) {
+        let live = self.engine.train_job.as_ref().map(|j| j.losses.clone());
+        let last = self.engine.history.last().map(|r| r.losses.clone());
+        let previous = if live.is_some() {
+            self.engine.history.last().map(|r| r.losses.clone())
+        } else {
+            self.engine.history.iter().rev().nth(1).map(|r| r.losses.clone())
+        };
+        let current = live.clone().or(last).unwrap_or_default();
+        ui.horizontal(|ui| {
+            ui.heading("Loss");
+            let note = if live.is_some() {
+                "training now".to_string()
+            } else if current.is_empty() {
+                "train (T) to see the curve".to_string()
+            } else {
+                "last training".to_string()
+            };
+            ui.label(RichText::new(note).weak());
+        });
+        let to_points = |l: &[(usize, f32)]| -> Vec<[f64; 2]> { l.iter().map(|&(s, v)| [s as f64, v as f64]).collect() };
+        let height = (ui.available_height() * 0.48).clamp(180.0, 360.0);
+        Plot::new("hegraph-loss")
+            .height(height)
+            .legend(Legend::default())
+            .x_axis_label("step")
+            .y_axis_label("loss")
+            .include_y(0.0)
+            .allow_scroll(false)
+            .show(ui, |plot| {
+                if let Some(prev) = &previous {
+                    if !prev.is_empty() {
+                        plot.line(
+                            Line::new("previous run", to_points(prev))
+                                .color(egui::Color32::from_gray(120))
+                                .width(1.5),
+                        );
+                    }
+                }
+                if !current.is_empty() {
+                    let name = if live.is_some() { "this run" } else { "last run" };
+                    plot.line(Line::new(name, to_points(&current)).color(style::ACCENT).width(2.5));
+                }
+            });
+        ui.add_space(10.0);
+        ui.columns(2, |cols| {
+            self.runs_table(&mut cols[0]);
+            self.class_counts(&mut cols[1]);
+        });
+    }
+
+    fn runs_table(&self, ui: &mut egui::Ui) {
+        ui.heading("Runs");
+        if self.engine.history.is_empty() {
+            ui.label(RichText::new("No training in this session yet.").weak());
+            if let Some(r) = self.session.as_ref().and_then(|s| s.project.last_training.as_ref()) {
+                let acc = r.held_out_accuracy.map_or("—".into(), |a| format!("{:.1} %", a * 100.0));
+                ui.label(format!("Saved with the project: {} · {} labels · held-out accuracy {acc}", r.method, r.labelled));
+            }
+            return;
+        }
+        egui::ScrollArea::vertical().id_salt("hegraph-runs").max_height(260.0).show(ui, |ui| {
+            egui::Grid::new("hegraph-runs-grid").striped(true).num_columns(5).spacing([14.0, 4.0]).show(ui, |ui| {
+                for h in ["method", "trained on", "held-out acc.", "time", "backend"] {
+                    ui.label(RichText::new(h).strong());
+                }
+                ui.end_row();
+                for r in self.engine.history.iter().rev() {
+                    ui.label(&r.method);
+                    ui.label(format!("{}", r.trained_on));
+                    let acc = r.accuracy.map_or("—".into(), |a| format!("{:.1} % of {}", a * 100.0, r.held_out));
+                    ui.label(acc);
+                    ui.label(style::short_duration(r.seconds));
+                    ui.label(RichText::new(&r.backend).small());
+                    ui.end_row();
+                }
+            });
+        });
+    }
+
+    fn class_counts(&self, ui: &mut egui::Ui) {
+        ui.heading("Labels per class");
+        let Some(s) = &self.session else { return };
+        let counts = s.counts_per_class();
+        let max = counts.iter().copied().max().unwrap_or(0).max(1);
+        egui::ScrollArea::vertical().id_salt("hegraph-class-counts").max_height(260.0).show(ui, |ui| {
+            for (c, name) in s.classes().iter().enumerate() {
+                let (rect, _) = ui.allocate_exact_size(Vec2::new(ui.available_width(), 20.0), Sense::hover());
+                let p = ui.painter();
+                p.text(
+                    Pos2::new(rect.min.x, rect.center().y),
+                    Align2::LEFT_CENTER,
+                    name,
+                    FontId::proportional(13.0),
+                    ui.visuals().text_color(),
+                );
+                let bar = Rect::from_min_max(Pos2::new(rect.min.x + 110.0, rect.min.y + 4.0), Pos2::new(rect.max.x - 40.0, rect.max.y - 4.0));
+                p.rect_filled(bar, 3.0, ui.visuals().extreme_bg_color);
+                let w = bar.width() * counts[c] as f32 / max as f32;
+                p.rect_filled(Rect::from_min_size(bar.min, Vec2::new(w, bar.height())), 3.0, style::class_color(c));
+                p.text(
+                    Pos2::new(rect.max.x, rect.center().y),
+                    Align2::RIGHT_CENTER,
+                    counts[c].to_string(),
+                    FontId::monospace(12.0),
+                    ui.visuals().weak_text_color(),
+                );
+            }
+        });
+    }
+}

@@ -1,0 +1,155 @@
+//! `hegraph bench clip|train|kernels`: benchmarks that print a ratio against a baseline measured in the same
+//! run (batch 1 for CLIP, the CPU backend for training, the CPU matmul for kernels), so figures from different
+//! machines can be compared by their ratios. `BENCHMARKS.md` keeps the latest figures with their commands.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::adapter::bench::{bench_train, BenchResult, BENCH_CLASSES};
+use crate::adapter::{AdapterError, BackendChoice};
+use crate::clip::{self, ClipError, ClipModel};
+use crate::gpu::{self, BackendRequest, ComputeBackend, GpuError};
+use crate::linalg::Mat;
+use crate::rng::Rng;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Clip(#[from] ClipError),
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error("no benchmark images found in {0}")]
+    NoImages(PathBuf),
+}
+
+fn demo_images() -> Result<Vec<PathBuf>, BenchError> {
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo/images"));
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map_err(|_| BenchError::NoImages(dir.clone()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| crate::data::is_image_path(p))
+        .collect();
+    v.sort();
+    if v.is_empty() {
+        return Err(BenchError::NoImages(dir));
+    }
+    Ok(v)
+}
+
+/// CLIP image encoding at batch 1 and 32 and text encoding per 1,000 prompts. Uses real weights when they
+/// are found locally; otherwise a random-weight checkpoint with ViT-B/32's exact sizes, which times the same
+/// arithmetic (and says so).
+pub fn bench_clip_cli() -> Result<(), BenchError> {
+    let dir = match clip::hub::resolve_model_dir(None, false) {
+        Ok(d) => d,
+        Err(e) => {
+            let base = dirs::cache_dir().unwrap_or_else(std::env::temp_dir);
+            let d = base.join("hegraph/models/hegraph-bench-vit-b-32");
+            println!("no local CLIP weights ({e});");
+            println!(
+                "timing a random-weight checkpoint with ViT-B/32's sizes instead: {}",
+                d.display()
+            );
+            if !d.join("model.safetensors").exists() {
+                clip::test_checkpoint::write_test_checkpoint(
+                    &d,
+                    &clip::test_checkpoint::TestCheckpointConfig::vit_b_32(),
+                    0,
+                )?;
+            }
+            d
+        }
+    };
+    let model = ClipModel::load(&dir)?;
+    println!("model: {}", model.info().banner());
+    let photos = demo_images()?;
+    let r = clip::bench::bench_clip(&model, &photos)?;
+    println!("{r}");
+    Ok(())
+}
+
+fn gpu_backend() -> Option<ComputeBackend> {
+    let forced = std::env::var("HEGRAPH_BACKEND").is_ok_and(|v| v.eq_ignore_ascii_case("wgpu"));
+    let req = if forced {
+        BackendRequest::Wgpu
+    } else {
+        BackendRequest::Auto
+    };
+    match gpu::select_backend(req) {
+        Ok(b) if b.is_gpu() => Some(b),
+        Ok(b) => {
+            println!(
+                "wgpu backend not timed: {} (HEGRAPH_BACKEND=wgpu forces it)",
+                b.describe()
+            );
+            None
+        }
+        Err(e) => {
+            println!("wgpu backend not timed: {e}");
+            None
+        }
+    }
+}
+
+/// ms per step and total time for C ∈ {10, 100, 1000}, K = 16, D = 512 on the CPU and (where there is a GPU)
+/// wgpu backends, and the interactive retrain (50 classes × 16 shots).
+pub fn bench_train_cli() -> Result<(), BenchError> {
+    let gpu = gpu_backend();
+    let views = 10;
+    let run = |c: usize, choice: BackendChoice| -> Result<BenchResult, BenchError> {
+        Ok(bench_train(c, 16, 512, views, None, choice)?)
+    };
+    println!("HeGraphAdapter training, K = 16, D = 512, {views} views per image, default epochs");
+    for &c in BENCH_CLASSES.iter() {
+        let cpu = run(c, BackendChoice::Cpu)?;
+        println!("  {cpu}");
+        if let Some(g) = &gpu {
+            let w = run(c, g.choice())?;
+            println!("  {w}");
+            println!(
+                "  → wgpu/CPU speed-up: {:.2}× per step, {:.2}× in total",
+                cpu.ms_per_step / w.ms_per_step.max(1e-9),
+                cpu.total_ms / w.total_ms.max(1e-9)
+            );
+        }
+    }
+    let r = run(50, BackendChoice::Cpu)?;
+    println!("retrain, 50 classes × 16 shots, CPU: {:.0} ms", r.total_ms);
+    if let Some(g) = &gpu {
+        let w = run(50, g.choice())?;
+        println!("retrain, 50 classes × 16 shots, wgpu: {:.0} ms", w.total_ms);
+    }
+    Ok(())
+}
+
+/// The WGSL matmul against the CPU matmul on the shapes the adapter uses.
+pub fn bench_kernels_cli() -> Result<(), BenchError> {
+    let ctx = gpu::GpuContext::new_headless(&gpu::GpuOptions::default())?;
+    println!("adapter: {}", ctx.describe());
+    let kernels = gpu::Kernels::new(&ctx)?;
+    let mut rng = Rng::new(1);
+    for &(m, k, n) in &[(256, 512, 512), (1000, 512, 512), (256, 512, 16000)] {
+        let a = Mat::from_vec(m, k, rng.normal_vec(m * k));
+        let b = Mat::from_vec(k, n, rng.normal_vec(k * n));
+        let _ = a.matmul(&b);
+        let reps = 3;
+        let start = Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(a.matmul(&b));
+        }
+        let cpu_s = start.elapsed().as_secs_f64() / reps as f64;
+        let g = gpu::bench_matmul(&kernels, m, k, n, reps)?;
+        println!(
+            "matmul {m}×{k}·{k}×{n}: CPU {:.2} ms ({:.1} GFLOP/s), wgpu {:?} {:.2} ms ({:.1} GFLOP/s) → {:.2}× the CPU",
+            cpu_s * 1e3,
+            2.0 * (m * k * n) as f64 / cpu_s / 1e9,
+            g.kernel,
+            g.seconds * 1e3,
+            g.gflops,
+            cpu_s / g.seconds.max(1e-12)
+        );
+    }
+    Ok(())
+}

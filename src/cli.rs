@@ -1,0 +1,739 @@
+//! Command-line interface: `extract`, `train`, `predict`, `eval`, `bench`, `demo`, `gui`.
+//!
+//! Errors are reported once, here at the edge (`anyhow`), with the library's messages as context.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use hegraph::adapter::{self, Method, TrainEvent, TrainInput, TrainParams, TrainedAdapter};
+use hegraph::clip::{self, ClipModel};
+use hegraph::data::{self, Dataset, OpenOptions};
+use hegraph::extract::{self, EmbedOptions, Embedder};
+use hegraph::features::{FeatureSet, LabelledSplit};
+use hegraph::linalg::argmax;
+use hegraph::progress::{CancelToken, Progress};
+use hegraph::prompts;
+
+#[derive(Parser, Debug)]
+#[command(name = "hegraph", version, about = "Few-shot image classification with CLIP and the Heterogeneous Graph Adapter", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Embed a folder of images (and its class prompts) with CLIP into a features file.
+    Extract(ExtractArgs),
+    /// Train an adapter on the labelled images of a folder or a features file.
+    Train(TrainArgs),
+    /// Predict classes (with per-class confidence) for images, with a trained adapter.
+    Predict(PredictArgs),
+    /// The few-shot protocol (shots × seeds × methods) on a features file or a labelled folder.
+    Eval(EvalArgs),
+    /// Benchmarks that print ratios against a baseline measured in the same run.
+    Bench(BenchArgs),
+    /// The whole job on the bundled demo folder: embed, train on the labelled images, predict the rest.
+    Demo(DemoArgs),
+    /// The desktop application (also what `hegraph` with no arguments starts).
+    Gui {
+        /// A project file or an image folder to open.
+        path: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A Hugging Face-format CLIP directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Never download weights; fail if none are found locally.
+    #[arg(long)]
+    pub offline: bool,
+    /// Use a small random-weight checkpoint with CLIP's layout (plumbing tests only: predictions are noise).
+    #[arg(long)]
+    pub test_checkpoint: bool,
+    /// Feature cache directory (default: the user cache directory).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct FolderArgs {
+    /// Class names file, one per line (otherwise: one sub-folder per class).
+    #[arg(long, value_name = "FILE")]
+    pub classes: Option<PathBuf>,
+    /// CSV `path,label` of the labelled images.
+    #[arg(long, value_name = "CSV")]
+    pub labels: Option<PathBuf>,
+    /// Prompt template(s), `{}` stands for the class name; repeat for an ensemble.
+    #[arg(long = "template", value_name = "TEMPLATE")]
+    pub templates: Vec<String>,
+    /// Use the 7-template ImageNet ensemble.
+    #[arg(long)]
+    pub imagenet_templates: bool,
+    /// Augmented views per labelled image.
+    #[arg(long, default_value_t = extract::DEFAULT_VIEWS)]
+    pub views: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct ExtractArgs {
+    pub folder: PathBuf,
+    #[command(flatten)]
+    pub folder_args: FolderArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Where to write the features file (default: FOLDER/.hegraph/features.safetensors).
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendArg {
+    Auto,
+    Cpu,
+    Wgpu,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MethodArgs {
+    /// hegraph, tip-adapter-f, tip-adapter or zero-shot.
+    #[arg(long, default_value = "hegraph")]
+    pub method: Method,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f32>,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Compute backend: auto picks wgpu on a real GPU and the CPU otherwise (env HEGRAPH_BACKEND too).
+    #[arg(long, value_enum, env = "HEGRAPH_BACKEND", default_value = "auto")]
+    pub backend: BackendArg,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// An image folder (embedded through the cache first) or a features file (.safetensors).
+    pub input: PathBuf,
+    #[command(flatten)]
+    pub folder_args: FolderArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub method: MethodArgs,
+    /// For a features file with precomputed K-shot sets: which K to train on.
+    #[arg(long)]
+    pub shots: Option<usize>,
+    /// Where to save the adapter.
+    #[arg(long, short, default_value = "adapter.hegraph")]
+    pub out: PathBuf,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutFormat {
+    Csv,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    /// A trained adapter file.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Images or folders of images.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, value_enum, default_value = "csv")]
+    pub format: OutFormat,
+    /// Write to this file instead of standard output.
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// A features file (.safetensors) or a labelled image folder.
+    pub input: PathBuf,
+    #[command(flatten)]
+    pub folder_args: FolderArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Shots to evaluate (those the data allows).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    pub shots: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    pub seeds: Vec<u64>,
+    /// Methods, comma-separated (default: all four).
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Vec<Method>,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long, value_enum, env = "HEGRAPH_BACKEND", default_value = "auto")]
+    pub backend: BackendArg,
+    /// Also write the table as CSV here.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchWhat {
+    /// CLIP image encoding at batch 1 and 32, and text encoding per 1,000 prompts.
+    Clip,
+    /// Adapter training: ms per step and total time, C ∈ {10, 100, 1000}, K = 16, D = 512, both backends.
+    Train,
+    /// WGSL matmul against the CPU matmul.
+    Kernels,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchWhat,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// The demo folder (default: the bundled `assets/demo`).
+    #[arg(long)]
+    pub folder: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub method: MethodArgs,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        None => run_gui(None),
+        Some(Command::Gui { path }) => run_gui(path),
+        Some(Command::Extract(a)) => cmd_extract(a),
+        Some(Command::Train(a)) => cmd_train(a),
+        Some(Command::Predict(a)) => cmd_predict(a),
+        Some(Command::Eval(a)) => cmd_eval(a),
+        Some(Command::Bench(a)) => cmd_bench(a),
+        Some(Command::Demo(a)) => cmd_demo(a),
+    }
+}
+
+fn run_gui(path: Option<PathBuf>) -> Result<()> {
+    hegraph::app::run_gui(path).context("the desktop application failed")
+}
+
+/// A terminal progress bar behind the engine's [`Progress`] trait.
+struct Bar {
+    bar: ProgressBar,
+}
+
+impl Bar {
+    fn new() -> Self {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template("{msg:<40} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Self { bar }
+    }
+}
+
+impl Progress for Bar {
+    fn set_stage(&self, stage: &str) {
+        self.bar.set_message(stage.to_string());
+    }
+    fn update(&self, done: usize, total: usize) {
+        self.bar.set_length(total as u64);
+        self.bar.set_position(done as u64);
+    }
+    fn message(&self, msg: &str) {
+        self.bar.println(msg);
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Finds CLIP weights in the documented order, or writes/uses the test checkpoint when asked to.
+fn load_model(m: &ModelArgs) -> Result<Arc<ClipModel>> {
+    let dir = if m.test_checkpoint {
+        test_checkpoint_dir()?
+    } else {
+        clip::hub::resolve_model_dir(m.model.as_deref(), !m.offline)?
+    };
+    let model =
+        ClipModel::load(&dir).with_context(|| format!("loading CLIP from {}", dir.display()))?;
+    eprintln!("model: {}", model.info().banner());
+    Ok(Arc::new(model))
+}
+
+/// The test checkpoint lives in the user cache; it is written once, from a fixed seed.
+fn test_checkpoint_dir() -> Result<PathBuf> {
+    let base = dirs::cache_dir().unwrap_or_else(std::env::temp_dir);
+    let dir = base
+        .join("hegraph")
+        .join("models")
+        .join("hegraph-test-checkpoint");
+    if !dir.join("model.safetensors").exists() {
+        clip::test_checkpoint::write_test_checkpoint(
+            &dir,
+            &clip::test_checkpoint::TestCheckpointConfig::tiny(),
+            0,
+        )
+        .with_context(|| format!("writing the test checkpoint to {}", dir.display()))?;
+    }
+    Ok(dir)
+}
+
+fn templates_of(f: &FolderArgs) -> Vec<String> {
+    if f.imagenet_templates {
+        prompts::IMAGENET_TEMPLATES
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    } else if f.templates.is_empty() {
+        vec![prompts::DEFAULT_TEMPLATE.to_string()]
+    } else {
+        f.templates.clone()
+    }
+}
+
+fn open_dataset(folder: &Path, f: &FolderArgs) -> Result<Dataset> {
+    let ds = data::open_folder(
+        folder,
+        &OpenOptions {
+            classes_file: f.classes.as_deref(),
+            classes: None,
+            labels_csv: f.labels.as_deref(),
+            max_images: None,
+        },
+    )
+    .with_context(|| format!("opening {}", folder.display()))?;
+    for p in &ds.problems {
+        eprintln!("warning: {p}");
+    }
+    Ok(ds)
+}
+
+fn embedder(model: Arc<ClipModel>, m: &ModelArgs, f: &FolderArgs) -> Result<Embedder> {
+    let e = Embedder::new(
+        model,
+        EmbedOptions {
+            views: f.views,
+            cache_dir: m.cache_dir.clone(),
+            ..Default::default()
+        },
+    )?;
+    for w in e.cache_warnings() {
+        eprintln!("warning: {w}");
+    }
+    Ok(e)
+}
+
+/// Embeds a folder (through the cache) and prints the summary `extract` promises.
+fn extract_folder(folder: &Path, f: &FolderArgs, m: &ModelArgs) -> Result<FeatureSet> {
+    let ds = open_dataset(folder, f)?;
+    let model = load_model(m)?;
+    let banner = model.info().banner();
+    let e = embedder(model, m, f)?;
+    let cancel = CancelToken::new();
+    let (fs, report) = {
+        let bar = Bar::new();
+        extract::extract_dataset(&ds, &e, &templates_of(f), &bar, &cancel)?
+    };
+    let s = &report.stats;
+    println!(
+        "{} images ({} labelled, {} unlabelled, {} classes) in {:.1} s: {} features computed, {} read from the cache",
+        s.images,
+        report.labelled,
+        report.unlabelled,
+        ds.classes.len(),
+        s.seconds,
+        s.features_computed,
+        s.features_from_cache
+    );
+    if !s.problems.is_empty() {
+        println!("{} file(s) skipped:", s.problems.len());
+        for p in &s.problems {
+            println!("  {p}");
+        }
+    }
+    println!("model: {banner}");
+    Ok(fs)
+}
+
+fn cmd_extract(a: ExtractArgs) -> Result<()> {
+    let fs = extract_folder(&a.folder, &a.folder_args, &a.model)?;
+    let out = a
+        .out
+        .unwrap_or_else(|| extract::default_features_path(&a.folder));
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    fs.save(&out)?;
+    println!("features written to {}", out.display());
+    Ok(())
+}
+
+/// A features file, or a folder embedded on the fly.
+fn features_from(input: &Path, f: &FolderArgs, m: &ModelArgs) -> Result<FeatureSet> {
+    if input.is_file() {
+        let fs = FeatureSet::load(input).with_context(|| format!("reading {}", input.display()))?;
+        if fs.test_checkpoint {
+            eprintln!("note: these features come from a TEST CHECKPOINT (random weights): predictions are not meaningful");
+        }
+        Ok(fs)
+    } else {
+        extract_folder(input, f, m)
+    }
+}
+
+fn train_params(m: &MethodArgs) -> TrainParams {
+    let mut p = TrainParams {
+        seed: m.seed,
+        ..Default::default()
+    };
+    if let Some(e) = m.epochs {
+        p.epochs = e;
+    }
+    if let Some(lr) = m.lr {
+        p.lr = lr;
+    }
+    p
+}
+
+fn train_on(fs: &FeatureSet, split: &LabelledSplit, m: &MethodArgs) -> Result<TrainedAdapter> {
+    let params = train_params(m);
+    let input = TrainInput {
+        classes: &fs.classes,
+        text: fs.text.as_ref(),
+        text_neg: fs.text_neg.as_ref(),
+        train: split,
+        val: fs.val.as_ref(),
+    };
+    let backend = hegraph::gpu::select_backend(m.backend.into())?;
+    eprintln!("backend: {}", backend.describe());
+    let cancel = CancelToken::new();
+    let bar = Bar::new();
+    bar.set_stage(&format!("training {}", m.method));
+    let start = Instant::now();
+    let mut last_loss = None;
+    let trained = adapter::train(
+        m.method,
+        &params,
+        &input,
+        backend.choice(),
+        &cancel,
+        &mut |ev| match ev {
+            TrainEvent::Step {
+                step, total, loss, ..
+            } => {
+                bar.update(*step, *total);
+                if let Some(l) = loss {
+                    last_loss = Some(*l);
+                }
+            }
+            TrainEvent::Message(msg) => bar.message(msg),
+        },
+    )?;
+    drop(bar);
+    let loss = last_loss
+        .map(|l| format!(", final loss {l:.4}"))
+        .unwrap_or_default();
+    println!(
+        "trained {} in {:.2} s{loss}",
+        m.method,
+        start.elapsed().as_secs_f64()
+    );
+    for n in &trained.notes {
+        println!("note: {n}");
+    }
+    Ok(trained)
+}
+
+impl From<BackendArg> for hegraph::gpu::BackendRequest {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Auto => Self::Auto,
+            BackendArg::Cpu => Self::Cpu,
+            BackendArg::Wgpu => Self::Wgpu,
+        }
+    }
+}
+
+fn cmd_train(a: TrainArgs) -> Result<()> {
+    let fs = features_from(&a.input, &a.folder_args, &a.model)?;
+    let split = match a.shots {
+        Some(k) => fs
+            .shots
+            .get(&k)
+            .with_context(|| format!("{} has no {k}-shot set", a.input.display()))?,
+        None => match (&fs.train, fs.shots.keys().next_back()) {
+            (Some(t), _) => t,
+            (None, Some(k)) => &fs.shots[k],
+            (None, None) => bail!("{} has no labelled images to train on", a.input.display()),
+        },
+    };
+    let trained = train_on(&fs, split, &a.method)?;
+    trained.save(&a.out)?;
+    println!("adapter written to {}", a.out.display());
+    Ok(())
+}
+
+fn cmd_predict(a: PredictArgs) -> Result<()> {
+    let trained = TrainedAdapter::load(&a.adapter)
+        .with_context(|| format!("loading the adapter {}", a.adapter.display()))?;
+    let mut paths = Vec::new();
+    for p in &a.inputs {
+        if p.is_dir() {
+            let ds = data::open_folder(
+                p,
+                &OpenOptions {
+                    classes_file: None,
+                    classes: Some(trained.classes.clone()),
+                    labels_csv: None,
+                    max_images: None,
+                },
+            )?;
+            paths.extend(ds.images.into_iter().map(|e| e.path));
+        } else {
+            paths.push(p.clone());
+        }
+    }
+    let model = load_model(&a.model)?;
+    let test_ckpt = model.info().is_test_checkpoint;
+    let e = Embedder::new(
+        model,
+        EmbedOptions {
+            cache_dir: a.model.cache_dir.clone(),
+            ..Default::default()
+        },
+    )?;
+    let cancel = CancelToken::new();
+    let (feats, stats) = {
+        let bar = Bar::new();
+        e.embed_images(&paths, &[0], &bar, &cancel)?
+    };
+    for p in &stats.problems {
+        eprintln!("skipped {p}");
+    }
+    let ok_idx: Vec<usize> = (0..paths.len()).filter(|&i| feats.ok[i]).collect();
+    let z = feats.per_view[0].select_rows(&ok_idx);
+    let probs = trained.predict(&z)?;
+    let rows: Vec<PredictionRow> = ok_idx
+        .iter()
+        .enumerate()
+        .map(|(r, &i)| {
+            let p = probs.row(r);
+            let top = argmax(p);
+            PredictionRow {
+                path: paths[i].display().to_string(),
+                label: trained.classes[top].clone(),
+                confidence: p[top],
+                probabilities: p.to_vec(),
+            }
+        })
+        .collect();
+    let text = match a.format {
+        OutFormat::Csv => predictions_csv(&trained.classes, &rows),
+        OutFormat::Json => serde_json::to_string_pretty(&PredictionsJson {
+            test_checkpoint: test_ckpt,
+            classes: trained.classes.clone(),
+            predictions: rows,
+        })?,
+    };
+    match a.out {
+        Some(path) => {
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => print!("{text}"),
+    }
+    if test_ckpt {
+        eprintln!("note: TEST CHECKPOINT (random weights): predictions are not meaningful");
+    }
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct PredictionRow {
+    path: String,
+    label: String,
+    confidence: f32,
+    probabilities: Vec<f32>,
+}
+
+#[derive(serde::Serialize)]
+struct PredictionsJson {
+    test_checkpoint: bool,
+    classes: Vec<String>,
+    predictions: Vec<PredictionRow>,
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn predictions_csv(classes: &[String], rows: &[PredictionRow]) -> String {
+    let mut out = String::from("path,label,confidence");
+    for c in classes {
+        out.push(',');
+        out.push_str(&csv_field(&format!("p:{c}")));
+    }
+    out.push('\n');
+    for r in rows {
+        out.push_str(&format!(
+            "{},{},{:.6}",
+            csv_field(&r.path),
+            csv_field(&r.label),
+            r.confidence
+        ));
+        for p in &r.probabilities {
+            out.push_str(&format!(",{p:.6}"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn cmd_eval(a: EvalArgs) -> Result<()> {
+    let fs = features_from(&a.input, &a.folder_args, &a.model)?;
+    let backend = hegraph::gpu::select_backend(a.backend.into())?;
+    eprintln!("backend: {}", backend.describe());
+    let mut opts = hegraph::eval::EvalOptions {
+        shots: a.shots.clone(),
+        seeds: a.seeds.clone(),
+        backend: backend.choice(),
+        ..Default::default()
+    };
+    if !a.methods.is_empty() {
+        opts.methods = a.methods.clone();
+    }
+    if let Some(e) = a.epochs {
+        opts.params.epochs = e;
+    }
+    let bar = Bar::new();
+    let report = hegraph::eval::evaluate(&fs, &opts, &mut |msg: &str| bar.set_stage(msg))?;
+    drop(bar);
+    println!("{}", report.to_markdown());
+    if let Some(path) = a.csv {
+        std::fs::write(&path, report.to_csv())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    match a.what {
+        BenchWhat::Clip => hegraph::bench::bench_clip_cli(),
+        BenchWhat::Train => hegraph::bench::bench_train_cli(),
+        BenchWhat::Kernels => hegraph::bench::bench_kernels_cli(),
+    }
+    .map_err(Into::into)
+}
+
+fn demo_folder() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo"))
+}
+
+fn cmd_demo(a: DemoArgs) -> Result<()> {
+    let folder = a.folder.clone().unwrap_or_else(demo_folder);
+    let mut model_args = a.model.clone();
+    if !model_args.test_checkpoint {
+        if let Err(e) =
+            clip::hub::resolve_model_dir(model_args.model.as_deref(), !model_args.offline)
+        {
+            eprintln!("{e}");
+            eprintln!(
+                "no CLIP weights could be found or downloaded: the demo goes on with the TEST CHECKPOINT \
+                 (random weights) to show the pipeline; its predictions are not meaningful"
+            );
+            model_args.test_checkpoint = true;
+        }
+    }
+    // The images sit in `images/`, the class names and labels beside it, so the folder scan sees only images.
+    let images = folder.join("images");
+    let folder_args = FolderArgs {
+        classes: Some(folder.join("classes.txt")),
+        labels: Some(folder.join("labels.csv")),
+        templates: Vec::new(),
+        imagenet_templates: false,
+        views: extract::DEFAULT_VIEWS,
+    };
+    let fs = extract_folder(&images, &folder_args, &model_args)?;
+    let train = fs
+        .train
+        .as_ref()
+        .context("the demo folder has no labelled images")?;
+    let trained = train_on(&fs, train, &a.method)?;
+    let unl = fs
+        .unlabelled
+        .as_ref()
+        .context("the demo folder has no unlabelled images")?;
+    let probs = trained.predict(&unl.features)?;
+    let truth = read_truth(&folder.join("truth.csv"));
+    println!(
+        "\n{:<36} {:<12} {:>10}  {}",
+        "image", "predicted", "confidence", "truth"
+    );
+    let mut right = 0;
+    let mut known = 0;
+    for (i, path) in unl.paths.iter().enumerate() {
+        let p = probs.row(i);
+        let top = argmax(p);
+        let t = truth
+            .iter()
+            .find(|(q, _)| q == path)
+            .map(|(_, l)| l.as_str());
+        if let Some(t) = t {
+            known += 1;
+            if t == fs.classes[top] {
+                right += 1;
+            }
+        }
+        println!(
+            "{:<36} {:<12} {:>9.1}%  {}",
+            path,
+            fs.classes[top],
+            100.0 * p[top],
+            t.unwrap_or("?")
+        );
+    }
+    if known > 0 {
+        println!(
+            "\naccuracy on the {known} unlabelled demo images: {:.1}% ({right}/{known})",
+            100.0 * right as f64 / known as f64
+        );
+    }
+    if fs.test_checkpoint {
+        println!("TEST CHECKPOINT (random weights): these predictions are not meaningful; run with real CLIP weights (--model DIR or network access) for real ones");
+    }
+    Ok(())
+}
+
+fn read_truth(path: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .map(|s| {
+            s.lines()
+                .skip(1)
+                .filter_map(|l| {
+                    let (p, c) = l.split_once(',')?;
+                    Some((p.trim().to_string(), c.trim().to_string()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

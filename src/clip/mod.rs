@@ -1,0 +1,78 @@
+//! CLIP through candle: checkpoint look-up and download, OpenAI preprocessing, image and text encoding.
+//!
+//! A model directory is always a Hugging Face CLIP directory (`config.json`, `model.safetensors`,
+//! `tokenizer.json`) loaded with `candle_transformers::models::clip`. The same code path loads the real
+//! checkpoint and the small random-weight *test checkpoint* that [`test_checkpoint`] writes, so that the
+//! loading code is exercised on machines where no real CLIP can be downloaded. A test checkpoint says so in
+//! [`ModelInfo::banner`], which every output shows.
+
+pub mod bench;
+pub mod hub;
+pub mod model;
+pub mod preprocess;
+pub mod test_checkpoint;
+
+use std::path::PathBuf;
+
+pub use bench::{bench_clip, ClipBench};
+pub use hub::{resolve_model_dir, user_model_dir, DEFAULT_MODEL_REPO};
+pub use model::{ClipModel, ModelInfo};
+pub use preprocess::ImageTensor;
+pub use test_checkpoint::{write_test_checkpoint, TestCheckpointConfig};
+
+/// Everything that can go wrong between a model directory (or an image file) and an embedding.
+#[derive(Debug, thiserror::Error)]
+pub enum ClipError {
+    #[error(
+        "{file} is missing from the CLIP model directory {dir}: a model directory needs config.json, \
+         model.safetensors and tokenizer.json (Hugging Face layout, e.g. from \
+         https://huggingface.co/openai/clip-vit-base-patch32)"
+    )]
+    MissingFile { dir: PathBuf, file: String },
+
+    #[error(
+        "{origin} points at {dir}, which lacks {missing}: a CLIP model directory needs config.json, \
+         model.safetensors and tokenizer.json (Hugging Face layout, e.g. from \
+         https://huggingface.co/openai/clip-vit-base-patch32)"
+    )]
+    BadModelDir {
+        origin: String,
+        dir: PathBuf,
+        missing: String,
+    },
+
+    #[error("cannot read or write {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("cannot use the CLIP config {path}: {msg}")]
+    Config { path: PathBuf, msg: String },
+
+    #[error("cannot load the CLIP weights {path}: {msg}")]
+    Weights { path: PathBuf, msg: String },
+
+    #[error("cannot load the tokenizer {path}: {msg}")]
+    Tokenizer { path: PathBuf, msg: String },
+
+    #[error("cannot tokenize {text:?}: {msg}")]
+    Tokenize { text: String, msg: String },
+
+    /// `file` is the path as the person gave it, or "image in memory".
+    #[error("cannot decode image {file}: {msg}")]
+    Image { file: String, msg: String },
+
+    #[error("bad input to the CLIP encoder: {0}")]
+    Input(String),
+
+    #[error("CLIP computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+
+    #[error("{0}")]
+    Download(String),
+
+    #[error("cannot write {path}: {msg}")]
+    Write { path: PathBuf, msg: String },
+}

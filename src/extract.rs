@@ -1,0 +1,477 @@
+//! The embedding pipeline: image folder → CLIP features (centre crop and augmented views) and class prompts →
+//! text features, all through the on-disk [`FeatureCache`], so a folder is never embedded twice.
+//!
+//! Each image is decoded once per pass, and every view it still needs (centre crop, and the `A` augmented
+//! views when it is labelled) is cut from that one decode. Work is committed to the cache batch by batch, so a
+//! cancelled or crashed run keeps what it had embedded.
+//!
+//! Cache namespace (choice): `model id | preprocessing version | augmentation seed`. The seed is part of the
+//! namespace rather than the key because augmented views depend on it; the centre crop does not, so changing
+//! the seed re-embeds centre crops too. That is rare, and keeps one cache key shape for everything.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use crate::cache::{self, CacheKey, ContentHash, FeatureCache};
+use crate::clip::preprocess::{self, ImageTensor};
+use crate::clip::{ClipError, ClipModel};
+use crate::data::{Dataset, Problem};
+use crate::features::{FeatureSet, LabelledSplit, UnlabelledSplit};
+use crate::linalg::Mat;
+use crate::progress::{CancelToken, Progress};
+use crate::prompts;
+
+/// Augmented views per labelled image (the SPEC's `A`).
+pub const DEFAULT_VIEWS: usize = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    #[error(transparent)]
+    Clip(#[from] ClipError),
+    #[error(transparent)]
+    Cache(#[from] cache::CacheError),
+    #[error(transparent)]
+    Features(#[from] crate::features::FeaturesError),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("no image of {0} could be read; see the messages above for each file")]
+    NothingReadable(String),
+    #[error("the feature cache lock was poisoned by a crash in another thread")]
+    Poisoned,
+}
+
+#[derive(Clone, Debug)]
+pub struct EmbedOptions {
+    /// Augmented views per labelled image.
+    pub views: usize,
+    /// Seed of the augmentations.
+    pub seed: u64,
+    /// Images decoded and encoded together; bounds memory (each view is 3·S·S floats).
+    pub batch_size: usize,
+    /// Where the cache lives; `None` = the user cache directory.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for EmbedOptions {
+    fn default() -> Self {
+        Self {
+            views: DEFAULT_VIEWS,
+            seed: 0,
+            batch_size: 32,
+            cache_dir: None,
+        }
+    }
+}
+
+/// What one embedding pass did, for the summary line and the GUI's status.
+#[derive(Clone, Debug, Default)]
+pub struct EmbedStats {
+    pub images: usize,
+    pub features_from_cache: usize,
+    pub features_computed: usize,
+    pub seconds: f64,
+    pub problems: Vec<Problem>,
+}
+
+impl EmbedStats {
+    pub fn images_per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.images as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Features of a list of images for a list of views; `ok[i]` is false when image `i` could not be read (its
+/// rows are zero and a [`Problem`] names it).
+#[derive(Clone, Debug)]
+pub struct ImageFeatures {
+    /// `views.len()` matrices, each `N×D`, in the order of the requested views.
+    pub per_view: Vec<Mat>,
+    pub ok: Vec<bool>,
+}
+
+pub struct Embedder {
+    model: Arc<ClipModel>,
+    cache: Mutex<FeatureCache>,
+    opts: EmbedOptions,
+    cache_warnings: Vec<String>,
+}
+
+impl Embedder {
+    pub fn new(model: Arc<ClipModel>, opts: EmbedOptions) -> Result<Self, ExtractError> {
+        let dir = match &opts.cache_dir {
+            Some(d) => d.clone(),
+            None => FeatureCache::default_dir().unwrap_or_else(|| PathBuf::from(".hegraph-cache")),
+        };
+        let namespace = format!(
+            "{}|{}|aug{}",
+            model.info().id,
+            preprocess::PREPROCESS_VERSION,
+            opts.seed
+        );
+        let (cache, cache_warnings) = FeatureCache::open(&dir, &namespace, model.info().embed_dim)?;
+        Ok(Self {
+            model,
+            cache: Mutex::new(cache),
+            opts,
+            cache_warnings,
+        })
+    }
+
+    /// Problems found in the cache when it was opened (corrupt shards that will be rebuilt).
+    pub fn cache_warnings(&self) -> &[String] {
+        &self.cache_warnings
+    }
+
+    pub fn model(&self) -> &ClipModel {
+        &self.model
+    }
+
+    pub fn options(&self) -> &EmbedOptions {
+        &self.opts
+    }
+
+    fn cache(&self) -> Result<MutexGuard<'_, FeatureCache>, ExtractError> {
+        self.cache.lock().map_err(|_| ExtractError::Poisoned)
+    }
+
+    /// Embeds `paths` for each view in `views` (0 = centre crop, `1..=A` = augmented views), reading what it
+    /// can from the cache.
+    pub fn embed_images(
+        &self,
+        paths: &[PathBuf],
+        views: &[u32],
+        progress: &dyn Progress,
+        cancel: &CancelToken,
+    ) -> Result<(ImageFeatures, EmbedStats), ExtractError> {
+        let start = Instant::now();
+        let dim = self.model.info().embed_dim;
+        let size = self.model.info().image_size;
+        let n = paths.len();
+        let mut stats = EmbedStats {
+            images: n,
+            ..Default::default()
+        };
+        progress.set_stage("hashing images");
+        let hashes: Vec<Result<ContentHash, String>> = paths
+            .par_iter()
+            .map(|p| cache::hash_file(p).map_err(|e| e.to_string()))
+            .collect();
+
+        let mut per_view: Vec<Mat> = views.iter().map(|_| Mat::zeros(n, dim)).collect();
+        let mut ok = vec![true; n];
+        // Images that still need at least one view computed.
+        let mut todo: Vec<usize> = Vec::new();
+        {
+            let cache = self.cache()?;
+            for (i, h) in hashes.iter().enumerate() {
+                let h = match h {
+                    Ok(h) => h,
+                    Err(e) => {
+                        ok[i] = false;
+                        stats.problems.push(Problem {
+                            path: paths[i].clone(),
+                            message: e.clone(),
+                        });
+                        continue;
+                    }
+                };
+                let mut missing = false;
+                for (vi, &v) in views.iter().enumerate() {
+                    match cache.get(&CacheKey {
+                        content: *h,
+                        view: v,
+                    }) {
+                        Some(f) => {
+                            per_view[vi].row_mut(i).copy_from_slice(f);
+                            stats.features_from_cache += 1;
+                        }
+                        None => missing = true,
+                    }
+                }
+                if missing {
+                    todo.push(i);
+                }
+            }
+        }
+
+        progress.set_stage("embedding images");
+        let total = n;
+        let mut done = n - todo.len();
+        progress.update(done, total);
+        let batch = self.opts.batch_size.max(1);
+        for chunk in todo.chunks(batch) {
+            if cancel.is_cancelled() {
+                return Err(ExtractError::Cancelled);
+            }
+            // Decode each image once and cut every view it still lacks.
+            let prepared: Vec<(usize, Result<Vec<(u32, ImageTensor)>, ClipError>)> = {
+                let cache = self.cache()?;
+                let needed: Vec<(usize, ContentHash, Vec<u32>)> = chunk
+                    .iter()
+                    .filter_map(|&i| {
+                        let h = *hashes[i].as_ref().ok()?;
+                        let need: Vec<u32> = views
+                            .iter()
+                            .copied()
+                            .filter(|&v| {
+                                !cache.contains(&CacheKey {
+                                    content: h,
+                                    view: v,
+                                })
+                            })
+                            .collect();
+                        Some((i, h, need))
+                    })
+                    .collect();
+                drop(cache);
+                needed
+                    .into_par_iter()
+                    .map(|(i, h, need)| {
+                        let r = preprocess::load_rgb(&paths[i]).map(|img| {
+                            let key = u64::from_le_bytes([
+                                h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7],
+                            ]);
+                            let max_view = need.iter().copied().max().unwrap_or(0) as usize;
+                            let aug = if max_view > 0 {
+                                preprocess::augmented_views(
+                                    &img,
+                                    size,
+                                    max_view,
+                                    self.opts.seed,
+                                    key,
+                                )
+                            } else {
+                                Vec::new()
+                            };
+                            let mut aug = aug.into_iter().map(Some).collect::<Vec<_>>();
+                            need.iter()
+                                .filter_map(|&v| {
+                                    if v == 0 {
+                                        Some((0, preprocess::center_crop(&img, size)))
+                                    } else {
+                                        aug.get_mut(v as usize - 1)
+                                            .and_then(Option::take)
+                                            .map(|t| (v, t))
+                                    }
+                                })
+                                .collect::<Vec<_>>()
+                        });
+                        (i, r)
+                    })
+                    .collect()
+            };
+            let mut owners: Vec<(usize, u32)> = Vec::new();
+            let mut tensors: Vec<ImageTensor> = Vec::new();
+            for (i, r) in prepared {
+                match r {
+                    Ok(list) => {
+                        for (v, t) in list {
+                            owners.push((i, v));
+                            tensors.push(t);
+                        }
+                    }
+                    Err(e) => {
+                        ok[i] = false;
+                        stats.problems.push(Problem {
+                            path: paths[i].clone(),
+                            message: e.to_string(),
+                        });
+                        progress.message(&format!("skipped {}: {e}", paths[i].display()));
+                    }
+                }
+            }
+            let mut entries = Vec::with_capacity(tensors.len());
+            for (tchunk, ochunk) in tensors.chunks(batch).zip(owners.chunks(batch)) {
+                if cancel.is_cancelled() {
+                    return Err(ExtractError::Cancelled);
+                }
+                let feats = self.model.encode_images(tchunk)?;
+                for (r, &(i, v)) in ochunk.iter().enumerate() {
+                    let vi = views.iter().position(|&x| x == v).unwrap_or(0);
+                    per_view[vi].row_mut(i).copy_from_slice(feats.row(r));
+                    if let Ok(h) = &hashes[i] {
+                        entries.push((
+                            CacheKey {
+                                content: *h,
+                                view: v,
+                            },
+                            feats.row(r).to_vec(),
+                        ));
+                    }
+                }
+            }
+            stats.features_computed += entries.len();
+            self.cache()?.insert_batch(entries)?;
+            done += chunk.len();
+            progress.update(done, total);
+        }
+        stats.seconds = start.elapsed().as_secs_f64();
+        Ok((ImageFeatures { per_view, ok }, stats))
+    }
+
+    /// Positive and negative text features per class (`C×D` each): every template filled with the class
+    /// name, encoded, normalised, averaged and normalised again (Tip-Adapter's `clip_classifier`).
+    pub fn embed_prompts(
+        &self,
+        classes: &[String],
+        templates: &[String],
+    ) -> Result<(Mat, Mat), ExtractError> {
+        let negative: Vec<String> = templates
+            .iter()
+            .map(|t| prompts::negative_template(t))
+            .collect();
+        Ok((
+            self.embed_class_prompts(classes, templates)?,
+            self.embed_class_prompts(classes, &negative)?,
+        ))
+    }
+
+    fn embed_class_prompts(
+        &self,
+        classes: &[String],
+        templates: &[String],
+    ) -> Result<Mat, ExtractError> {
+        let dim = self.model.info().embed_dim;
+        let texts: Vec<String> = classes
+            .iter()
+            .flat_map(|c| templates.iter().map(move |t| prompts::fill(t, c)))
+            .collect();
+        let keys: Vec<CacheKey> = texts
+            .iter()
+            .map(|t| CacheKey {
+                content: cache::hash_bytes(format!("text:{t}").as_bytes()),
+                view: 0,
+            })
+            .collect();
+        let mut rows: Vec<Option<Vec<f32>>> = {
+            let cache = self.cache()?;
+            keys.iter()
+                .map(|k| cache.get(k).map(<[f32]>::to_vec))
+                .collect()
+        };
+        let missing: Vec<usize> = (0..texts.len()).filter(|&i| rows[i].is_none()).collect();
+        if !missing.is_empty() {
+            let batch: Vec<String> = missing.iter().map(|&i| texts[i].clone()).collect();
+            let feats = self.model.encode_texts(&batch)?;
+            let mut entries = Vec::with_capacity(missing.len());
+            for (r, &i) in missing.iter().enumerate() {
+                rows[i] = Some(feats.row(r).to_vec());
+                entries.push((keys[i], feats.row(r).to_vec()));
+            }
+            self.cache()?.insert_batch(entries)?;
+        }
+        let t = templates.len().max(1);
+        let mut out = Mat::zeros(classes.len(), dim);
+        for c in 0..classes.len() {
+            let refs: Vec<&[f32]> = (0..templates.len())
+                .filter_map(|j| rows[c * t + j].as_deref())
+                .collect();
+            out.row_mut(c)
+                .copy_from_slice(&crate::linalg::mean_normalized(&refs, dim));
+        }
+        Ok(out)
+    }
+}
+
+/// Summary of [`extract_dataset`].
+#[derive(Clone, Debug, Default)]
+pub struct ExtractReport {
+    pub stats: EmbedStats,
+    pub labelled: usize,
+    pub unlabelled: usize,
+}
+
+/// Embeds a whole dataset into a [`FeatureSet`]: centre crops of every image, the augmented views of the
+/// labelled ones, and the class prompts. Images that cannot be read are left out and named in the report.
+pub fn extract_dataset(
+    ds: &Dataset,
+    embedder: &Embedder,
+    templates: &[String],
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> Result<(FeatureSet, ExtractReport), ExtractError> {
+    let paths: Vec<PathBuf> = ds.images.iter().map(|e| e.path.clone()).collect();
+    let (centre, mut stats) = embedder.embed_images(&paths, &[0], progress, cancel)?;
+    let labelled_idx: Vec<usize> = (0..ds.images.len())
+        .filter(|&i| ds.images[i].label.is_some() && centre.ok[i])
+        .collect();
+    let a = embedder.options().views;
+    let view_ids: Vec<u32> = (1..=a as u32).collect();
+    let views = if a > 0 && !labelled_idx.is_empty() {
+        let lpaths: Vec<PathBuf> = labelled_idx.iter().map(|&i| paths[i].clone()).collect();
+        progress.set_stage("embedding augmented views of labelled images");
+        let (v, s) = embedder.embed_images(&lpaths, &view_ids, progress, cancel)?;
+        stats.features_from_cache += s.features_from_cache;
+        stats.features_computed += s.features_computed;
+        stats.seconds += s.seconds;
+        stats.problems.extend(s.problems);
+        Some(v.per_view)
+    } else {
+        None
+    };
+    let centre_mat = &centre.per_view[0];
+    let unl_idx: Vec<usize> = (0..ds.images.len())
+        .filter(|&i| ds.images[i].label.is_none() && centre.ok[i])
+        .collect();
+    if labelled_idx.is_empty() && unl_idx.is_empty() {
+        return Err(ExtractError::NothingReadable(ds.root.display().to_string()));
+    }
+    progress.set_stage("embedding class prompts");
+    let (text, text_neg) = embedder.embed_prompts(&ds.classes, templates)?;
+    let info = embedder.model().info();
+    let train = (!labelled_idx.is_empty()).then(|| LabelledSplit {
+        features: centre_mat.select_rows(&labelled_idx),
+        labels: labelled_idx
+            .iter()
+            .map(|&i| ds.images[i].label.unwrap_or(0))
+            .collect(),
+        views: views.clone(),
+        paths: Some(
+            labelled_idx
+                .iter()
+                .map(|&i| ds.images[i].rel.clone())
+                .collect(),
+        ),
+    });
+    let unlabelled = (!unl_idx.is_empty()).then(|| UnlabelledSplit {
+        features: centre_mat.select_rows(&unl_idx),
+        paths: unl_idx.iter().map(|&i| ds.images[i].rel.clone()).collect(),
+    });
+    let fs = FeatureSet {
+        classes: ds.classes.clone(),
+        dim: info.embed_dim,
+        model: Some(info.id.clone()),
+        test_checkpoint: info.is_test_checkpoint,
+        templates: templates.to_vec(),
+        text: Some(text),
+        text_neg: Some(text_neg),
+        shots: Default::default(),
+        train,
+        val: None,
+        test: None,
+        unlabelled,
+    };
+    let report = ExtractReport {
+        labelled: labelled_idx.len(),
+        unlabelled: unl_idx.len(),
+        stats,
+    };
+    Ok((fs, report))
+}
+
+/// The default features file of `extract`: `<folder name>.features.safetensors` in the working directory,
+/// as command-line tools do, rather than inside the person's image folder.
+pub fn default_features_path(root: &Path) -> PathBuf {
+    let name = root
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "images".to_string());
+    PathBuf::from(format!("{name}.features.safetensors"))
+}

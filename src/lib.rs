@@ -1,0 +1,35 @@
+//! # hegraph
+//!
+//! Few-shot image classification with CLIP and the Heterogeneous Graph Adapter (HeGraphAdapter,
+//! Zhao et al., arXiv 2410.07854).
+//!
+//! The engine (everything but [`app`]) knows nothing of the GUI:
+//! - [`clip`]: CLIP through candle: checkpoint look-up and download, OpenAI preprocessing, image/text encoding.
+//! - [`data`]: image folders, class names, label CSVs, robust image decoding.
+//! - [`cache`]: the on-disk feature cache keyed by model, image content and view.
+//! - [`features`]: the features file (per-split features, labels, class names, text features).
+//! - [`prompts`]: prompt templates and their negative ("a photo of no {}") forms.
+//! - [`graph`]: the heterogeneous graph (visual, positive-text and negative-text nodes, six edge types).
+//! - [`adapter`]: HeGraphAdapter and the baselines (zero-shot, Tip-Adapter, Tip-Adapter-F) on the CPU
+//!   reference backend (candle autodiff), training and prediction.
+//! - [`gpu`]: the wgpu runtime and WGSL kernels, and the adapter's training on them.
+//! - [`eval`]: the few-shot evaluation protocol of the field.
+//! - [`app`]: the egui/eframe desktop application.
+
+pub mod linalg;
+pub mod progress;
+pub mod rng;
+
+pub mod adapter;
+pub mod app;
+pub mod bench;
+pub mod cache;
+pub mod clip;
+pub mod data;
+pub mod eval;
+pub mod extract;
+pub mod features;
+pub mod gpu;
+pub mod graph;
+pub mod project;
+pub mod prompts;

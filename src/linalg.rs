@@ -1,0 +1,259 @@
+//! A plain row-major `f32` matrix, the currency between the feature cache, the graph, the GPU runtime and the
+//! GUI.
+//!
+//! candle tensors are the CPU training backend; this type exists so that the parts that only move, draw or
+//! upload matrices do not need a candle device, and so that the WGSL kernels have a dependency-free reference.
+
+use rayon::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Mat {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl Mat {
+    pub fn zeros(rows: usize, cols: usize) -> Self {
+        Self {
+            rows,
+            cols,
+            data: vec![0.0; rows * cols],
+        }
+    }
+
+    /// Panics only on a programming error (length mismatch); callers build `data` from `rows * cols`.
+    pub fn from_vec(rows: usize, cols: usize, data: Vec<f32>) -> Self {
+        assert_eq!(
+            data.len(),
+            rows * cols,
+            "Mat::from_vec: {rows}x{cols} != {}",
+            data.len()
+        );
+        Self { rows, cols, data }
+    }
+
+    /// Stacks equal-length rows; `cols` is needed for the empty case.
+    pub fn from_rows(rows: &[Vec<f32>], cols: usize) -> Self {
+        let mut data = Vec::with_capacity(rows.len() * cols);
+        for r in rows {
+            assert_eq!(r.len(), cols, "Mat::from_rows: ragged rows");
+            data.extend_from_slice(r);
+        }
+        Self {
+            rows: rows.len(),
+            cols,
+            data,
+        }
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.cols..(i + 1) * self.cols]
+    }
+
+    pub fn row_mut(&mut self, i: usize) -> &mut [f32] {
+        &mut self.data[i * self.cols..(i + 1) * self.cols]
+    }
+
+    pub fn get(&self, i: usize, j: usize) -> f32 {
+        self.data[i * self.cols + j]
+    }
+
+    pub fn set(&mut self, i: usize, j: usize, v: f32) {
+        self.data[i * self.cols + j] = v;
+    }
+
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    pub fn transpose(&self) -> Mat {
+        let mut t = Mat::zeros(self.cols, self.rows);
+        for i in 0..self.rows {
+            for j in 0..self.cols {
+                t.data[j * self.rows + i] = self.data[i * self.cols + j];
+            }
+        }
+        t
+    }
+
+    /// `self · other`, parallel over output rows; the inner loop is an axpy over contiguous rows of `other`,
+    /// which the compiler vectorises.
+    pub fn matmul(&self, other: &Mat) -> Mat {
+        assert_eq!(self.cols, other.rows, "matmul: inner dimensions differ");
+        let n = other.cols;
+        let mut out = Mat::zeros(self.rows, n);
+        if n == 0 {
+            return out;
+        }
+        out.data
+            .par_chunks_mut(n)
+            .enumerate()
+            .for_each(|(i, orow)| {
+                let arow = &self.data[i * self.cols..(i + 1) * self.cols];
+                for (k, &a) in arow.iter().enumerate() {
+                    if a == 0.0 {
+                        continue;
+                    }
+                    let brow = &other.data[k * n..(k + 1) * n];
+                    for (o, &b) in orow.iter_mut().zip(brow) {
+                        *o += a * b;
+                    }
+                }
+            });
+        out
+    }
+
+    /// `self · otherᵀ`: dot products of rows, the shape of every similarity in this project.
+    pub fn matmul_t(&self, other: &Mat) -> Mat {
+        assert_eq!(self.cols, other.cols, "matmul_t: feature dimensions differ");
+        let n = other.rows;
+        let mut out = Mat::zeros(self.rows, n);
+        if n == 0 {
+            return out;
+        }
+        out.data
+            .par_chunks_mut(n)
+            .enumerate()
+            .for_each(|(i, orow)| {
+                let a = self.row(i);
+                for (j, o) in orow.iter_mut().enumerate() {
+                    *o = dot(a, other.row(j));
+                }
+            });
+        out
+    }
+
+    /// Row-wise L2 normalisation; an all-zero row stays zero rather than becoming NaN.
+    pub fn l2_normalize_rows(&mut self) {
+        let cols = self.cols;
+        if cols == 0 {
+            return;
+        }
+        self.data.par_chunks_mut(cols).for_each(normalize);
+    }
+
+    pub fn normalized_rows(&self) -> Mat {
+        let mut m = self.clone();
+        m.l2_normalize_rows();
+        m
+    }
+
+    pub fn select_rows(&self, idx: &[usize]) -> Mat {
+        let mut data = Vec::with_capacity(idx.len() * self.cols);
+        for &i in idx {
+            data.extend_from_slice(self.row(i));
+        }
+        Mat::from_vec(idx.len(), self.cols, data)
+    }
+
+    pub fn max_abs_diff(&self, other: &Mat) -> f32 {
+        assert_eq!(self.shape(), other.shape());
+        self.data
+            .iter()
+            .zip(&other.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max)
+    }
+
+    pub fn is_finite(&self) -> bool {
+        self.data.iter().all(|x| x.is_finite())
+    }
+}
+
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight accumulators let the loop vectorise without `-ffast-math`-style reassociation.
+    let mut acc = [0.0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+/// In-place L2 normalisation of one vector; zero vectors are left as they are.
+pub fn normalize(v: &mut [f32]) {
+    let n = dot(v, v).sqrt();
+    if n > 0.0 && n.is_finite() {
+        let inv = 1.0 / n;
+        v.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// Mean of rows, then normalised: how CLIP prompt ensembles and augmented views are pooled.
+pub fn mean_normalized(rows: &[&[f32]], dim: usize) -> Vec<f32> {
+    let mut m = vec![0.0f32; dim];
+    for r in rows {
+        for (a, b) in m.iter_mut().zip(r.iter()) {
+            *a += b;
+        }
+    }
+    normalize(&mut m);
+    m
+}
+
+/// Numerically stable softmax of one row.
+pub fn softmax(row: &[f32]) -> Vec<f32> {
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = row.iter().map(|x| (x - m).exp()).collect();
+    let s: f32 = e.iter().sum();
+    e.into_iter().map(|x| x / s).collect()
+}
+
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn naive(a: &Mat, b: &Mat) -> Mat {
+        let mut o = Mat::zeros(a.rows, b.cols);
+        for i in 0..a.rows {
+            for j in 0..b.cols {
+                let mut s = 0.0f64;
+                for k in 0..a.cols {
+                    s += a.get(i, k) as f64 * b.get(k, j) as f64;
+                }
+                o.set(i, j, s as f32);
+            }
+        }
+        o
+    }
+
+    #[test]
+    fn matmul_and_matmul_t_match_naive_on_awkward_shapes() {
+        let mut rng = Rng::new(11);
+        for &(m, k, n) in &[(1, 1, 1), (7, 7, 7), (17, 16, 16), (3, 0, 5), (33, 65, 9)] {
+            let a = Mat::from_vec(m, k, rng.normal_vec(m * k));
+            let b = Mat::from_vec(k, n, rng.normal_vec(k * n));
+            let want = naive(&a, &b);
+            assert!(a.matmul(&b).max_abs_diff(&want) < 1e-4);
+            assert!(a.matmul_t(&b.transpose()).max_abs_diff(&want) < 1e-4);
+        }
+    }
+
+    #[test]
+    fn normalize_keeps_zero_rows_and_unit_norms() {
+        let mut m = Mat::from_vec(2, 3, vec![3.0, 4.0, 0.0, 0.0, 0.0, 0.0]);
+        m.l2_normalize_rows();
+        assert_eq!(m.row(0), &[0.6, 0.8, 0.0]);
+        assert_eq!(m.row(1), &[0.0, 0.0, 0.0]);
+        let p = softmax(&[1000.0, 1000.0]);
+        assert!((p[0] - 0.5).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,331 @@
+//! End-to-end runs of the `hegraph` binary on real images with the test checkpoint (random weights in CLIP's
+//! exact layout, written by the binary itself): the plumbing from folder to predictions, the feature cache, and
+//! bad input. Accuracy here means nothing and is never asserted.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hegraph"))
+}
+
+fn manifest() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs the binary with a private user cache, so tests never touch the real one.
+fn run(home: &Path, args: &[&str]) -> Output {
+    let out = bin()
+        .args(args)
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .env("HOME", home)
+        .env_remove("HEGRAPH_MODEL_DIR")
+        .env("HEGRAPH_BACKEND", "cpu")
+        .output()
+        .expect("the hegraph binary runs");
+    eprintln!(
+        "$ hegraph {}\n--- stdout\n{}\n--- stderr\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn all_output(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Copies the demo folder so the features file written next to it stays in the temp dir.
+fn demo_copy(dst: &Path) -> PathBuf {
+    let src = manifest().join("assets/demo");
+    let out = dst.join("demo");
+    std::fs::create_dir_all(out.join("images")).unwrap();
+    for f in ["classes.txt", "labels.csv", "truth.csv"] {
+        std::fs::copy(src.join(f), out.join(f)).unwrap();
+    }
+    for e in std::fs::read_dir(src.join("images")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), out.join("images").join(e.file_name())).unwrap();
+    }
+    out
+}
+
+#[test]
+fn extract_twice_reads_everything_from_the_cache_the_second_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = demo_copy(tmp.path());
+    let images = demo.join("images");
+    let d = images.to_str().unwrap();
+    let classes = demo.join("classes.txt");
+    let labels = demo.join("labels.csv");
+    let out = tmp.path().join("demo.features.safetensors");
+    let args = [
+        "extract",
+        d,
+        "-o",
+        out.to_str().unwrap(),
+        "--classes",
+        classes.to_str().unwrap(),
+        "--labels",
+        labels.to_str().unwrap(),
+        "--test-checkpoint",
+    ];
+    let first = run(tmp.path(), &args);
+    assert!(first.status.success());
+    let out = all_output(&first);
+    assert!(
+        out.contains("TEST CHECKPOINT"),
+        "every output names the test checkpoint"
+    );
+    assert!(stdout(&first).contains("48 images (16 labelled, 32 unlabelled, 8 classes)"));
+    // 48 centre crops + 16 × 10 views.
+    assert!(stdout(&first).contains("208 features computed, 0 read from the cache"));
+    assert!(out.is_file());
+
+    let second = run(tmp.path(), &args);
+    assert!(second.status.success());
+    assert!(stdout(&second).contains("0 features computed, 208 read from the cache"));
+
+    // A changed file is embedded again, and only that file.
+    let img = demo.join("images/crow.png");
+    let rotated = image::open(&img).unwrap().rotate90();
+    rotated.save(&img).unwrap();
+    let third = run(tmp.path(), &args);
+    assert!(third.status.success());
+    assert!(stdout(&third).contains("1 features computed, 207 read from the cache"));
+}
+
+#[test]
+fn a_folder_with_bad_files_finishes_and_names_each_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("photos");
+    for class in ["cat", "rocket"] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+    }
+    let photos = manifest().join("../shared/data/photos");
+    std::fs::copy(photos.join("chelsea.png"), root.join("cat/chelsea.png")).unwrap();
+    std::fs::copy(photos.join("rocket.jpg"), root.join("rocket/rocket.jpg")).unwrap();
+    std::fs::copy(
+        photos.join("coffee.png"),
+        root.join("rocket/unlabelled-coffee.png"),
+    )
+    .unwrap();
+    // The bad ones.
+    std::fs::write(root.join("cat/empty.png"), b"").unwrap();
+    let bytes = std::fs::read(photos.join("astronaut.png")).unwrap();
+    std::fs::write(root.join("cat/truncated.png"), &bytes[..bytes.len() / 3]).unwrap();
+    std::fs::write(root.join("rocket/notes.txt"), b"not an image").unwrap();
+    std::fs::write(
+        root.join("rocket/fake.jpg"),
+        b"this is text pretending to be a jpeg",
+    )
+    .unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&root, root.join("cat/loop")).unwrap();
+
+    let o = run(
+        tmp.path(),
+        &["extract", root.to_str().unwrap(), "--test-checkpoint"],
+    );
+    assert!(o.status.success(), "one bad file never stops the run");
+    let text = all_output(&o);
+    for bad in ["empty.png", "truncated.png", "notes.txt", "fake.jpg"] {
+        assert!(text.contains(bad), "{bad} is named in the output");
+    }
+    #[cfg(unix)]
+    assert!(text.contains("loop"), "the symlink loop is named");
+}
+
+#[test]
+fn empty_folder_and_duplicate_class_names_give_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = run(
+        tmp.path(),
+        &["extract", empty.to_str().unwrap(), "--test-checkpoint"],
+    );
+    assert!(!o.status.success());
+    assert!(all_output(&o).to_lowercase().contains("no image"));
+
+    let classes = tmp.path().join("classes.txt");
+    std::fs::write(&classes, "cat\ndog\n Cat\n").unwrap();
+    std::fs::copy(
+        manifest().join("../shared/data/photos/chelsea.png"),
+        empty.join("chelsea.png"),
+    )
+    .unwrap();
+    let o = run(
+        tmp.path(),
+        &[
+            "extract",
+            empty.to_str().unwrap(),
+            "--classes",
+            classes.to_str().unwrap(),
+            "--test-checkpoint",
+        ],
+    );
+    assert!(!o.status.success());
+    let text = all_output(&o);
+    assert!(text.to_lowercase().contains("duplicate"), "{text}");
+    assert!(text.contains("classes.txt"));
+}
+
+#[test]
+fn the_demo_runs_end_to_end_offline_on_the_test_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = demo_copy(tmp.path());
+    let o = run(
+        tmp.path(),
+        &[
+            "demo",
+            "--folder",
+            demo.to_str().unwrap(),
+            "--offline",
+            "--epochs",
+            "5",
+        ],
+    );
+    assert!(o.status.success());
+    let text = stdout(&o);
+    assert!(text.contains("accuracy on the 32 unlabelled demo images"));
+    assert!(text.contains("TEST CHECKPOINT"));
+}
+
+#[test]
+fn train_and_predict_on_a_folder_write_an_adapter_and_per_class_confidences() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = demo_copy(tmp.path());
+    let adapter = tmp.path().join("demo.hegraph");
+    let o = run(
+        tmp.path(),
+        &[
+            "train",
+            demo.join("images").to_str().unwrap(),
+            "--classes",
+            demo.join("classes.txt").to_str().unwrap(),
+            "--labels",
+            demo.join("labels.csv").to_str().unwrap(),
+            "--test-checkpoint",
+            "--epochs",
+            "5",
+            "-o",
+            adapter.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success());
+    assert!(adapter.is_file());
+    let o = run(
+        tmp.path(),
+        &[
+            "predict",
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--test-checkpoint",
+            "--format",
+            "json",
+            demo.join("images/crow.png").to_str().unwrap(),
+            demo.join("images/carrot.png").to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["test_checkpoint"], true);
+    let preds = v["predictions"].as_array().unwrap();
+    assert_eq!(preds.len(), 2);
+    for p in preds {
+        let probs: Vec<f64> = p["probabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(probs.len(), 8);
+        assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-3);
+    }
+}
+
+/// The whole image-folder path on Debian's Tux Paint photo cut-outs (composited on white), ten or more classes.
+/// Runs when the package is installed (CI installs it); otherwise says why it is skipped.
+#[test]
+fn tuxpaint_stamps_go_through_extract_train_and_eval() {
+    let stamps = Path::new("/usr/share/tuxpaint/stamps");
+    if !stamps.is_dir() {
+        eprintln!("skipped: /usr/share/tuxpaint/stamps is missing (apt-get install tuxpaint-stamps-default)");
+        return;
+    }
+    let classes = [
+        ("bird", "animals/birds"),
+        ("fruit", "food/fruit"),
+        ("flower", "plants/flowers"),
+        ("vegetable", "food/vegetables"),
+        ("cow", "animals/mammals/bovines"),
+        ("tool", "household/tools"),
+        ("fish", "animals/fish"),
+        ("planet", "space/planets"),
+        ("road sign", "town/roadsigns"),
+        ("clothing", "clothes"),
+        ("insect", "animals/insects"),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("stamps");
+    for (name, dir) in classes {
+        let dst = root.join(name);
+        std::fs::create_dir_all(&dst).unwrap();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(stamps.join(dir))
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "png"))
+            .collect();
+        files.sort();
+        for f in files.iter().take(8) {
+            std::os::unix::fs::symlink(f, dst.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let features = tmp.path().join("stamps.safetensors");
+    let o = run(
+        tmp.path(),
+        &[
+            "extract",
+            root.to_str().unwrap(),
+            "--test-checkpoint",
+            "--views",
+            "2",
+            "-o",
+            features.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success());
+    let o = run(
+        tmp.path(),
+        &[
+            "eval",
+            features.to_str().unwrap(),
+            "--shots",
+            "1,2",
+            "--seeds",
+            "1",
+            "--epochs",
+            "2",
+        ],
+    );
+    assert!(o.status.success());
+    let table = stdout(&o);
+    for m in [
+        "Zero-shot",
+        "Tip-Adapter",
+        "Tip-Adapter-F",
+        "HeGraphAdapter",
+    ] {
+        assert!(table.contains(m), "{m} in the table");
+    }
+}

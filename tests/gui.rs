@@ -1,0 +1,380 @@
+//! The desktop application, headless: screenshots of the three views rendered with egui_kittest on wgpu
+//! (lavapipe where there is no GPU) and checked for content, a scripted labelling session through the app's
+//! own keyboard handling, and the project file's behaviour under crashes and corruption.
+//!
+//! Images are the demo folder (`assets/demo/`, copied to a temporary folder so the project file lands there);
+//! the model is the random-weight test checkpoint, so the GUI must show the test-checkpoint banner.
+
+use std::path::{Path, PathBuf};
+
+use egui_kittest::kittest::Queryable;
+use egui_kittest::Harness;
+use hegraph::app::graph_view::{node_color, NodeSizing};
+use hegraph::app::{AppOptions, HeGraphApp, View, TEST_CHECKPOINT_BANNER};
+use hegraph::clip::{write_test_checkpoint, TestCheckpointConfig};
+use hegraph::graph::NodeType;
+use hegraph::project::{default_project_path, temp_path, Project};
+
+fn manifest() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A copy of the demo folder (or, before it exists, of the shared photos) in `dir`.
+fn demo_copy(dir: &Path) -> PathBuf {
+    let demo = manifest().join("assets/demo");
+    let target = dir.join("demo");
+    if demo.join("images").is_dir() {
+        copy_dir(&demo, &target);
+    } else {
+        let photos = manifest().join("../shared/data/photos");
+        std::fs::create_dir_all(target.join("a")).unwrap();
+        std::fs::create_dir_all(target.join("b")).unwrap();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&photos).unwrap().flatten().map(|e| e.path()).collect();
+        files.retain(|p| hegraph::data::is_image_path(p));
+        files.sort();
+        for (i, f) in files.iter().enumerate() {
+            let sub = if i % 2 == 0 { "a" } else { "b" };
+            std::fs::copy(f, target.join(sub).join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    target
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    folder: PathBuf,
+    opts: AppOptions,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = demo_copy(dir.path());
+    let ckpt = dir.path().join("checkpoint");
+    write_test_checkpoint(&ckpt, &TestCheckpointConfig::tiny(), 5).unwrap();
+    let opts = AppOptions {
+        cache_dir: Some(dir.path().join("cache")),
+        model_dir: Some(ckpt),
+        auto_embed: true,
+        thumb_threads: 2,
+        thumb_capacity: 600,
+    };
+    Fixture {
+        _dir: dir,
+        folder,
+        opts,
+    }
+}
+
+/// A harness at 1280×800 on wgpu, or `None` (with the reason printed) where no wgpu adapter exists.
+fn harness(app: HeGraphApp) -> Option<Harness<'static, HeGraphApp>> {
+    let wgpu_ok = std::panic::catch_unwind(|| {
+        let instance = eframe::wgpu::Instance::new(eframe::wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        pollster::block_on(instance.request_adapter(&eframe::wgpu::RequestAdapterOptions::default())).is_ok()
+    })
+    .unwrap_or(false);
+    if !wgpu_ok {
+        println!("skipped: no wgpu adapter (install mesa-vulkan-drivers libvulkan1 for lavapipe)");
+        return None;
+    }
+    Some(
+        Harness::builder()
+            .with_size(egui::vec2(1280.0, 800.0))
+            .with_pixels_per_point(1.0)
+            .wgpu()
+            .build_ui_state(|ui, app: &mut HeGraphApp| app.show(ui), app),
+    )
+}
+
+/// Steps the UI until background work (embedding, training, thumbnails) is done. A step bound, not a clock,
+/// keeps a hang from running forever.
+fn settle(h: &mut Harness<'static, HeGraphApp>) {
+    for _ in 0..100_000 {
+        h.step();
+        if !h.state().is_busy() && !h.state().thumbnails_loading() {
+            // A few more frames for uploads and layout.
+            for _ in 0..4 {
+                h.step();
+            }
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    panic!("the app did not become idle; last error: {:?}", h.state().last_error());
+}
+
+fn screenshot(h: &mut Harness<'static, HeGraphApp>, name: &str) -> image::RgbaImage {
+    let img = h.render().expect("render the UI with wgpu");
+    let dir = manifest().join("docs/screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    img.save(dir.join(format!("{name}.png"))).unwrap();
+    assert_eq!((img.width(), img.height()), (1280, 800));
+    img
+}
+
+/// Distinct colours (coarsely quantised) and the share of pixels that differ from the most common one.
+fn content_stats(img: &image::RgbaImage) -> (usize, f32) {
+    let mut hist = std::collections::HashMap::new();
+    for p in img.pixels() {
+        *hist.entry([p[0] >> 3, p[1] >> 3, p[2] >> 3]).or_insert(0usize) += 1;
+    }
+    let top = hist.values().copied().max().unwrap_or(0);
+    let total = (img.width() * img.height()) as usize;
+    (hist.len(), 1.0 - top as f32 / total as f32)
+}
+
+/// Pixels within `tol` of `c` in every channel.
+fn count_color(img: &image::RgbaImage, c: egui::Color32, tol: i32) -> usize {
+    img.pixels()
+        .filter(|p| {
+            (p[0] as i32 - c.r() as i32).abs() <= tol
+                && (p[1] as i32 - c.g() as i32).abs() <= tol
+                && (p[2] as i32 - c.b() as i32).abs() <= tol
+        })
+        .count()
+}
+
+#[test]
+fn screenshots_of_the_three_views_show_real_content() {
+    let f = fixture();
+    let mut app = HeGraphApp::new(f.opts.clone());
+    app.open_path(&f.folder).unwrap();
+    let Some(mut h) = harness(app) else { return };
+    settle(&mut h);
+    assert!(h.state().has_features(), "embedding failed: {:?}", h.state().last_error());
+    assert!(h.state().model().unwrap().is_test_checkpoint);
+    h.state_mut().start_training().unwrap();
+    settle(&mut h);
+    assert_eq!(h.state().history().len(), 1, "training failed: {:?}", h.state().last_error());
+
+    // Label view: the cursor on an unlabelled image, two more selected.
+    {
+        let s = h.state_mut().session_mut().unwrap();
+        let unl: Vec<usize> = (0..s.len()).filter(|&i| s.label(i).is_none()).collect();
+        s.click(unl[0]);
+        s.ctrl_click(unl[1]);
+        s.ctrl_click(unl[2]);
+    }
+    h.state_mut().view = View::Label;
+    settle(&mut h);
+    // The banner is always visible, as text in the UI.
+    assert!(h.query_by_label_contains(TEST_CHECKPOINT_BANNER).is_some(), "test-checkpoint banner missing");
+    let img = screenshot(&mut h, "labelling");
+    let (colours, busy) = content_stats(&img);
+    assert!(colours > 400, "the labelling view looks empty ({colours} colours)");
+    assert!(busy > 0.3, "the labelling view is mostly one colour ({busy})");
+    assert!(h.state().thumbnail_count() >= 20, "thumbnails not drawn: {}", h.state().thumbnail_count());
+
+    // Graph view: nodes of the three types drawn, the layout settled.
+    h.state_mut().view = View::Graph;
+    for _ in 0..2_000 {
+        h.step();
+        if h.state().graph_view().layout.as_ref().is_some_and(|l| l.is_settled()) {
+            break;
+        }
+    }
+    let layout = h.state().graph_view().layout.clone().expect("a graph after training");
+    assert!(layout.is_settled());
+    assert_eq!(layout.nodes.len(), 3 * 8, "P, N and V nodes of 8 classes");
+    assert!(!layout.visible_edges().is_empty());
+    assert_eq!(h.state().graph_view().sizing, NodeSizing::FolderMean);
+    h.step();
+    let img = screenshot(&mut h, "graph");
+    for t in [NodeType::PositiveText, NodeType::NegativeText, NodeType::Visual] {
+        let n = count_color(&img, node_color(t), 6);
+        assert!(n > 150, "few {t:?} node pixels: {n}");
+    }
+
+    // Training view: the loss curve is drawn in the accent colour.
+    h.state_mut().view = View::Train;
+    h.step();
+    h.step();
+    let img = screenshot(&mut h, "training");
+    let curve = count_color(&img, hegraph::app::style::ACCENT, 12);
+    assert!(curve > 300, "no loss curve ({curve} accent pixels)");
+    let (colours, _) = content_stats(&img);
+    assert!(colours > 60, "the training view looks empty ({colours} colours)");
+}
+
+#[test]
+fn scripted_session_labels_trains_saves_and_reopens() {
+    let f = fixture();
+    let mut app = HeGraphApp::new(f.opts.clone());
+    app.open_path(&f.folder).unwrap();
+    let Some(mut h) = harness(app) else { return };
+    settle(&mut h);
+    let project_path = default_project_path(&h.state().session().unwrap().project.folder);
+    let before_labels = h.state().session().unwrap().labelled_count();
+    let zero_shot = h.state().session().unwrap().predictions().cloned().expect("zero-shot predictions");
+
+    // Label three unlabelled images with the keyboard: "label next" (N) then a number key; auto-advance on.
+    let mut labelled = Vec::new();
+    for key in [egui::Key::Num2, egui::Key::Num3, egui::Key::Num1] {
+        h.key_press(egui::Key::N);
+        h.step();
+        let cursor = h.state().session().unwrap().cursor.unwrap();
+        assert_eq!(h.state().session().unwrap().label(cursor), None, "N must land on an unlabelled image");
+        h.key_press(key);
+        h.step();
+        labelled.push(cursor);
+    }
+    let s = h.state().session().unwrap();
+    assert_eq!(s.labelled_count(), before_labels + 3);
+    assert_eq!(s.label(labelled[0]), Some(1));
+    assert_eq!(s.label(labelled[2]), Some(0));
+    // Every action was saved at once.
+    let on_disk = Project::load(&project_path).unwrap().project;
+    assert_eq!(on_disk.labels.len(), before_labels + 3);
+
+    // Undo the last label, redo it.
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Z);
+    h.step();
+    assert_eq!(h.state().session().unwrap().label(labelled[2]), None);
+    assert_eq!(Project::load(&project_path).unwrap().project.labels.len(), before_labels + 2);
+    h.key_press_modifiers(egui::Modifiers::COMMAND | egui::Modifiers::SHIFT, egui::Key::Z);
+    h.step();
+    assert_eq!(h.state().session().unwrap().label(labelled[2]), Some(0));
+
+    // Train with T; predictions change.
+    h.key_press(egui::Key::T);
+    h.step();
+    settle(&mut h);
+    assert_eq!(h.state().history().len(), 1, "training failed: {:?}", h.state().last_error());
+    let trained = h.state().session().unwrap().predictions().cloned().unwrap();
+    assert!(trained.max_abs_diff(&zero_shot) > 1e-3, "predictions did not change");
+    let saved = Project::load(&project_path).unwrap().project;
+    let adapter_path = saved.adapter_path.clone().expect("adapter path saved");
+    assert!(adapter_path.exists());
+    assert!(saved.last_training.is_some());
+    let labels = h.state().session().unwrap().project.labels.clone();
+    drop(h);
+
+    // Reopen: labels intact, the adapter loaded and giving the same predictions.
+    let mut app = HeGraphApp::new(f.opts.clone());
+    app.open_path(&f.folder).unwrap();
+    let Some(mut h) = harness(app) else { return };
+    settle(&mut h);
+    let s = h.state().session().unwrap();
+    assert_eq!(s.project.labels, labels);
+    assert_eq!(s.labelled_count(), before_labels + 3);
+    assert!(h.state().adapter().is_some(), "adapter not reloaded");
+    let again = s.predictions().unwrap();
+    assert!(again.max_abs_diff(&trained) < 1e-4, "reloaded predictions differ");
+}
+
+#[test]
+fn project_file_survives_a_crash_mid_save() {
+    let f = fixture();
+    let mut app = HeGraphApp::new(AppOptions {
+        auto_embed: false,
+        ..f.opts.clone()
+    });
+    app.open_path(&f.folder).unwrap();
+    let path = default_project_path(&app.session().unwrap().project.folder);
+    app.session_mut().unwrap().click(0);
+    app.label_with(Some(3));
+    let good = std::fs::read_to_string(&path).unwrap();
+    let labels = Project::load(&path).unwrap().project.labels;
+
+    // A crash while the temp file was half written leaves it behind: the project is untouched and loads.
+    std::fs::write(temp_path(&path), &good.as_bytes()[..good.len() / 3]).unwrap();
+    assert_eq!(Project::load(&path).unwrap().project.labels, labels);
+
+    // A save that dies before the rename (here: the temp file cannot be created) changes nothing on disk;
+    // the label stays in memory and the error is reported.
+    std::fs::remove_file(temp_path(&path)).unwrap();
+    std::fs::create_dir(temp_path(&path)).unwrap();
+    app.session_mut().unwrap().click(1);
+    app.label_with(Some(2));
+    assert!(app.last_error().is_some_and(|e| e.contains("cannot write")), "{:?}", app.last_error());
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), good);
+    assert_eq!(app.session().unwrap().label(1), Some(2));
+
+    // Once the obstacle is gone, the next action saves everything, including the label that failed to save.
+    std::fs::remove_dir(temp_path(&path)).unwrap();
+    app.session_mut().unwrap().click(2);
+    app.label_with(Some(1));
+    let now = Project::load(&path).unwrap().project;
+    assert_eq!(now.labels.len(), labels.len() + 2);
+    assert!(!temp_path(&path).exists());
+}
+
+#[test]
+fn a_corrupt_project_is_reported_and_left_untouched() {
+    let f = fixture();
+    let mut app = HeGraphApp::new(AppOptions {
+        auto_embed: false,
+        ..f.opts.clone()
+    });
+    app.open_path(&f.folder).unwrap();
+    let path = default_project_path(&app.session().unwrap().project.folder);
+    drop(app);
+    std::fs::write(&path, "{\"version\": 2, \"folder\": \"..\", \"labels\": {\"a.png\": ").unwrap();
+    let mut app = HeGraphApp::new(AppOptions {
+        auto_embed: false,
+        ..f.opts.clone()
+    });
+    let err = app.open_path(&f.folder).unwrap_err().to_string();
+    assert!(err.contains("not a readable hegraph project"), "{err}");
+    assert!(app.session().is_none());
+    assert!(std::fs::read_to_string(&path).unwrap().ends_with("\"a.png\": "));
+}
+
+#[test]
+fn ten_thousand_images_scroll_with_a_bounded_number_of_thumbnails() {
+    let photos = manifest().join("../shared/data/photos");
+    let sources: Vec<PathBuf> = std::fs::read_dir(&photos)
+        .map(|r| r.flatten().map(|e| e.path()).filter(|p| hegraph::data::is_image_path(p)).collect())
+        .unwrap_or_default();
+    if sources.is_empty() {
+        println!("skipped: no photos in {}", photos.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("big");
+    for c in ["a", "b"] {
+        std::fs::create_dir_all(folder.join(c)).unwrap();
+    }
+    for i in 0..10_000 {
+        let src = &sources[i % sources.len()];
+        let ext = src.extension().unwrap().to_string_lossy();
+        let dst = folder.join(if i % 2 == 0 { "a" } else { "b" }).join(format!("{i:05}.{ext}"));
+        if std::fs::hard_link(src, &dst).is_err() {
+            std::fs::copy(src, &dst).unwrap();
+        }
+    }
+    let mut app = HeGraphApp::new(AppOptions {
+        auto_embed: false,
+        thumb_capacity: 300,
+        cache_dir: Some(dir.path().join("cache")),
+        ..AppOptions::default()
+    });
+    app.open_path(&folder).unwrap();
+    assert_eq!(app.session().unwrap().len(), 10_000);
+    let Some(mut h) = harness(app) else { return };
+    settle(&mut h);
+    let first = h.state().thumbnail_count();
+    assert!(first > 0 && first < 200, "{first} thumbnails for one screen");
+    // Scroll far down with the keyboard (the grid follows the cursor), twice.
+    for _ in 0..2 {
+        for _ in 0..40 {
+            h.key_press(egui::Key::PageDown);
+            h.step();
+        }
+        settle(&mut h);
+    }
+    let cursor = h.state().session().unwrap().cursor.unwrap();
+    assert!(cursor > 1_000, "cursor only at {cursor}");
+    assert!(h.state().thumbnail_count() <= 300 + 100, "cache unbounded: {}", h.state().thumbnail_count());
+}
