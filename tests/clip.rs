@@ -177,6 +177,7 @@ fn real_photos_match_pillow_bicubic_reference() {
                 .map(|(y, x)| f64::from(level(&t, c, y, x)))
                 .sum();
             let mean_diff = (sum - want_sum as f64).abs() / (224.0 * 224.0);
+            println!("{name} channel {c}: mean level differs from Pillow by {mean_diff:.4}");
             assert!(
                 mean_diff < 0.5,
                 "{name} channel {c}: mean level differs by {mean_diff}"
@@ -185,6 +186,7 @@ fn real_photos_match_pillow_bicubic_reference() {
         for ((y, x), rgb) in samples {
             for (c, want) in rgb.into_iter().enumerate() {
                 let got = level(&t, c, y, x);
+                println!("{name} ({y},{x}) channel {c}: {got:.2} vs Pillow {want}");
                 assert!(
                     (got - f32::from(want)).abs() <= 2.01,
                     "{name} ({y},{x}) channel {c}: {got} vs Pillow {want}"
@@ -441,8 +443,9 @@ fn checkpoint_has_hugging_face_tensor_names_and_shapes() {
     assert_eq!(shape("visual_projection.weight"), [64, 64]);
     assert_eq!(shape("text_projection.weight"), [64, 64]);
     assert_eq!(shape("logit_scale"), Vec::<usize>::new());
-    // 5 embedding tensors + 3 layer norms per tower + 16 tensors per layer × 4 layers + 2 projections + scale.
-    assert_eq!(tensors.len(), 5 + 2 + 4 + 16 * 4 + 3);
+    // Embeddings (3 text, 4 vision, position_ids included), 3 layer norms, 16 tensors in each of the 4
+    // layers, 2 projections and logit_scale.
+    assert_eq!(tensors.len(), 7 + 3 * 2 + 16 * 4 + 3);
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join(CONFIG_FILE)).unwrap()).unwrap();
     assert_eq!(config["hegraph_test_checkpoint"], true);

@@ -1,7 +1,6 @@
 //! Tests of `data` (image folders, class names, label CSVs) and `cache` (the on-disk feature cache), in temp
 //! folders seeded with the real photos and real CLIP features of `../shared/data`.
 
-use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -902,33 +901,34 @@ fn compact_merges_small_shards() {
     }
 }
 
-/// 10,000 images × 11 views: a handful of files, every key back after a re-open.
+/// 10,000 images × 11 views, inserted as an extraction run would (32 images a batch): after `compact` a
+/// handful of files (not one per feature, not one per batch), and every key is back after a re-open.
 #[test]
 fn ten_thousand_images_eleven_views() {
     let tmp = tempfile::tempdir().unwrap();
     let dim = 4;
+    let feature = |i: usize, view: u32| vec![i as f32, view as f32, -(i as f32), 0.5];
     let (mut cache, _) = FeatureCache::open(tmp.path(), NS, dim).unwrap();
-    let mut expected: HashMap<CacheKey, Vec<f32>> = HashMap::new();
-    for batch in 0..10 {
-        let mut entries = Vec::new();
-        for i in batch * 1000..(batch + 1) * 1000 {
-            for view in 0..11u32 {
-                let f = vec![i as f32, view as f32, -(i as f32), 0.5];
-                expected.insert(key(i, view), f.clone());
-                entries.push((key(i, view), f));
-            }
-        }
+    let images: Vec<usize> = (0..10_000).collect();
+    for batch in images.chunks(32) {
+        let entries = batch
+            .iter()
+            .flat_map(|&i| (0..11u32).map(move |view| (key(i, view), feature(i, view))))
+            .collect();
         cache.insert_batch(entries).unwrap();
     }
+    assert_eq!(cache.shard_count(), 313);
     cache.compact().unwrap();
-    let files = shard_files(&cache).len();
-    assert!(files <= 4, "{files} shard files");
+    // 110,000 rows in shards of at most MAX_SHARD_ROWS = 32,768.
+    assert_eq!(shard_files(&cache).len(), 4);
     drop(cache);
     let (cache, warnings) = FeatureCache::open(tmp.path(), NS, dim).unwrap();
-    assert!(warnings.is_empty());
+    assert!(warnings.is_empty(), "{warnings:?}");
     assert_eq!(cache.len(), 110_000);
-    for (k, f) in &expected {
-        assert_eq!(cache.get(k), Some(f.as_slice()));
+    for i in 0..10_000 {
+        for view in 0..11u32 {
+            assert_eq!(cache.get(&key(i, view)), Some(feature(i, view).as_slice()));
+        }
     }
 }
 
