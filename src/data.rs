@@ -319,14 +319,17 @@ fn read_labels_csv_rows(
             Ok(false) => break,
             Ok(true) => {}
             Err(e) => {
-                if let csv::ErrorKind::Io(_) = e.kind() {
-                    let msg = e.to_string();
+                let line = e.position().map_or(line, |p| p.line());
+                if e.is_io_error() {
+                    let source = match e.into_kind() {
+                        csv::ErrorKind::Io(io) => io,
+                        other => std::io::Error::other(format!("{other:?}")),
+                    };
                     return Err(DataError::Io {
                         path: path.to_path_buf(),
-                        source: std::io::Error::other(msg),
+                        source,
                     });
                 }
-                let line = e.position().map_or(line, |p| p.line());
                 problems.push(Problem::new(path, format!("line {line}: {e}; row skipped")));
                 first = false;
                 continue;

@@ -464,42 +464,82 @@ pub fn evaluate(fs: &FeatureSet, opts: &EvalOptions, on_event: &mut dyn FnMut(&s
 #[cfg(test)]
 mod explore {
     use std::path::PathBuf;
+    use crate::adapter::{self, BackendChoice, Method, TrainInput, TrainParams, HeGraphHyper, HeGraphWeights, forward_graph};
+    use crate::features::FeatureSet;
+    use crate::progress::CancelToken;
+    use crate::linalg::{Mat, softmax, argmax};
 
-use crate::adapter::{self, BackendChoice, Method, TrainInput, TrainParams};
-use crate::features::FeatureSet;
-use crate::progress::CancelToken;
-
-fn shared(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/features").join(name)
-}
-
-#[test]
-fn explore_pets25() {
-    let fs = FeatureSet::load(&shared("oxford_pets25.safetensors")).unwrap();
-    let train = &fs.shots[&16];
-    let test = fs.test.as_ref().unwrap();
-    let input = TrainInput { classes: &fs.classes, text: fs.text.as_ref(), text_neg: None, train, val: fs.val.as_ref() };
-    for m in [Method::ZeroShot, Method::TipAdapter, Method::TipAdapterF] {
-        let t0 = std::time::Instant::now();
-        let a = adapter::train(m, &TrainParams::default(), &input, BackendChoice::Cpu, &CancelToken::new(), &mut |_| {}).unwrap();
-        println!("{m}: {:.2} (val {:?}) α {:?} β {:?} {:.0} ms", 100.0 * a.accuracy(test).unwrap(), a.val_accuracy, a.alpha, a.beta, t0.elapsed().as_secs_f64()*1e3);
+    fn shared(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/features").join(name)
     }
-    for epochs in [10, 20, 40, 100] {
-        let p = TrainParams { epochs, ..Default::default() };
-        let t0 = std::time::Instant::now();
-        let a = adapter::train(Method::HeGraph, &p, &input, BackendChoice::Cpu, &CancelToken::new(), &mut |_| {}).unwrap();
-        println!("hegraph {epochs}: {:.2} val {:?} {:.0} ms loss {:?}..{:?}", 100.0 * a.accuracy(test).unwrap(), a.val_accuracy, t0.elapsed().as_secs_f64()*1e3, a.losses.first(), a.losses.last());
-    }
-}
 
-}
-#[cfg(test)]
-mod explore2 {
+    fn branches(a: &adapter::TrainedAdapter, test: &crate::features::LabelledSplit, p: &TrainParams) {
+        let g = a.graph().unwrap();
+        let t = &a.tensors;
+        let w = HeGraphWeights { w_p: t.w_p.clone().unwrap(), w_n: t.w_n.clone(), w_v: t.w_v.clone().unwrap() };
+        let out = forward_graph(g, &HeGraphHyper::test(p), &w).unwrap();
+        let z = test.features.normalized_rows();
+        let lt = z.matmul_t(&out.p_prime.normalized_rows());
+        let l0 = z.matmul_t(&g.p);
+        let aff = z.matmul_t(&out.x_prime.normalized_rows());
+        let c = g.classes.len();
+        let mut res = vec![0usize; 8];
+        for r in 0..z.rows {
+            let tl: Vec<f32> = lt.row(r).iter().map(|x| 100.0 * x).collect();
+            let mut cache = vec![0.0f32; c];
+            for (m, &x) in aff.row(r).iter().enumerate() { cache[g.cache_labels[m]] += (x - 1.0).exp(); }
+            let cl: Vec<f32> = cache.iter().map(|x| 100.0 * x).collect();
+            let pt = softmax(&tl); let pc = softmax(&cl);
+            let y = test.labels[r];
+            if argmax(&tl) == y { res[0] += 1; }
+            if argmax(&cl) == y { res[1] += 1; }
+            if argmax(l0.row(r)) == y { res[2] += 1; }
+            for (i, w) in [0.1f32, 0.25, 0.5, 1.0].iter().enumerate() {
+                let f: Vec<f32> = (0..c).map(|k| pt[k] + w * pc[k]).collect();
+                if argmax(&f) == y { res[3 + i] += 1; }
+            }
+        }
+        let n = z.rows as f32 / 100.0;
+        println!("   text P' {:.2} cache {:.2} text P {:.2} fused w=.1 {:.2} .25 {:.2} .5 {:.2} 1 {:.2}", res[0] as f32 / n, res[1] as f32 / n, res[2] as f32 / n, res[3] as f32 / n, res[4] as f32 / n, res[5] as f32 / n, res[6] as f32 / n);
+    }
+
+    #[test]
+    fn explore_pets25() {
+        let fs = FeatureSet::load(&shared("oxford_pets25.safetensors")).unwrap();
+        let train = &fs.shots[&16];
+        let test = fs.test.as_ref().unwrap();
+        let input = TrainInput { classes: &fs.classes, text: fs.text.as_ref(), text_neg: None, train, val: fs.val.as_ref() };
+        for epochs in [0usize, 1, 5, 20, 40, 100] {
+            let p = TrainParams { epochs, ..Default::default() };
+            let t0 = std::time::Instant::now();
+            let a = adapter::train(Method::HeGraph, &p, &input, BackendChoice::Cpu, &CancelToken::new(), &mut |_| {}).unwrap();
+            println!("hegraph {epochs}: {:.2} val {:?} {:.0} ms loss {:?}..{:?}", 100.0 * a.accuracy(test).unwrap(), a.val_accuracy, t0.elapsed().as_secs_f64()*1e3, a.losses.first(), a.losses.last());
+            branches(&a, test, &p);
+        }
+    }
+
     #[test]
     fn explore_speed() {
         for c in [25usize, 50] {
             let r = crate::adapter::bench::bench_train(c, 16, 512, 1, Some(5), crate::adapter::BackendChoice::Cpu).unwrap();
             println!("{r}");
+        }
+    }
+
+    #[test]
+    fn explore_micro() {
+        use candle_core::{Tensor, Device, Var};
+        let dev = Device::Cpu;
+        let h = Tensor::randn(0f32, 1., (150, 512), &dev).unwrap();
+        let w = Var::randn(0f32, 1., (512, 512), &dev).unwrap();
+        for _ in 0..3 {
+            let t0 = std::time::Instant::now();
+            for _ in 0..20 { let _ = h.matmul(w.as_tensor()).unwrap(); }
+            let t1 = t0.elapsed().as_secs_f64() * 1e3 / 20.0;
+            let t0 = std::time::Instant::now();
+            for _ in 0..20 { let y = h.matmul(w.as_tensor()).unwrap().tanh().unwrap().sum_all().unwrap(); let _g = y.backward().unwrap(); }
+            let t2 = t0.elapsed().as_secs_f64() * 1e3 / 20.0;
+            println!("matmul 150x512x512: {t1:.2} ms; fwd+bwd {t2:.2} ms");
         }
     }
 }

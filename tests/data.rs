@@ -590,19 +590,11 @@ fn round_trip_across_reopen() {
     let (cache, warnings) = FeatureCache::open(tmp.path(), NS, dim).unwrap();
     assert!(warnings.is_empty(), "{warnings:?}");
     assert_eq!(cache.len(), 45);
-    for i in 0..25 {
-        assert_eq!(
-            cache.get(&key(i, 0)).unwrap(),
-            feats[i].as_slice(),
-            "row {i}"
-        );
+    for (i, f) in feats.iter().enumerate().take(25) {
+        assert_eq!(cache.get(&key(i, 0)).unwrap(), f.as_slice(), "row {i}");
     }
-    for i in 20..40 {
-        assert_eq!(
-            cache.get(&key(i, 3)).unwrap(),
-            feats[i].as_slice(),
-            "row {i}"
-        );
+    for (i, f) in feats.iter().enumerate().skip(20) {
+        assert_eq!(cache.get(&key(i, 3)).unwrap(), f.as_slice(), "row {i}");
     }
     assert!(!cache.contains(&key(30, 0)));
     assert!(cache.get(&key(0, 1)).is_none());
@@ -691,12 +683,8 @@ fn check_corruption(name: &str, damage: impl Fn(&Path)) {
             "{name}: damaged entry {i} trusted"
         );
     }
-    for i in 10..20 {
-        assert_eq!(
-            cache.get(&key(i, 0)).unwrap(),
-            feats[i].as_slice(),
-            "{name}"
-        );
+    for (i, f) in feats.iter().enumerate().skip(10) {
+        assert_eq!(cache.get(&key(i, 0)).unwrap(), f.as_slice(), "{name}");
     }
     // Recompute the missing ones: the cache is whole again and opens cleanly.
     cache

@@ -263,9 +263,9 @@ pub struct AdamStep {
 }
 
 /// One AdamW update of `p` with gradient `g` (module docs). Returns false and leaves `p` untouched when the
-/// update would produce a NaN or infinity.
+/// update could produce a NaN or infinity.
 pub fn adamw_update(p: &mut ParamState, g: &[f32], h: &AdamStep) -> bool {
-    if !adamw_is_finite(p, g, h) {
+    if !adamw_is_safe(g, h) {
         return false;
     }
     adamw_apply(p, g, h);
@@ -289,14 +289,12 @@ fn adamw_rule(h: &AdamStep) -> impl Fn(f32, f32, f32, f32) -> (f32, f32, f32) {
     }
 }
 
-/// Whether the update would keep every value finite (checked before writing, so a failed step changes
-/// nothing).
-fn adamw_is_finite(p: &ParamState, g: &[f32], h: &AdamStep) -> bool {
-    let rule = adamw_rule(h);
-    (0..p.w.data.len()).all(|i| {
-        let (w, m, v) = rule(p.w.data[i], p.m.data[i], p.v.data[i], g[i]);
-        w.is_finite() && m.is_finite() && v.is_finite()
-    })
+/// Whether an update is guaranteed to keep finite weights finite: finite step scalars and gradients whose
+/// squares do not overflow. Then `|m̂| / (√v̂ + ε)` is bounded (by about `1/√(1−β2)`), so every new value is
+/// finite; checking this before writing is what lets a diverging step leave the last good weights in place.
+fn adamw_is_safe(g: &[f32], h: &AdamStep) -> bool {
+    let scalars = [h.lr, h.lr * h.weight_decay, h.eps, h.beta1, h.beta2];
+    scalars.iter().all(|x| x.is_finite()) && h.eps > 0.0 && g.iter().all(|x| x.abs() < 1e18)
 }
 
 fn adamw_apply(p: &mut ParamState, g: &[f32], h: &AdamStep) {
@@ -327,17 +325,17 @@ fn to_mat(t: &Tensor) -> candle_core::Result<Mat> {
 }
 
 /// [`FrozenInputs`] as tensors of one dtype.
+/// `[H_PP; H_PV]` and `[H_NP; H_NV]` are stacked so each weight matrix is applied in one product (fewer,
+/// larger matrix products are much faster on the CPU).
 struct Frozen {
     c: usize,
     p: Tensor,
     n: Option<Tensor>,
-    h_pp: Tensor,
-    h_pv: Tensor,
+    h_p: Tensor,
     h_vv: Tensor,
     pn_self: Option<Tensor>,
     a_pn: Option<Tensor>,
-    h_np: Option<Tensor>,
-    h_nv: Option<Tensor>,
+    h_n: Option<Tensor>,
     keys: Tensor,
     key_labels: Tensor,
 }
@@ -348,13 +346,14 @@ impl Frozen {
             c: f.num_classes,
             p: to_tensor(&f.p, dt, dev)?,
             n: opt_tensor(f.n.as_ref(), dt, dev)?,
-            h_pp: to_tensor(&f.h_pp, dt, dev)?,
-            h_pv: to_tensor(&f.h_pv, dt, dev)?,
+            h_p: Tensor::cat(&[to_tensor(&f.h_pp, dt, dev)?, to_tensor(&f.h_pv, dt, dev)?], 0)?,
             h_vv: to_tensor(&f.h_vv, dt, dev)?,
             pn_self: opt_tensor(f.pn_self.as_ref(), dt, dev)?,
             a_pn: opt_tensor(f.a_pn.as_ref(), dt, dev)?,
-            h_np: opt_tensor(f.h_np.as_ref(), dt, dev)?,
-            h_nv: opt_tensor(f.h_nv.as_ref(), dt, dev)?,
+            h_n: match (&f.h_np, &f.h_nv) {
+                (Some(a), Some(b)) => Some(Tensor::cat(&[to_tensor(a, dt, dev)?, to_tensor(b, dt, dev)?], 0)?),
+                _ => None,
+            },
             keys: to_tensor(&f.keys, dt, dev)?,
             key_labels: Tensor::from_slice(&f.key_labels, f.key_labels.len(), dev)?,
         })
@@ -380,21 +379,26 @@ fn graph_fwd(
     w: &WeightTensors,
     h: &HeGraphHyper,
 ) -> candle_core::Result<(Tensor, Option<Tensor>, Tensor)> {
-    let n_prime = match (&f.n, &f.h_np, &f.h_nv, &w.n) {
-        (Some(n), Some(h_np), Some(h_nv), Some(wn)) => {
-            let a = act(h, h_np.matmul(wn)?)?.affine(h.beta_pn as f64, 0.0)?;
-            let b = act(h, h_nv.matmul(wn)?)?.affine(h.beta_vn as f64, 0.0)?;
+    let c = f.c;
+    let n_prime = match (&f.n, &f.h_n, &w.n) {
+        (Some(n), Some(h_n), Some(wn)) => {
+            let t = act(h, h_n.matmul(wn)?)?;
+            let a = t.narrow(0, 0, c)?.affine(h.beta_pn as f64, 0.0)?;
+            let b = t.narrow(0, c, c)?.affine(h.beta_vn as f64, 0.0)?;
             Some(((n + a)? + b)?)
         }
         _ => None,
     };
-    let m_pp = act(h, f.h_pp.matmul(&w.p)?)?.affine(h.alpha_pp as f64, 0.0)?;
-    let m_pv = act(h, f.h_pv.matmul(&w.p)?)?.affine(h.alpha_vp as f64, 0.0)?;
+    let h_p = match (&n_prime, &f.pn_self, &f.a_pn) {
+        (Some(np), Some(pn_self), Some(a_pn)) => Tensor::cat(&[&f.h_p, &(pn_self + a_pn.matmul(np)?)?], 0)?,
+        _ => f.h_p.clone(),
+    };
+    let t = act(h, h_p.matmul(&w.p)?)?;
+    let m_pp = t.narrow(0, 0, c)?.affine(h.alpha_pp as f64, 0.0)?;
+    let m_pv = t.narrow(0, c, c)?.affine(h.alpha_vp as f64, 0.0)?;
     let mut p_prime = ((&f.p + m_pp)? + m_pv)?;
-    if let (Some(np), Some(pn_self), Some(a_pn)) = (&n_prime, &f.pn_self, &f.a_pn) {
-        let h_pn = (pn_self + a_pn.matmul(np)?)?;
-        let m_pn = act(h, h_pn.matmul(&w.p)?)?.affine(h.alpha_np as f64, 0.0)?;
-        p_prime = (p_prime + m_pn)?;
+    if n_prime.is_some() {
+        p_prime = (p_prime + t.narrow(0, 2 * c, c)?.affine(h.alpha_np as f64, 0.0)?)?;
     }
     let b = act(h, f.h_vv.matmul(&w.v)?)?;
     Ok((p_prime, n_prime, b))
@@ -592,8 +596,6 @@ pub struct CpuBackend {
     dev: Device,
     frozen: Frozen,
     queries: Tensor,
-    query_mat: Mat,
-    keys_mat: Mat,
     hyper: HeGraphHyper,
     params: TrainParams,
     state: HeGraphState,
@@ -634,8 +636,6 @@ impl CpuBackend {
         Ok(Self {
             frozen: Frozen::new(&fi, DType::F32, &dev)?,
             queries: to_tensor(queries, DType::F32, &dev)?,
-            query_mat: queries.clone(),
-            keys_mat: fi.keys.clone(),
             hyper: HeGraphHyper::train(params),
             params: params.clone(),
             state,
@@ -661,10 +661,16 @@ impl CpuBackend {
             v
         };
         if !missing.is_empty() {
-            let q = self.query_mat.select_rows(&missing);
-            let s = q.matmul_t(&self.keys_mat);
+            let ids: Vec<u32> = missing.iter().map(|&r| r as u32).collect();
+            let ids = Tensor::from_slice(&ids, ids.len(), &self.dev)?;
+            let s = self
+                .queries
+                .index_select(&ids, 0)?
+                .matmul(&self.frozen.keys.t()?)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             for (k, &r) in missing.iter().enumerate() {
-                memo[r * m..(r + 1) * m].copy_from_slice(s.row(k));
+                memo[r * m..(r + 1) * m].copy_from_slice(&s[k * m..(k + 1) * m]);
                 have[r] = true;
             }
         }
@@ -742,18 +748,6 @@ impl HeGraphBackend for CpuBackend {
         let gp = flat(&wp)?;
         let gn = wn.as_ref().map(flat).transpose()?;
         let gv = flat(&wv)?;
-        let all_finite = gp
-            .iter()
-            .chain(gv.iter())
-            .chain(gn.iter().flatten())
-            .all(|x| x.is_finite());
-        if !all_finite {
-            return Err(AdapterError::NonFinite {
-                step,
-                what: "a gradient".into(),
-                last_good: None,
-            });
-        }
         let h = AdamStep {
             lr,
             beta1: self.params.adam_betas.0,
@@ -764,16 +758,13 @@ impl HeGraphBackend for CpuBackend {
         };
         // All or nothing: check every update before writing any, so a diverging step leaves the last good
         // weights in place.
-        let ok = adamw_is_finite(&self.state.p, &gp, &h)
-            && adamw_is_finite(&self.state.v, &gv, &h)
-            && match (self.state.n.as_ref(), gn.as_ref()) {
-                (Some(n), Some(g)) => adamw_is_finite(n, g, &h),
-                _ => true,
-            };
-        if !ok {
+        let safe = adamw_is_safe(&gp, &h)
+            && adamw_is_safe(&gv, &h)
+            && gn.as_ref().is_none_or(|g| adamw_is_safe(g, &h));
+        if !safe {
             return Err(AdapterError::NonFinite {
                 step,
-                what: "the weights".into(),
+                what: "a gradient or the learning rate".into(),
                 last_good: None,
             });
         }

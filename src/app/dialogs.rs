@@ -768,7 +768,7 @@ pub(super) fn export_session(
 
 /// Hyperparameter widgets of the training view.
 pub(super) fn method_combo(ui: &mut egui::Ui, method: &mut Method) {
-    egui::ComboBox::from_label("method")
+    egui::ComboBox::from_id_salt("hegraph-method")
         .selected_text(method.title())
         .width(200.0)
         .show_ui(ui, |ui| {
@@ -778,14 +778,24 @@ pub(super) fn method_combo(ui: &mut egui::Ui, method: &mut Method) {
         });
 }
 
-/// Labelled numeric field.
+/// A labelled numeric field as one row of a two-column [`egui::Grid`].
 pub(super) fn param<N: egui::emath::Numeric>(ui: &mut egui::Ui, value: &mut N, label: &str, speed: f64, help: &str) {
-    ui.horizontal(|ui| {
-        let l = ui.label(label);
-        ui.add(egui::DragValue::new(value).speed(speed))
-            .labelled_by(l.id)
-            .on_hover_text(help);
-    });
+    let l = ui.label(label).on_hover_text(help);
+    ui.add(egui::DragValue::new(value).speed(speed).min_decimals(if speed < 1.0 { 2 } else { 0 }))
+        .labelled_by(l.id)
+        .on_hover_text(help);
+    ui.end_row();
+}
+
+/// A two-column grid of [`param`] rows under a heading.
+pub(super) fn param_group(ui: &mut egui::Ui, title: &str, rows: impl FnOnce(&mut egui::Ui)) {
+    ui.add_space(4.0);
+    ui.label(RichText::new(title).strong());
+    egui::Grid::new(("hegraph-params", title))
+        .num_columns(2)
+        .spacing([14.0, 5.0])
+        .min_col_width(130.0)
+        .show(ui, rows);
 }
 
 /// The defaults button of the training view.

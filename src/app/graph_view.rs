@@ -758,13 +758,13 @@ impl GraphView {
             {
                 let p = self.to_screen(rect, n.pos);
                 if rect.contains(p) {
-                    painter.text(
-                        p + Vec2::new(node_radius_pts + 3.0, 0.0),
-                        egui::Align2::LEFT_CENTER,
-                        classes.get(n.class).map_or("?", String::as_str),
-                        egui::FontId::proportional(12.0),
-                        visuals.text_color(),
-                    );
+                    // A translucent plate keeps names readable over the edges.
+                    let name = classes.get(n.class).map_or("?", String::as_str).to_string();
+                    let galley = painter.layout_no_wrap(name, egui::FontId::proportional(12.5), visuals.strong_text_color());
+                    let at = p + Vec2::new(node_radius_pts + 4.0, -galley.size().y / 2.0);
+                    let plate = Rect::from_min_size(at, galley.size()).expand2(Vec2::new(3.0, 1.0));
+                    painter.rect_filled(plate, 3.0, visuals.extreme_bg_color.gamma_multiply(0.8));
+                    painter.galley(at, galley, visuals.strong_text_color());
                 }
             }
         }

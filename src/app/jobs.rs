@@ -326,6 +326,11 @@ fn backend_for(_gpu: Option<&GpuContext>) -> BackendChoice<'static> {
     BackendChoice::Cpu
 }
 
+/// The name of what [`backend_for`] picks, for the status line before the first training.
+pub fn backend_name(_gpu: Option<&GpuContext>) -> String {
+    "CPU (candle)".to_string()
+}
+
 pub fn run_train(
     req: TrainRequest,
     progress: &dyn Progress,

@@ -84,7 +84,7 @@ impl HeGraphApp {
                 }
             });
         });
-        ui.label(RichText::new("✓ labelled  ·  ~ predicted among unlabelled").small().weak());
+        ui.label(RichText::new("counts: labelled · predicted among unlabelled").small().weak());
         ui.add_space(2.0);
         let list_height = (ui.available_height() - 250.0).max(120.0);
         egui::ScrollArea::vertical()
@@ -128,7 +128,7 @@ impl HeGraphApp {
                     p.text(
                         Pos2::new(rect.max.x - 6.0, rect.center().y),
                         Align2::RIGHT_CENTER,
-                        format!("{} ✓  {} ~", counts[c], predicted[c]),
+                        format!("{}  ·  {}", counts[c], predicted[c]),
                         FontId::proportional(12.0),
                         visuals.weak_text_color(),
                     );
@@ -230,8 +230,11 @@ impl HeGraphApp {
             });
         });
         ui.add_space(4.0);
-        let tile = Vec2::new(size, size + CAPTION);
-        let cols = (((ui.available_width() + GAP) / (tile.x + GAP)).floor() as usize).max(1);
+        // Columns of at least the chosen size, stretched to fill the width (minus the scroll bar).
+        let avail = (ui.available_width() - 12.0).max(size);
+        let cols = (((avail + GAP) / (size + GAP)).floor() as usize).max(1);
+        let tile_w = ((avail - GAP * (cols - 1) as f32) / cols as f32).floor();
+        let tile = Vec2::new(tile_w, tile_w + CAPTION);
         self.grid.cols = cols;
         let rows = visible.len().div_ceil(cols);
         let cursor_pos = s.cursor.and_then(|c| visible.iter().position(|&x| x == c));
@@ -279,7 +282,7 @@ impl HeGraphApp {
                                 selected: selection.contains(&i),
                                 hovered: resp.hovered(),
                             };
-                            draw_tile(ui, rect, size, thumbs.get(key), &info, &classes);
+                            draw_tile(ui, rect, tile_w, thumbs.get(key), &info, &classes);
                         }
                         if resp.clicked() {
                             clicked = Some((i, ui.input(|inp| inp.modifiers)));
@@ -371,7 +374,7 @@ impl HeGraphApp {
                     label_as = Some(Some(k));
                 }
             }
-            if s.label(c).is_some() && ui.button("✕ unlabel").on_hover_text("Remove the label (0)").clicked() {
+            if s.label(c).is_some() && ui.button("⨯ unlabel").on_hover_text("Remove the label (0)").clicked() {
                 label_as = Some(None);
             }
         });
@@ -441,7 +444,7 @@ fn draw_tile(ui: &egui::Ui, rect: Rect, size: f32, thumb: Thumb<'_>, info: &Tile
         }
         Thumb::Failed(_) => {
             p.rect_filled(img_rect, 4.0, v.extreme_bg_color);
-            p.text(img_rect.center(), Align2::CENTER_CENTER, "⚠ unreadable", FontId::proportional(12.0), style::WARNING_FG);
+            p.text(img_rect.center(), Align2::CENTER_CENTER, "unreadable", FontId::proportional(12.0), style::WARNING_FG);
         }
     }
     let cap = Rect::from_min_max(Pos2::new(rect.min.x + 5.0, rect.max.y - CAPTION), rect.max - Vec2::new(5.0, 3.0));
@@ -503,7 +506,7 @@ fn confidence_bar(ui: &mut egui::Ui, name: &str, p: f32, color: Color32, is_labe
     painter.text(
         Pos2::new(rect.min.x, rect.center().y),
         Align2::LEFT_CENTER,
-        if is_label { format!("✓ {name}") } else { name.to_string() },
+        if is_label { format!("● {name}") } else { name.to_string() },
         FontId::proportional(13.0),
         if is_label { color } else { ui.visuals().text_color() },
     );

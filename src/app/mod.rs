@@ -46,6 +46,47 @@ use jobs::{EmbedOutput, EmbedRequest, Job, Polled, TrainOutput, TrainRequest};
 use state::{ImageItem, Session};
 use thumbs::ThumbCache;
 
+/// Where a folder's images and class-name/label files are.
+struct Sidecars {
+    images: PathBuf,
+    classes: Option<PathBuf>,
+    labels: Option<PathBuf>,
+}
+
+/// Class names (`classes.txt`) and labels (`labels.csv`) beside the images. Two layouts: the files inside the
+/// opened folder, or the demo's layout `<dir>/{classes.txt, labels.csv, images/}`, opened either as `<dir>`
+/// or as `<dir>/images` (then the images folder is the root and the files come from `<dir>`).
+fn sidecars(folder: &Path) -> Sidecars {
+    let file = |dir: &Path, name: &str| Some(dir.join(name)).filter(|p| p.is_file());
+    if file(folder, "classes.txt").is_some() && folder.join("images").is_dir() {
+        return Sidecars {
+            images: folder.join("images"),
+            classes: file(folder, "classes.txt"),
+            labels: file(folder, "labels.csv"),
+        };
+    }
+    if let Some(c) = file(folder, "classes.txt") {
+        return Sidecars {
+            images: folder.to_path_buf(),
+            classes: Some(c),
+            labels: file(folder, "labels.csv"),
+        };
+    }
+    let parent = folder.parent().filter(|_| folder.file_name().is_some_and(|n| n == "images"));
+    match parent.and_then(|p| file(p, "classes.txt").map(|c| (p, c))) {
+        Some((p, c)) => Sidecars {
+            images: folder.to_path_buf(),
+            classes: Some(c),
+            labels: file(p, "labels.csv"),
+        },
+        None => Sidecars {
+            images: folder.to_path_buf(),
+            classes: None,
+            labels: None,
+        },
+    }
+}
+
 /// The line shown whenever the model is a test checkpoint.
 pub const TEST_CHECKPOINT_BANNER: &str = "TEST CHECKPOINT (random weights): predictions are not meaningful";
 
@@ -258,6 +299,11 @@ impl HeGraphApp {
         self.gpu.as_ref()
     }
 
+    /// Clears the transient messages (tests take screenshots without them).
+    pub fn dismiss_notices(&mut self) {
+        self.notices.clear();
+    }
+
     /// True while thumbnails that the grid asked for are still being decoded.
     pub fn thumbnails_loading(&self) -> bool {
         self.thumbs.as_ref().is_some_and(ThumbCache::busy)
@@ -283,21 +329,21 @@ impl HeGraphApp {
                 path: path.to_path_buf(),
             });
         }
-        let pp = default_project_path(path);
+        let folder = sidecars(path).images;
+        let pp = default_project_path(&folder);
         if pp.exists() {
             return self.open_project_file(&pp);
         }
-        self.new_project_from_folder(path)
+        self.new_project_from_folder(&folder)
     }
 
     /// Starts a project for a folder: classes from sub-folders, or `classes.txt` (plus `labels.csv` when
     /// present) in the folder; without either, asks for class names.
     fn new_project_from_folder(&mut self, folder: &Path) -> Result<(), AppError> {
-        let classes_file = folder.join("classes.txt");
-        let labels_csv = folder.join("labels.csv");
+        let side = sidecars(folder);
         let opts = data::OpenOptions {
-            classes_file: classes_file.is_file().then_some(classes_file.as_path()),
-            labels_csv: labels_csv.is_file().then_some(labels_csv.as_path()),
+            classes_file: side.classes.as_deref(),
+            labels_csv: side.labels.as_deref(),
             ..Default::default()
         };
         match data::open_folder(folder, &opts) {
@@ -486,6 +532,11 @@ impl HeGraphApp {
     }
 
     fn report_problems(&mut self, problems: &[data::Problem]) {
+        // Other files next to the images (notes, CSVs) are normal in a photo folder: not worth a warning.
+        let problems: Vec<&data::Problem> = problems
+            .iter()
+            .filter(|p| !p.message.contains("not an image file"))
+            .collect();
         match problems.len() {
             0 => {}
             1..=3 => {
@@ -838,8 +889,11 @@ impl HeGraphApp {
     pub fn show(&mut self, ui: &mut egui::Ui) {
         let ctx = ui.ctx().clone();
         if !self.styled {
+            // Fonts installed now take effect next frame: draw nothing until then.
             style::apply(&ctx);
             self.styled = true;
+            ctx.request_repaint();
+            return;
         }
         if self.ctx.is_none() {
             self.ctx = Some(ctx.clone());
@@ -1103,6 +1157,14 @@ impl HeGraphApp {
                             self.view = v;
                         }
                     }
+                    if let Some(s) = &self.session {
+                        ui.add_space(16.0);
+                        let name = s
+                            .folder()
+                            .file_name()
+                            .map_or_else(|| s.folder().display().to_string(), |n| n.to_string_lossy().to_string());
+                        ui.label(RichText::new(name).weak()).on_hover_text(s.folder().display().to_string());
+                    }
                     ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
                         self.job_controls(ui);
                     });
@@ -1119,7 +1181,7 @@ impl HeGraphApp {
                 .show(ui, |ui| {
                     ui.horizontal(|ui| {
                         ui.label(
-                            RichText::new(format!("⚠ {TEST_CHECKPOINT_BANNER}"))
+                            RichText::new(format!("▲  {TEST_CHECKPOINT_BANNER}"))
                                 .color(style::WARNING_FG)
                                 .strong(),
                         );
@@ -1142,7 +1204,13 @@ impl HeGraphApp {
             job_progress(ui, job, "images");
         } else {
             let can = self.session.as_ref().is_some_and(|s| s.labelled_count() > 0);
-            let b = egui::Button::new(RichText::new("▶ Train").strong()).fill(style::ACCENT.gamma_multiply(0.45));
+            let fresh = self.session.as_ref().map_or(0, |s| s.labels_since_train);
+            let text = if fresh > 0 && !self.engine.history.is_empty() {
+                format!("▶ Train  ({fresh} new labels)")
+            } else {
+                "▶ Train".to_string()
+            };
+            let b = egui::Button::new(RichText::new(text).strong()).fill(style::ACCENT.gamma_multiply(0.45));
             if ui
                 .add_enabled(can, b)
                 .on_hover_text("Train the adapter on the labelled images (T)")
@@ -1156,7 +1224,7 @@ impl HeGraphApp {
             if self.session.is_some() && !self.has_features() {
                 if let Some(e) = &self.engine.model_error {
                     let short: String = e.chars().take(60).collect();
-                    ui.label(RichText::new(format!("⚠ {short}…")).color(style::WARNING_FG))
+                    ui.label(RichText::new(format!("▲ {short}…")).color(style::WARNING_FG))
                         .on_hover_text(e);
                     if ui.button("Retry").on_hover_text("Embed the folder again").clicked() {
                         self.start_embedding();
@@ -1166,77 +1234,82 @@ impl HeGraphApp {
         }
     }
 
+    /// What trains the adapter: the backend of the last training, else what the next one will use.
+    fn compute_label(&self) -> String {
+        match self.engine.history.last() {
+            Some(r) => format!("compute: {}", r.backend),
+            None => format!("compute: {}", jobs::backend_name(self.gpu.as_ref())),
+        }
+    }
+
     fn status_bar(&mut self, ui: &mut egui::Ui) {
         egui::Panel::bottom("hegraph-status")
             .frame(egui::Frame::side_top_panel(ui.style()).inner_margin(egui::Margin::symmetric(10, 5)))
             .show(ui, |ui| {
                 ui.horizontal(|ui| {
                     let weak = ui.visuals().weak_text_color();
-                    // Backend.
-                    let backend = match (&self.gpu, self.engine.history.last()) {
-                        (_, Some(r)) => format!("training: {}", r.backend),
-                        (Some(g), None) => format!("GPU: {}", g.adapter_name()),
-                        (None, None) => "CPU".to_string(),
-                    };
-                    let gpu_line = self
-                        .gpu
-                        .as_ref()
-                        .map_or("no GPU device from the window".to_string(), |g| format!("window GPU: {}", g.describe()));
-                    ui.label(RichText::new(format!("⚙ {backend}")).color(weak)).on_hover_text(gpu_line);
+                    let small = |t: String| RichText::new(t).size(12.5);
+                    let gpu_line = self.gpu.as_ref().map_or("the window has no GPU device".to_string(), |g| {
+                        format!("window GPU: {}", g.describe())
+                    });
+                    ui.label(small(self.compute_label()).color(weak)).on_hover_text(gpu_line);
                     ui.separator();
-                    // Model.
                     match &self.engine.model {
                         Some(m) if m.is_test_checkpoint => {
-                            ui.label(RichText::new(format!("{} · {TEST_CHECKPOINT_BANNER}", m.name)).color(style::WARNING_FG))
+                            ui.label(small(TEST_CHECKPOINT_BANNER.to_string()).color(style::WARNING_FG).strong())
                                 .on_hover_text(m.banner());
                         }
                         Some(m) => {
-                            ui.label(RichText::new(format!("model: {}", m.name)).color(weak)).on_hover_text(m.banner());
+                            ui.label(small(format!("model: {}", m.name)).color(weak)).on_hover_text(m.banner());
                         }
                         None if self.engine.model_error.is_some() => {
-                            ui.label(RichText::new("no model").color(style::WARNING_FG))
+                            ui.label(small("no CLIP model".into()).color(style::WARNING_FG))
                                 .on_hover_text(self.engine.model_error.clone().unwrap_or_default());
                         }
                         None => {
-                            ui.label(RichText::new("model: not loaded").color(weak));
+                            ui.label(small("model: not loaded yet".into()).color(weak));
                         }
                     }
                     ui.separator();
-                    // Counts.
-                    if let Some(s) = &self.session {
-                        let counts = s.counts_per_class();
-                        let per_class: Vec<String> = s
-                            .classes()
-                            .iter()
-                            .zip(&counts)
-                            .map(|(c, n)| format!("{c} {n}"))
-                            .collect();
-                        ui.label(format!("{} images · {} labelled", s.len(), s.labelled_count()))
-                            .on_hover_text(per_class.join("\n"));
-                        let shown: String = per_class.iter().take(6).cloned().collect::<Vec<_>>().join(", ");
-                        let more = if per_class.len() > 6 { ", …" } else { "" };
-                        ui.label(RichText::new(format!("({shown}{more})")).color(weak).small());
-                        ui.separator();
-                        match (&s.project.last_training, self.engine.history.last()) {
-                            (Some(r), _) => {
+                    let Some(s) = &self.session else {
+                        ui.label(small("no folder open: Project ▸ Open folder…, or drop a folder here".into()).color(weak));
+                        return;
+                    };
+                    let per_class: Vec<String> = s
+                        .classes()
+                        .iter()
+                        .zip(s.counts_per_class())
+                        .map(|(c, n)| format!("{c}: {n}"))
+                        .collect();
+                    ui.label(small(format!("{} images · {} labelled", s.len(), s.labelled_count())))
+                        .on_hover_text(format!("labelled per class\n{}", per_class.join("\n")));
+                    ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                        match &s.project.last_training {
+                            Some(r) => {
                                 let ago = SystemTime::now()
                                     .duration_since(SystemTime::UNIX_EPOCH)
                                     .map_or(0, |d| d.as_secs())
                                     .saturating_sub(r.finished_unix);
-                                let acc = r
-                                    .held_out_accuracy
-                                    .map_or("no held-out images".into(), |a| {
-                                        format!("held-out accuracy {:.1} % ({} images)", a * 100.0, r.held_out)
-                                    });
-                                ui.label(format!("last training {} ago: {} · {acc}", style::short_duration(ago as f64), r.method));
+                                let acc = r.held_out_accuracy.map_or("no held-out images".into(), |a| {
+                                    format!("held-out accuracy {:.1} % ({})", a * 100.0, r.held_out)
+                                });
+                                ui.label(small(format!(
+                                    "trained {} ago · {} · {acc}",
+                                    style::short_duration(ago as f64),
+                                    r.method
+                                )))
+                                .on_hover_text(format!(
+                                    "{} labelled images, {} held out for the accuracy; took {}",
+                                    r.labelled,
+                                    r.held_out,
+                                    style::short_duration(r.seconds)
+                                ));
                             }
-                            (None, _) => {
-                                ui.label(RichText::new("not trained yet (T)").color(weak));
+                            None => {
+                                ui.label(small("not trained yet (press T)".into()).color(weak));
                             }
                         }
-                    } else {
-                        ui.label(RichText::new("no folder open: Project ▸ Open folder… or drop a folder here").color(weak));
-                    }
+                    });
                 });
             });
     }

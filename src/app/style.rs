@@ -33,8 +33,17 @@ pub fn class_color(i: usize) -> Color32 {
     egui::ecolor::Hsva::new(h, 0.55, 0.95, 1.0).into()
 }
 
-/// Installs the theme on a context.
+/// Installs the theme on a context. The monospace font (Hack) is added as a fallback of the proportional one
+/// for its arrows and shapes (← ↑ → ↓ ▶ ● …), which the default proportional font lacks.
 pub fn apply(ctx: &egui::Context) {
+    let mut fonts = egui::FontDefinitions::default();
+    let mono = fonts.families.get(&egui::FontFamily::Monospace).and_then(|f| f.first()).cloned();
+    if let (Some(mono), Some(prop)) = (mono, fonts.families.get_mut(&egui::FontFamily::Proportional)) {
+        if !prop.contains(&mono) {
+            prop.push(mono);
+        }
+    }
+    ctx.set_fonts(fonts);
     ctx.set_theme(egui::Theme::Dark);
     ctx.style_mut_of(egui::Theme::Dark, |style| {
         style.text_styles = [

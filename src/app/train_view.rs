@@ -4,7 +4,7 @@
 use egui::{Align2, FontId, Pos2, Rect, RichText, Sense, Vec2};
 use egui_plot::{Legend, Line, Plot};
 
-use super::dialogs::{method_combo, param, reset_params};
+use super::dialogs::{method_combo, param, param_group, reset_params};
 use super::{style, HeGraphApp};
 use crate::adapter::Method;
 
@@ -47,36 +47,35 @@ impl HeGraphApp {
         let p = &mut st.train;
         match st.method {
             Method::ZeroShot => {}
-            Method::TipAdapter => {
-                ui.label(RichText::new("Cache").strong());
+            Method::TipAdapter => param_group(ui, "Cache", |ui| {
                 param(ui, &mut p.tip_alpha, "α (cache weight)", 0.01, "weight of the cache logits");
                 param(ui, &mut p.tip_beta, "β (sharpness)", 0.01, "sharpness of the cache affinities");
-            }
-            Method::TipAdapterF => {
-                ui.label(RichText::new("Fine-tuning").strong());
+            }),
+            Method::TipAdapterF => param_group(ui, "Fine-tuning", |ui| {
                 param(ui, &mut p.tip_epochs, "epochs", 1.0, "passes over the labelled images");
                 param(ui, &mut p.tip_lr, "learning rate", 0.0001, "AdamW learning rate");
                 param(ui, &mut p.tip_alpha, "α (cache weight)", 0.01, "weight of the cache logits");
                 param(ui, &mut p.tip_beta, "β (sharpness)", 0.01, "sharpness of the cache affinities");
-            }
+            }),
             Method::HeGraph => {
-                ui.label(RichText::new("Optimisation").strong());
-                param(ui, &mut p.epochs, "epochs", 1.0, "passes over the labelled images");
-                param(ui, &mut p.lr, "learning rate", 0.0001, "AdamW learning rate (cosine schedule)");
-                param(ui, &mut p.batch_size, "batch size", 1.0, "views per step (all of them when fewer)");
-                ui.add_space(4.0);
-                ui.label(RichText::new("Meta-path weights").strong());
-                param(ui, &mut p.alpha_pp, "α_pp", 0.01, "positive ← positive");
-                param(ui, &mut p.alpha_vp, "α_vp", 0.01, "positive ← visual");
-                param(ui, &mut p.alpha_np_train, "α_np (train)", 0.01, "positive ← negative, in training");
-                param(ui, &mut p.alpha_np_test, "α_np (test)", 0.01, "positive ← negative, at prediction");
-                param(ui, &mut p.beta_pn, "β_pn", 0.01, "negative ← positive");
-                param(ui, &mut p.beta_vn, "β_vn", 0.01, "negative ← visual");
-                param(ui, &mut p.gamma, "γ", 0.01, "weight of the visual bias added to the cache keys");
-                ui.add_space(4.0);
-                ui.label(RichText::new("Loss and prediction").strong());
-                param(ui, &mut p.lambda, "λ (cache loss)", 0.01, "weight of the cache classifier's loss");
-                param(ui, &mut p.fusion_weight, "w (cache in prediction)", 0.01, "weight of the cache classifier");
+                param_group(ui, "Optimisation", |ui| {
+                    param(ui, &mut p.epochs, "epochs", 1.0, "passes over the labelled images");
+                    param(ui, &mut p.lr, "learning rate", 0.0001, "AdamW learning rate (cosine schedule)");
+                    param(ui, &mut p.batch_size, "batch size", 1.0, "views per step (all of them when fewer)");
+                });
+                param_group(ui, "Meta-path weights", |ui| {
+                    param(ui, &mut p.alpha_pp, "α_pp  (P ← P)", 0.01, "positive ← positive");
+                    param(ui, &mut p.alpha_vp, "α_vp  (P ← V)", 0.01, "positive ← visual");
+                    param(ui, &mut p.alpha_np_train, "α_np  (P ← N), train", 0.01, "positive ← negative, in training");
+                    param(ui, &mut p.alpha_np_test, "α_np  (P ← N), test", 0.01, "positive ← negative, at prediction");
+                    param(ui, &mut p.beta_pn, "β_pn  (N ← P)", 0.01, "negative ← positive");
+                    param(ui, &mut p.beta_vn, "β_vn  (N ← V)", 0.01, "negative ← visual");
+                    param(ui, &mut p.gamma, "γ  (cache bias)", 0.01, "weight of the visual bias added to the cache keys");
+                });
+                param_group(ui, "Loss and prediction", |ui| {
+                    param(ui, &mut p.lambda, "λ  (cache loss)", 0.01, "weight of the cache classifier's loss");
+                    param(ui, &mut p.fusion_weight, "w  (cache in prediction)", 0.01, "weight of the cache classifier");
+                });
                 ui.checkbox(&mut p.use_negative, "negative-text nodes (\"a photo of no …\")");
             }
         }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::preprocess::{prepare_batch, ImageTensor};
 use super::{ClipError, ClipModel};
 
-const MIN_SECONDS: f64 = 2.0;
+pub const DEFAULT_MIN_SECONDS: f64 = 2.0;
 const MIN_REPEATS: usize = 3;
 const MAX_REPEATS: usize = 1000;
 const BIG_BATCH: usize = 32;
@@ -48,13 +48,12 @@ impl fmt::Display for ClipBench {
 }
 
 /// Runs `f` once untimed, then repeatedly; returns the mean seconds per call.
-fn time<F: FnMut() -> Result<(), ClipError>>(mut f: F) -> Result<f64, ClipError> {
+fn time<F: FnMut() -> Result<(), ClipError>>(min_seconds: f64, mut f: F) -> Result<f64, ClipError> {
     f()?;
     let start = Instant::now();
+    let min = Duration::from_secs_f64(min_seconds.max(0.0));
     let mut n = 0;
-    while n < MIN_REPEATS
-        || (start.elapsed() < Duration::from_secs_f64(MIN_SECONDS) && n < MAX_REPEATS)
-    {
+    while n < MIN_REPEATS || (start.elapsed() < min && n < MAX_REPEATS) {
         f()?;
         n += 1;
     }
@@ -64,6 +63,15 @@ fn time<F: FnMut() -> Result<(), ClipError>>(mut f: F) -> Result<f64, ClipError>
 /// Measures images/s at batch 1 and batch 32 and milliseconds per 1,000 prompts. `photos` are cycled to fill
 /// a batch; files that fail to decode are skipped, and at least one must decode.
 pub fn bench_clip(model: &ClipModel, photos: &[PathBuf]) -> Result<ClipBench, ClipError> {
+    bench_clip_with(model, photos, DEFAULT_MIN_SECONDS)
+}
+
+/// [`bench_clip`] with each measurement running for at least `min_seconds` (0 for a quick smoke run).
+pub fn bench_clip_with(
+    model: &ClipModel,
+    photos: &[PathBuf],
+    min_seconds: f64,
+) -> Result<ClipBench, ClipError> {
     let size = model.info().image_size;
     let mut first_error = None;
     let mut tensors: Vec<ImageTensor> = Vec::new();
@@ -83,8 +91,8 @@ pub fn bench_clip(model: &ClipModel, photos: &[PathBuf]) -> Result<ClipBench, Cl
     let batch: Vec<ImageTensor> = tensors.iter().cycle().take(BIG_BATCH).cloned().collect();
     let one = &batch[..1];
 
-    let per_single = time(|| model.encode_images(one).map(drop))?;
-    let per_batch = time(|| model.encode_images(&batch).map(drop))?;
+    let per_single = time(min_seconds, || model.encode_images(one).map(drop))?;
+    let per_batch = time(min_seconds, || model.encode_images(&batch).map(drop))?;
 
     let subjects = [
         "cat",
@@ -99,7 +107,7 @@ pub fn bench_clip(model: &ClipModel, photos: &[PathBuf]) -> Result<ClipBench, Cl
     let prompts: Vec<String> = (0..PROMPTS)
         .map(|i| format!("a photo of a {}, number {i}.", subjects[i % subjects.len()]))
         .collect();
-    let per_prompts = time(|| model.encode_texts(&prompts).map(drop))?;
+    let per_prompts = time(min_seconds, || model.encode_texts(&prompts).map(drop))?;
 
     Ok(ClipBench {
         banner: model.info().banner(),

@@ -51,7 +51,11 @@ fn check_dir(dir: &Path, origin: &str) -> Result<PathBuf, ClipError> {
         Err(ClipError::BadModelDir {
             origin: origin.to_string(),
             dir: dir.to_path_buf(),
-            missing: missing.join(", "),
+            missing: match missing.as_slice() {
+                [one] => one.to_string(),
+                [init @ .., last] => format!("{} and {last}", init.join(", ")),
+                [] => String::new(),
+            },
         })
     }
 }
@@ -76,10 +80,10 @@ pub fn resolve_model_dir(
     allow_download: bool,
 ) -> Result<PathBuf, ClipError> {
     if let Some(dir) = explicit {
-        return check_dir(dir, "the model directory given");
+        return check_dir(dir, "the model directory ");
     }
     if let Some(dir) = std::env::var_os(MODEL_DIR_ENV).filter(|v| !v.is_empty()) {
-        return check_dir(Path::new(&dir), MODEL_DIR_ENV);
+        return check_dir(Path::new(&dir), &format!("{MODEL_DIR_ENV}="));
     }
     let user = user_model_dir();
     if let Some(dir) = &user {

@@ -30,10 +30,10 @@ pub enum ClipError {
     )]
     MissingFile { dir: PathBuf, file: String },
 
+    /// `origin` says where the directory came from ("the model directory " or "HEGRAPH_MODEL_DIR=").
     #[error(
-        "{origin} points at {dir}, which lacks {missing}: a CLIP model directory needs config.json, \
-         model.safetensors and tokenizer.json (Hugging Face layout, e.g. from \
-         https://huggingface.co/openai/clip-vit-base-patch32)"
+        "{origin}{dir} lacks {missing}: a CLIP model directory needs config.json, model.safetensors and \
+         tokenizer.json (Hugging Face layout, e.g. from https://huggingface.co/openai/clip-vit-base-patch32)"
     )]
     BadModelDir {
         origin: String,

@@ -392,9 +392,12 @@ impl ClipModel {
         let id = model_id(&name, &config_bytes, &header, size);
 
         let device = Device::Cpu;
-        let weights_err = |e: candle_core::Error| ClipError::Weights {
-            path: weights_path.clone(),
-            msg: e.to_string(),
+        let weights_err = |hint: &'static str| {
+            let path = weights_path.clone();
+            move |e: candle_core::Error| ClipError::Weights {
+                path,
+                msg: format!("{e} ({hint})"),
+            }
         };
         // SAFETY: the file is memory-mapped only while `ClipModel::new` copies every tensor out of it (the
         // VarBuilder and its mapping are dropped before this function returns); the file must not be
@@ -406,8 +409,11 @@ impl ClipModel {
                 &device,
             )
         }
-        .map_err(weights_err)?;
-        let model = cclip::ClipModel::new(vb, &parsed.clip).map_err(weights_err)?;
+        .map_err(weights_err(
+            "the file looks damaged or incomplete: download it again",
+        ))?;
+        let model = cclip::ClipModel::new(vb, &parsed.clip)
+            .map_err(weights_err("config.json does not describe these weights"))?;
 
         let tokenizer_path = dir.join(TOKENIZER_FILE);
         let tok_err = |msg: String| ClipError::Tokenizer {
