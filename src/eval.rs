@@ -520,8 +520,8 @@ mod explore {
 
     #[test]
     fn explore_speed() {
-        for c in [25usize, 50] {
-            let r = crate::adapter::bench::bench_train(c, 16, 512, 1, Some(5), crate::adapter::BackendChoice::Cpu).unwrap();
+        for c in [10usize] {
+            let r = crate::adapter::bench::bench_train(c, 16, 512, 10, None, crate::adapter::BackendChoice::Cpu).unwrap();
             println!("{r}");
         }
     }
@@ -540,6 +540,50 @@ mod explore {
             for _ in 0..20 { let y = h.matmul(w.as_tensor()).unwrap().tanh().unwrap().sum_all().unwrap(); let _g = y.backward().unwrap(); }
             let t2 = t0.elapsed().as_secs_f64() * 1e3 / 20.0;
             println!("matmul 150x512x512: {t1:.2} ms; fwd+bwd {t2:.2} ms");
+        }
+    }
+
+    #[test]
+    fn explore_eval() {
+        let fs = FeatureSet::load(&shared("oxford_pets25.safetensors")).unwrap();
+        for epochs in [10usize, 20, 40, 80] {
+            let mut opts = crate::eval::EvalOptions { shots: vec![1, 2, 4, 8, 16], methods: vec![Method::HeGraph], ..Default::default() };
+            opts.params.epochs = epochs;
+            let t0 = std::time::Instant::now();
+            let r = crate::eval::evaluate(&fs, &opts, &mut |_| {}).unwrap();
+            println!("epochs {epochs} ({:.1} s)\n{}", t0.elapsed().as_secs_f64(), r.to_markdown());
+            for run in &r.runs { if run.label.starts_with("HeGraph") { println!("  {} K={} seed {} acc {:.2} val {:?} {:.0} ms", run.label, run.shots, run.seed, run.accuracy, run.val_accuracy, run.train_ms); } }
+        }
+    }
+
+    #[test]
+    fn explore_w() {
+        let fs = FeatureSet::load(&shared("oxford_pets25.safetensors")).unwrap();
+        let test = fs.test.as_ref().unwrap();
+        for k in [1usize, 4, 16] {
+          for seed in [1u64, 2] {
+            let train = if seed == 1 { fs.shots[&k].clone() } else { let pool = &fs.shots[&16]; let by = pool.indices_by_class(25); let idx: Vec<usize> = by.iter().flat_map(|v| v.iter().rev().take(k).copied()).collect(); pool.subset(&idx) };
+            let by = fs.val.as_ref().unwrap().indices_by_class(25);
+            let vk = k.min(4);
+            let idx: Vec<usize> = by.iter().flat_map(|v| v.iter().skip(seed as usize * 4).take(vk).copied()).collect();
+            let val = fs.val.as_ref().unwrap().subset(&idx);
+            let input = TrainInput { classes: &fs.classes, text: fs.text.as_ref(), text_neg: None, train: &train, val: Some(&val) };
+            let p = TrainParams { search_fusion_weight: false, ..Default::default() };
+            let a = adapter::train(Method::HeGraph, &p, &input, BackendChoice::Cpu, &CancelToken::new(), &mut |_| {}).unwrap();
+            let (vt, vc) = a.hegraph_branches(&val.features.normalized_rows()).unwrap();
+            let (tt, tc) = a.hegraph_branches(&test.features.normalized_rows()).unwrap();
+            let mut line = format!("K={k} seed {seed}:");
+            for w in [0.0f32, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0] {
+                let score = |pt: &Mat, pc: &Mat, labels: &[usize]| {
+                    let mut hits = 0; let mut nll = 0.0f64;
+                    for r in 0..pt.rows { let f: Vec<f32> = (0..25).map(|c| (pt.get(r,c) + w * pc.get(r,c)) / (1.0 + w)).collect(); if argmax(&f) == labels[r] { hits += 1; } nll -= (f[labels[r]].max(1e-12) as f64).ln(); }
+                    (100.0 * hits as f32 / pt.rows as f32, nll / pt.rows as f64)
+                };
+                let (va, vn) = score(&vt, &vc, &val.labels); let (ta, _) = score(&tt, &tc, &test.labels);
+                line += &format!(" w{w}: val {va:.0}/{vn:.2} test {ta:.2} |");
+            }
+            println!("{line}");
+          }
         }
     }
 }

@@ -749,8 +749,14 @@ pub(crate) fn deserialize_tensors(path: &Path, bytes: &[u8]) -> Result<TensorFil
     let r = Reader { path, st: &st };
     let mut mats = HashMap::new();
     for name in st.names() {
-        if let Some(m) = r.mat(name)? {
-            mats.insert(name.to_string(), m);
+        let is_float = st
+            .tensor(name)
+            .map(|v| matches!(v.dtype(), Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64))
+            .unwrap_or(false);
+        if is_float {
+            if let Some(m) = r.mat(name)? {
+                mats.insert(name.to_string(), m);
+            }
         }
     }
     Ok(TensorFile { meta, mats })

@@ -796,21 +796,3 @@ fn zero_shot_on_real_photos_with_a_real_checkpoint() {
         );
     }
 }
-
-#[test]
-fn tmp_vitb32_bench() {
-    let dir = tempfile::tempdir().unwrap();
-    let t = std::time::Instant::now();
-    write_test_checkpoint(dir.path(), &TestCheckpointConfig::vit_b_32(), 1).unwrap();
-    println!("write {:?}", t.elapsed());
-    let t = std::time::Instant::now();
-    let model = ClipModel::load(dir.path()).unwrap();
-    println!("load {:?}", t.elapsed());
-    let paths: Vec<PathBuf> = ["chelsea.png", "rocket.jpg", "coffee.png", "astronaut.png"].iter().map(|n| photo(n)).collect();
-    let t = std::time::Instant::now();
-    let r = prepare_batch(&paths, 224);
-    println!("prepare 4 {:?}", t.elapsed());
-    drop(r);
-    let b = bench_clip_with(&model, &paths, 1.0).unwrap();
-    println!("{b}");
-}

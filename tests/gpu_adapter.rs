@@ -270,3 +270,125 @@ fn the_same_seed_trains_to_the_same_accuracy_on_both_backends() {
     eprintln!("test accuracy: CPU {cpu:.2}%, wgpu {gpu:.2}%");
     assert!((cpu - gpu).abs() <= 0.5, "CPU {cpu}% vs wgpu {gpu}%");
 }
+
+/// Destroys its device before step `lose_at`, as a driver reset or an unplugged eGPU would.
+struct LosingFactory {
+    inner: GpuHeGraphFactory,
+    lose_at: usize,
+}
+
+struct Losing {
+    inner: Box<dyn hegraph::adapter::HeGraphBackend>,
+    ctx: GpuContext,
+    steps: usize,
+    lose_at: usize,
+}
+
+impl BackendFactory for LosingFactory {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+
+    fn create(
+        &self,
+        graph: &HeteroGraph,
+        queries: &Mat,
+        params: &TrainParams,
+        state: HeGraphState,
+    ) -> Result<Box<dyn hegraph::adapter::HeGraphBackend>, hegraph::adapter::AdapterError> {
+        Ok(Box::new(Losing {
+            inner: self.inner.create(graph, queries, params, state)?,
+            ctx: self.inner.kernels().context().clone(),
+            steps: 0,
+            lose_at: self.lose_at,
+        }))
+    }
+}
+
+impl hegraph::adapter::HeGraphBackend for Losing {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+
+    fn step(
+        &mut self,
+        rows: &[u32],
+        labels: &[u32],
+        lr: f32,
+        want_loss: bool,
+    ) -> Result<Option<f32>, hegraph::adapter::AdapterError> {
+        self.steps += 1;
+        if self.steps == self.lose_at {
+            self.ctx.device.destroy();
+        }
+        self.inner.step(rows, labels, lr, want_loss)
+    }
+
+    fn state(&mut self) -> Result<HeGraphState, hegraph::adapter::AdapterError> {
+        self.inner.state()
+    }
+}
+
+#[test]
+fn a_gpu_lost_mid_training_hands_over_to_the_cpu_from_the_last_snapshot() {
+    let Some(f) = factory() else { return };
+    let losing = LosingFactory {
+        inner: f,
+        lose_at: 7,
+    };
+    let task = random_task(8, 4, 16, 2, 0.4, 11);
+    let params = TrainParams {
+        epochs: 6,
+        batch_size: 8,
+        snapshot_every: 3,
+        ..Default::default()
+    };
+    let input = TrainInput {
+        classes: &task.classes,
+        text: Some(&task.text),
+        text_neg: Some(&task.text_neg),
+        train: &task.train,
+        val: None,
+    };
+    let mut messages = Vec::new();
+    let mut last_step = 0;
+    let trained = adapter::train(
+        Method::HeGraph,
+        &params,
+        &input,
+        BackendChoice::Custom(&losing),
+        &CancelToken::new(),
+        &mut |ev| match ev {
+            hegraph::adapter::TrainEvent::Message(m) => messages.push(m.clone()),
+            hegraph::adapter::TrainEvent::Step { step, total, .. } => {
+                last_step = *step;
+                assert!(step <= total);
+            }
+        },
+    )
+    .expect("training survives the lost device");
+    eprintln!("{messages:?}");
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("device lost") && m.contains("CPU")),
+        "{messages:?}"
+    );
+    assert!(trained.notes.iter().any(|n| n.contains("device lost")));
+    let cpu = adapter::train(
+        Method::HeGraph,
+        &params,
+        &input,
+        BackendChoice::Cpu,
+        &CancelToken::new(),
+        &mut |_| {},
+    )
+    .expect("CPU training");
+    let probe = &task.train;
+    let (a, b) = (
+        100.0 * trained.accuracy(probe).expect("accuracy"),
+        100.0 * cpu.accuracy(probe).expect("accuracy"),
+    );
+    eprintln!("after hand-over {a:.2}%, CPU only {b:.2}%");
+    assert!((a - b).abs() <= 0.5, "{a} vs {b}");
+}

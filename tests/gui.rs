@@ -29,7 +29,11 @@ fn demo_copy(dir: &Path) -> PathBuf {
         let photos = manifest().join("../shared/data/photos");
         std::fs::create_dir_all(target.join("a")).unwrap();
         std::fs::create_dir_all(target.join("b")).unwrap();
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&photos).unwrap().flatten().map(|e| e.path()).collect();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&photos)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
         files.retain(|p| hegraph::data::is_image_path(p));
         files.sort();
         for (i, f) in files.iter().enumerate() {
@@ -69,6 +73,7 @@ fn fixture() -> Fixture {
         auto_embed: true,
         thumb_threads: 2,
         thumb_capacity: 600,
+        backend: hegraph::gpu::BackendRequest::Auto,
     };
     Fixture {
         _dir: dir,
@@ -80,8 +85,13 @@ fn fixture() -> Fixture {
 /// A harness at 1280×800 on wgpu, or `None` (with the reason printed) where no wgpu adapter exists.
 fn harness(app: HeGraphApp) -> Option<Harness<'static, HeGraphApp>> {
     let wgpu_ok = std::panic::catch_unwind(|| {
-        let instance = eframe::wgpu::Instance::new(eframe::wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        pollster::block_on(instance.request_adapter(&eframe::wgpu::RequestAdapterOptions::default())).is_ok()
+        let instance = eframe::wgpu::Instance::new(
+            eframe::wgpu::InstanceDescriptor::new_without_display_handle_from_env(),
+        );
+        pollster::block_on(
+            instance.request_adapter(&eframe::wgpu::RequestAdapterOptions::default()),
+        )
+        .is_ok()
     })
     .unwrap_or(false);
     if !wgpu_ok {
@@ -111,7 +121,10 @@ fn settle(h: &mut Harness<'static, HeGraphApp>) {
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    panic!("the app did not become idle; last error: {:?}", h.state().last_error());
+    panic!(
+        "the app did not become idle; last error: {:?}",
+        h.state().last_error()
+    );
 }
 
 fn screenshot(h: &mut Harness<'static, HeGraphApp>, name: &str) -> image::RgbaImage {
@@ -127,7 +140,9 @@ fn screenshot(h: &mut Harness<'static, HeGraphApp>, name: &str) -> image::RgbaIm
 fn content_stats(img: &image::RgbaImage) -> (usize, f32) {
     let mut hist = std::collections::HashMap::new();
     for p in img.pixels() {
-        *hist.entry([p[0] >> 3, p[1] >> 3, p[2] >> 3]).or_insert(0usize) += 1;
+        *hist
+            .entry([p[0] >> 3, p[1] >> 3, p[2] >> 3])
+            .or_insert(0usize) += 1;
     }
     let top = hist.values().copied().max().unwrap_or(0);
     let total = (img.width() * img.height()) as usize;
@@ -152,11 +167,20 @@ fn screenshots_of_the_three_views_show_real_content() {
     app.open_path(&f.folder).unwrap();
     let Some(mut h) = harness(app) else { return };
     settle(&mut h);
-    assert!(h.state().has_features(), "embedding failed: {:?}", h.state().last_error());
+    assert!(
+        h.state().has_features(),
+        "embedding failed: {:?}",
+        h.state().last_error()
+    );
     assert!(h.state().model().unwrap().is_test_checkpoint);
     h.state_mut().start_training().unwrap();
     settle(&mut h);
-    assert_eq!(h.state().history().len(), 1, "training failed: {:?}", h.state().last_error());
+    assert_eq!(
+        h.state().history().len(),
+        1,
+        "training failed: {:?}",
+        h.state().last_error()
+    );
 
     // Label view: the cursor on an unlabelled image, two more selected.
     {
@@ -171,32 +195,87 @@ fn screenshots_of_the_three_views_show_real_content() {
     h.state_mut().dismiss_notices();
     h.step();
     // The banner is always visible, as text in the UI.
-    assert!(h.query_all_by_label_contains(TEST_CHECKPOINT_BANNER).count() >= 1, "test-checkpoint banner missing");
+    assert!(
+        h.query_all_by_label_contains(TEST_CHECKPOINT_BANNER)
+            .count()
+            >= 1,
+        "test-checkpoint banner missing"
+    );
     let img = screenshot(&mut h, "labelling");
     let (colours, busy) = content_stats(&img);
-    assert!(colours > 400, "the labelling view looks empty ({colours} colours)");
-    assert!(busy > 0.3, "the labelling view is mostly one colour ({busy})");
-    assert!(h.state().thumbnail_count() >= 20, "thumbnails not drawn: {}", h.state().thumbnail_count());
+    assert!(
+        colours > 400,
+        "the labelling view looks empty ({colours} colours)"
+    );
+    assert!(
+        busy > 0.3,
+        "the labelling view is mostly one colour ({busy})"
+    );
+    assert!(
+        h.state().thumbnail_count() >= 20,
+        "thumbnails not drawn: {}",
+        h.state().thumbnail_count()
+    );
 
     // Graph view: nodes of the three types drawn, the layout settled.
     h.state_mut().view = View::Graph;
     for _ in 0..2_000 {
         h.step();
-        if h.state().graph_view().layout.as_ref().is_some_and(|l| l.is_settled()) {
+        if h.state()
+            .graph_view()
+            .layout
+            .as_ref()
+            .is_some_and(|l| l.is_settled())
+        {
             break;
         }
     }
-    let layout = h.state().graph_view().layout.clone().expect("a graph after training");
+    let layout = h
+        .state()
+        .graph_view()
+        .layout
+        .clone()
+        .expect("a graph after training");
     assert!(layout.is_settled());
     assert_eq!(layout.nodes.len(), 3 * 8, "P, N and V nodes of 8 classes");
     assert!(!layout.visible_edges().is_empty());
     assert_eq!(h.state().graph_view().sizing, NodeSizing::FolderMean);
     h.step();
     let img = screenshot(&mut h, "graph");
-    for t in [NodeType::PositiveText, NodeType::NegativeText, NodeType::Visual] {
+    for t in [
+        NodeType::PositiveText,
+        NodeType::NegativeText,
+        NodeType::Visual,
+    ] {
         let n = count_color(&img, node_color(t), 6);
         assert!(n > 150, "few {t:?} node pixels: {n}");
     }
+
+    // Clicking a class's text node shows that class's images in the grid.
+    let node = layout.node_index(NodeType::PositiveText, 5).unwrap();
+    let pos = h.state().graph_view().screen_pos(node).unwrap();
+    h.hover_at(pos);
+    h.step();
+    for pressed in [true, false] {
+        h.event(egui::Event::PointerButton {
+            pos,
+            button: egui::PointerButton::Primary,
+            pressed,
+            modifiers: egui::Modifiers::NONE,
+        });
+    }
+    h.step();
+    h.step();
+    assert_eq!(
+        h.state().view,
+        View::Label,
+        "clicking a node switches to the grid"
+    );
+    assert_eq!(h.state().session().unwrap().filter().class, Some(5));
+    h.state_mut()
+        .session_mut()
+        .unwrap()
+        .set_filter(Default::default());
 
     // Training view: the loss curve is drawn in the accent colour.
     h.state_mut().view = View::Train;
@@ -206,7 +285,10 @@ fn screenshots_of_the_three_views_show_real_content() {
     let curve = count_color(&img, hegraph::app::style::ACCENT, 12);
     assert!(curve > 300, "no loss curve ({curve} accent pixels)");
     let (colours, _) = content_stats(&img);
-    assert!(colours > 60, "the training view looks empty ({colours} colours)");
+    assert!(
+        colours > 60,
+        "the training view looks empty ({colours} colours)"
+    );
 }
 
 #[test]
@@ -218,7 +300,13 @@ fn scripted_session_labels_trains_saves_and_reopens() {
     settle(&mut h);
     let project_path = default_project_path(&h.state().session().unwrap().project.folder);
     let before_labels = h.state().session().unwrap().labelled_count();
-    let zero_shot = h.state().session().unwrap().predictions().cloned().expect("zero-shot predictions");
+    let zero_shot = h
+        .state()
+        .session()
+        .unwrap()
+        .predictions()
+        .cloned()
+        .expect("zero-shot predictions");
 
     // Label three unlabelled images with the keyboard: "label next" (N) then a number key; auto-advance on.
     let mut labelled = Vec::new();
@@ -226,7 +314,11 @@ fn scripted_session_labels_trains_saves_and_reopens() {
         h.key_press(egui::Key::N);
         h.step();
         let cursor = h.state().session().unwrap().cursor.unwrap();
-        assert_eq!(h.state().session().unwrap().label(cursor), None, "N must land on an unlabelled image");
+        assert_eq!(
+            h.state().session().unwrap().label(cursor),
+            None,
+            "N must land on an unlabelled image"
+        );
         h.key_press(key);
         h.step();
         labelled.push(cursor);
@@ -243,8 +335,14 @@ fn scripted_session_labels_trains_saves_and_reopens() {
     h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Z);
     h.step();
     assert_eq!(h.state().session().unwrap().label(labelled[2]), None);
-    assert_eq!(Project::load(&project_path).unwrap().project.labels.len(), before_labels + 2);
-    h.key_press_modifiers(egui::Modifiers::COMMAND | egui::Modifiers::SHIFT, egui::Key::Z);
+    assert_eq!(
+        Project::load(&project_path).unwrap().project.labels.len(),
+        before_labels + 2
+    );
+    h.key_press_modifiers(
+        egui::Modifiers::COMMAND | egui::Modifiers::SHIFT,
+        egui::Key::Z,
+    );
     h.step();
     assert_eq!(h.state().session().unwrap().label(labelled[2]), Some(0));
 
@@ -252,9 +350,17 @@ fn scripted_session_labels_trains_saves_and_reopens() {
     h.key_press(egui::Key::T);
     h.step();
     settle(&mut h);
-    assert_eq!(h.state().history().len(), 1, "training failed: {:?}", h.state().last_error());
+    assert_eq!(
+        h.state().history().len(),
+        1,
+        "training failed: {:?}",
+        h.state().last_error()
+    );
     let trained = h.state().session().unwrap().predictions().cloned().unwrap();
-    assert!(trained.max_abs_diff(&zero_shot) > 1e-3, "predictions did not change");
+    assert!(
+        trained.max_abs_diff(&zero_shot) > 1e-3,
+        "predictions did not change"
+    );
     let saved = Project::load(&project_path).unwrap().project;
     let adapter_path = saved.adapter_path.clone().expect("adapter path saved");
     assert!(adapter_path.exists());
@@ -272,7 +378,10 @@ fn scripted_session_labels_trains_saves_and_reopens() {
     assert_eq!(s.labelled_count(), before_labels + 3);
     assert!(h.state().adapter().is_some(), "adapter not reloaded");
     let again = s.predictions().unwrap();
-    assert!(again.max_abs_diff(&trained) < 1e-4, "reloaded predictions differ");
+    assert!(
+        again.max_abs_diff(&trained) < 1e-4,
+        "reloaded predictions differ"
+    );
 }
 
 #[test]
@@ -284,7 +393,9 @@ fn project_file_survives_a_crash_mid_save() {
     });
     app.open_path(&f.folder).unwrap();
     let path = default_project_path(&app.session().unwrap().project.folder);
-    app.session_mut().unwrap().click(0);
+    let s = app.session().unwrap();
+    let unl: Vec<usize> = (0..s.len()).filter(|&i| s.label(i).is_none()).collect();
+    app.session_mut().unwrap().click(unl[0]);
     app.label_with(Some(3));
     let good = std::fs::read_to_string(&path).unwrap();
     let labels = Project::load(&path).unwrap().project.labels;
@@ -297,15 +408,19 @@ fn project_file_survives_a_crash_mid_save() {
     // the label stays in memory and the error is reported.
     std::fs::remove_file(temp_path(&path)).unwrap();
     std::fs::create_dir(temp_path(&path)).unwrap();
-    app.session_mut().unwrap().click(1);
+    app.session_mut().unwrap().click(unl[1]);
     app.label_with(Some(2));
-    assert!(app.last_error().is_some_and(|e| e.contains("cannot write")), "{:?}", app.last_error());
+    assert!(
+        app.last_error().is_some_and(|e| e.contains("cannot write")),
+        "{:?}",
+        app.last_error()
+    );
     assert_eq!(std::fs::read_to_string(&path).unwrap(), good);
-    assert_eq!(app.session().unwrap().label(1), Some(2));
+    assert_eq!(app.session().unwrap().label(unl[1]), Some(2));
 
     // Once the obstacle is gone, the next action saves everything, including the label that failed to save.
     std::fs::remove_dir(temp_path(&path)).unwrap();
-    app.session_mut().unwrap().click(2);
+    app.session_mut().unwrap().click(unl[2]);
     app.label_with(Some(1));
     let now = Project::load(&path).unwrap().project;
     assert_eq!(now.labels.len(), labels.len() + 2);
@@ -322,7 +437,11 @@ fn a_corrupt_project_is_reported_and_left_untouched() {
     app.open_path(&f.folder).unwrap();
     let path = default_project_path(&app.session().unwrap().project.folder);
     drop(app);
-    std::fs::write(&path, "{\"version\": 2, \"folder\": \"..\", \"labels\": {\"a.png\": ").unwrap();
+    std::fs::write(
+        &path,
+        "{\"version\": 2, \"folder\": \"..\", \"labels\": {\"a.png\": ",
+    )
+    .unwrap();
     let mut app = HeGraphApp::new(AppOptions {
         auto_embed: false,
         ..f.opts.clone()
@@ -330,14 +449,21 @@ fn a_corrupt_project_is_reported_and_left_untouched() {
     let err = app.open_path(&f.folder).unwrap_err().to_string();
     assert!(err.contains("not a readable hegraph project"), "{err}");
     assert!(app.session().is_none());
-    assert!(std::fs::read_to_string(&path).unwrap().ends_with("\"a.png\": "));
+    assert!(std::fs::read_to_string(&path)
+        .unwrap()
+        .ends_with("\"a.png\": "));
 }
 
 #[test]
 fn ten_thousand_images_scroll_with_a_bounded_number_of_thumbnails() {
     let photos = manifest().join("../shared/data/photos");
     let sources: Vec<PathBuf> = std::fs::read_dir(&photos)
-        .map(|r| r.flatten().map(|e| e.path()).filter(|p| hegraph::data::is_image_path(p)).collect())
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.path())
+                .filter(|p| hegraph::data::is_image_path(p))
+                .collect()
+        })
         .unwrap_or_default();
     if sources.is_empty() {
         println!("skipped: no photos in {}", photos.display());
@@ -351,7 +477,9 @@ fn ten_thousand_images_scroll_with_a_bounded_number_of_thumbnails() {
     for i in 0..10_000 {
         let src = &sources[i % sources.len()];
         let ext = src.extension().unwrap().to_string_lossy();
-        let dst = folder.join(if i % 2 == 0 { "a" } else { "b" }).join(format!("{i:05}.{ext}"));
+        let dst = folder
+            .join(if i % 2 == 0 { "a" } else { "b" })
+            .join(format!("{i:05}.{ext}"));
         if std::fs::hard_link(src, &dst).is_err() {
             std::fs::copy(src, &dst).unwrap();
         }
@@ -367,7 +495,10 @@ fn ten_thousand_images_scroll_with_a_bounded_number_of_thumbnails() {
     let Some(mut h) = harness(app) else { return };
     settle(&mut h);
     let first = h.state().thumbnail_count();
-    assert!(first > 0 && first < 200, "{first} thumbnails for one screen");
+    assert!(
+        first > 0 && first < 200,
+        "{first} thumbnails for one screen"
+    );
     // Scroll far down with the keyboard (the grid follows the cursor), twice.
     for _ in 0..2 {
         for _ in 0..40 {
@@ -378,5 +509,315 @@ fn ten_thousand_images_scroll_with_a_bounded_number_of_thumbnails() {
     }
     let cursor = h.state().session().unwrap().cursor.unwrap();
     assert!(cursor > 1_000, "cursor only at {cursor}");
-    assert!(h.state().thumbnail_count() <= 300 + 100, "cache unbounded: {}", h.state().thumbnail_count());
+    assert!(
+        h.state().thumbnail_count() <= 300 + 100,
+        "cache unbounded: {}",
+        h.state().thumbnail_count()
+    );
+}
+
+/// The graph view alone (controls + canvas), for graphs that do not come from a folder.
+struct GraphPage {
+    view: hegraph::app::graph_view::GraphView,
+    classes: Vec<String>,
+    confidence: Vec<f32>,
+}
+
+fn graph_harness(page: GraphPage) -> Option<Harness<'static, GraphPage>> {
+    // Reuse the adapter probe of `harness`.
+    let probe = std::panic::catch_unwind(|| {
+        let instance = eframe::wgpu::Instance::new(
+            eframe::wgpu::InstanceDescriptor::new_without_display_handle_from_env(),
+        );
+        pollster::block_on(
+            instance.request_adapter(&eframe::wgpu::RequestAdapterOptions::default()),
+        )
+        .is_ok()
+    })
+    .unwrap_or(false);
+    if !probe {
+        println!("skipped: no wgpu adapter (install mesa-vulkan-drivers libvulkan1 for lavapipe)");
+        return None;
+    }
+    Some(
+        Harness::builder()
+            .with_size(egui::vec2(1280.0, 800.0))
+            .with_pixels_per_point(1.0)
+            .with_context_setup(hegraph::app::style::apply)
+            .wgpu()
+            .build_ui_state(
+                |ui, p: &mut GraphPage| {
+                    egui::Panel::left("controls")
+                        .exact_size(270.0)
+                        .show(ui, |ui| p.view.controls(ui, None));
+                    egui::CentralPanel::default().show(ui, |ui| {
+                        p.view.canvas(ui, &p.classes, Some(&p.confidence));
+                    });
+                },
+                page,
+            ),
+    )
+}
+
+/// Steps until the force layout settles; returns the frames it took.
+fn settle_graph(h: &mut Harness<'static, GraphPage>) -> usize {
+    for frame in 0..5_000 {
+        h.step();
+        if h.state()
+            .view
+            .layout
+            .as_ref()
+            .is_some_and(|l| l.is_settled())
+        {
+            return frame + 1;
+        }
+    }
+    panic!("the layout did not settle in 5,000 frames");
+}
+
+#[test]
+fn graph_view_draws_500_nodes_and_5000_edges_and_then_stops_repainting() {
+    use hegraph::app::graph_view::GraphView;
+    use hegraph::graph::{GraphOptions, HeteroGraph, LabelledViewsRef};
+    use hegraph::linalg::Mat;
+    use hegraph::rng::Rng;
+
+    let (c, d) = (167, 32);
+    let mut rng = Rng::new(3);
+    let noisy = |base: &Mat, s: f32, rng: &mut Rng| {
+        let mut m = base.clone();
+        m.data.iter_mut().for_each(|x| *x += s * rng.normal());
+        m.normalized_rows()
+    };
+    let p = Mat::from_vec(c, d, rng.normal_vec(c * d)).normalized_rows();
+    let n = noisy(&p, 0.8, &mut rng);
+    let v = noisy(&p, 1.0, &mut rng);
+    let classes: Vec<String> = (0..c).map(|i| format!("class {i}")).collect();
+    let labels: Vec<usize> = (0..c).collect();
+    let g = HeteroGraph::build(
+        &classes,
+        &p,
+        Some(&n),
+        &LabelledViewsRef {
+            views: &[v],
+            labels: &labels,
+        },
+        &GraphOptions::default(),
+    )
+    .unwrap();
+    let mut view = GraphView::default();
+    view.set_graph(&g);
+    // The smallest top-k that shows at least 5,000 edges.
+    let layout = view.layout.as_ref().unwrap();
+    assert_eq!(layout.nodes.len(), 3 * c);
+    let k = (1..40)
+        .find(|&k| {
+            let mut f = view.filter.clone();
+            f.top_k = k;
+            layout.select(&f).len() >= 5_000
+        })
+        .unwrap();
+    view.filter.top_k = k;
+    let page = GraphPage {
+        view,
+        classes,
+        confidence: (0..c).map(|i| (i % 7) as f32 / 7.0).collect(),
+    };
+    let Some(mut h) = graph_harness(page) else {
+        return;
+    };
+    let start = std::time::Instant::now();
+    let frames = settle_graph(&mut h);
+    let per_frame = start.elapsed().as_secs_f64() / frames as f64;
+    let shown = h
+        .state()
+        .view
+        .layout
+        .as_ref()
+        .unwrap()
+        .visible_edges()
+        .len();
+    println!("{} nodes, {shown} edges (top-k {k}): settled after {frames} frames, {:.2} ms per frame (UI pass only, debug build)", 3 * c, per_frame * 1e3);
+    assert!(shown >= 5_000);
+    // Settled: no more repaints are asked for.
+    h.step();
+    let repaint = h.ctx.has_requested_repaint();
+    assert!(!repaint, "a settled graph keeps asking for frames");
+    let img = h.render().expect("render");
+    img.save(manifest().join("docs/screenshots/graph-500-nodes.png"))
+        .unwrap();
+    for t in [
+        NodeType::PositiveText,
+        NodeType::NegativeText,
+        NodeType::Visual,
+    ] {
+        assert!(
+            count_color(&img, node_color(t), 6) > 300,
+            "{t:?} nodes missing"
+        );
+    }
+}
+
+#[test]
+fn graph_of_real_clip_features_is_drawn() {
+    use hegraph::app::graph_view::GraphView;
+    use hegraph::features::FeatureSet;
+    use hegraph::graph::{GraphOptions, HeteroGraph, LabelledViewsRef};
+
+    let path = manifest().join("../shared/data/features/oxford_pets25.safetensors");
+    if !path.exists() {
+        println!("skipped: {} is not there", path.display());
+        return;
+    }
+    let fs = FeatureSet::load(&path).unwrap();
+    let text = fs.text.clone().expect("oxford_pets25 has text features");
+    let shots = fs.shots.get(&16).expect("16-shot split").clone();
+    let g = HeteroGraph::build(
+        &fs.classes,
+        &text,
+        None,
+        &LabelledViewsRef {
+            views: std::slice::from_ref(&shots.features),
+            labels: &shots.labels,
+        },
+        &GraphOptions::default(),
+    )
+    .unwrap();
+    // Node sizes: mean zero-shot confidence per class over the test split.
+    let test = fs.test.as_ref().expect("test split");
+    let probs = hegraph::app::jobs::zero_shot_probs(&test.features, &text, 100.0);
+    let mut confidence = vec![0.0f32; fs.classes.len()];
+    for r in 0..probs.rows {
+        for (c, x) in probs.row(r).iter().enumerate() {
+            confidence[c] += x / probs.rows as f32;
+        }
+    }
+    let mut view = GraphView::default();
+    view.set_graph(&g);
+    view.filter.top_k = 2;
+    let page = GraphPage {
+        view,
+        classes: fs.classes.clone(),
+        confidence,
+    };
+    let Some(mut h) = graph_harness(page) else {
+        return;
+    };
+    settle_graph(&mut h);
+    h.step();
+    let layout = h.state().view.layout.clone().unwrap();
+    assert!(
+        !layout.has_type(NodeType::NegativeText),
+        "no negative features in this set"
+    );
+    assert_eq!(layout.nodes.len(), 2 * 25);
+    // Real CLIP features: every breed's text node is joined to its own visual node by a P←V edge among its
+    // strongest two (cos(text, own images) is the largest in the row for most breeds).
+    let own = (0..25)
+        .filter(|&c| {
+            let pn = layout.node_index(NodeType::PositiveText, c).unwrap();
+            let vn = layout.node_index(NodeType::Visual, c).unwrap();
+            layout.visible_edges().iter().any(|v| {
+                let e = &layout.edges[v.edge];
+                e.to == pn && e.from == vn
+            })
+        })
+        .count();
+    println!("{own}/25 breeds keep their own text–image edge among the top 2");
+    assert!(
+        own >= 20,
+        "only {own}/25 text nodes keep the edge to their own images"
+    );
+    let img = h.render().expect("render");
+    img.save(manifest().join("docs/screenshots/graph-oxford-pets25.png"))
+        .unwrap();
+    assert!(count_color(&img, node_color(NodeType::Visual), 6) > 200);
+}
+
+#[test]
+fn the_engine_gets_the_window_device_with_the_adapters_limits() {
+    let probe = std::panic::catch_unwind(|| {
+        let instance = eframe::wgpu::Instance::new(
+            eframe::wgpu::InstanceDescriptor::new_without_display_handle_from_env(),
+        );
+        pollster::block_on(
+            instance.request_adapter(&eframe::wgpu::RequestAdapterOptions::default()),
+        )
+        .is_ok()
+    })
+    .unwrap_or(false);
+    if !probe {
+        println!("skipped: no wgpu adapter (install mesa-vulkan-drivers libvulkan1 for lavapipe)");
+        return;
+    }
+    // The render state eframe would build from the app's wgpu configuration (without a window).
+    let config = hegraph::app::wgpu_configuration();
+    let rs = egui_kittest::wgpu::create_render_state(config.wgpu_setup, Default::default());
+    let gpu = hegraph::app::compute_gpu(&rs);
+    println!("window device: {}", gpu.describe());
+    assert_eq!(
+        gpu.limits.max_storage_buffer_binding_size,
+        rs.adapter.limits().max_storage_buffer_binding_size,
+        "the device should carry the adapter's own limits"
+    );
+    // A matrix goes to the UI's device and comes back unchanged.
+    let m = hegraph::linalg::Mat::from_vec(3, 4, (0..12).map(|x| x as f32 * 0.5).collect());
+    let t = hegraph::gpu::GpuTensor::upload(&gpu, &m).unwrap();
+    assert_eq!(t.download(&gpu).unwrap(), m);
+    let mut app = HeGraphApp::new(AppOptions::default());
+    app.set_gpu(Some(gpu));
+    assert!(app.gpu().is_some());
+}
+
+#[test]
+fn training_runs_on_the_window_device_when_asked() {
+    let probe = std::panic::catch_unwind(|| {
+        let instance = eframe::wgpu::Instance::new(
+            eframe::wgpu::InstanceDescriptor::new_without_display_handle_from_env(),
+        );
+        pollster::block_on(
+            instance.request_adapter(&eframe::wgpu::RequestAdapterOptions::default()),
+        )
+        .is_ok()
+    })
+    .unwrap_or(false);
+    if !probe {
+        println!("skipped: no wgpu adapter (install mesa-vulkan-drivers libvulkan1 for lavapipe)");
+        return;
+    }
+    let f = fixture();
+    let rs = egui_kittest::wgpu::create_render_state(
+        hegraph::app::wgpu_configuration().wgpu_setup,
+        Default::default(),
+    );
+    let mut app = HeGraphApp::new(AppOptions {
+        backend: hegraph::gpu::BackendRequest::Wgpu,
+        ..f.opts.clone()
+    });
+    app.set_gpu(Some(hegraph::app::compute_gpu(&rs)));
+    app.open_path(&f.folder).unwrap();
+    // Without a window: drive the background jobs directly.
+    let wait = |app: &mut HeGraphApp| {
+        for _ in 0..200_000 {
+            app.poll_jobs();
+            if !app.is_busy() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        panic!("jobs did not finish");
+    };
+    wait(&mut app);
+    app.start_training().unwrap();
+    wait(&mut app);
+    let run = app
+        .history()
+        .last()
+        .unwrap_or_else(|| panic!("training failed: {:?}", app.last_error()));
+    assert!(run.backend.contains("wgpu"), "trained on {}", run.backend);
+    let p = app.session().unwrap().predictions().unwrap();
+    for r in 0..p.rows {
+        let sum: f32 = p.row(r).iter().sum();
+        assert!((sum - 1.0).abs() < 1e-3, "row {r} sums to {sum}");
+    }
 }

@@ -27,11 +27,12 @@
 //! `a = 1/√D`, `k` = 0, 1, 2 (see [`init_weights`]); `W_N` is drawn even when unused so the others do not
 //! depend on whether negatives exist.
 //!
-//! AdamW ([`adamw_update`]) follows PyTorch's single-tensor code: `w ← w(1 − lr·wd)`, `m ← m + (1−β1)(g − m)`,
+//! AdamW ([`adamw_into`]) follows PyTorch's single-tensor code: `w ← w(1 − lr·wd)`, `m ← m + (1−β1)(g − m)`,
 //! `v ← β2 v + (1−β2) g²`, `w ← w − (lr / (1−β1^t)) · m / (√v / √(1−β2^t) + ε)`, with the bias corrections
 //! computed in f64.
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, Var};
+use rayon::prelude::*;
 
 use super::schedule::{cosine_lr, epoch_batches, stack_queries, steps_per_epoch, Batch};
 use super::{
@@ -263,17 +264,20 @@ pub struct AdamStep {
 }
 
 /// One AdamW update of `p` with gradient `g` (module docs). Returns false and leaves `p` untouched when the
-/// update could produce a NaN or infinity.
+/// update would produce a NaN or infinity.
 pub fn adamw_update(p: &mut ParamState, g: &[f32], h: &AdamStep) -> bool {
-    if !adamw_is_safe(g, h) {
+    let mut next = ParamState::fresh(Mat::zeros(p.w.rows, p.w.cols));
+    if !adamw_into(p, g, h, &mut next) {
         return false;
     }
-    adamw_apply(p, g, h);
+    *p = next;
     true
 }
 
-/// The per-element AdamW rule: `(w, m, v, g) → (w', m', v')`.
-fn adamw_rule(h: &AdamStep) -> impl Fn(f32, f32, f32, f32) -> (f32, f32, f32) {
+/// Writes the AdamW update of `p` into `out` (same shape) and reports whether every new value is finite.
+/// Writing elsewhere and swapping afterwards is what lets a diverging step leave the last good weights in
+/// place at no extra cost.
+pub fn adamw_into(p: &ParamState, g: &[f32], h: &AdamStep, out: &mut ParamState) -> bool {
     let t = h.t.min(i32::MAX as u64) as i32;
     let bc1 = 1.0 - (h.beta1 as f64).powi(t);
     let bc2 = 1.0 - (h.beta2 as f64).powi(t);
@@ -281,30 +285,33 @@ fn adamw_rule(h: &AdamStep) -> impl Fn(f32, f32, f32, f32) -> (f32, f32, f32) {
     let bc2_sqrt = bc2.sqrt() as f32;
     let decay = 1.0 - h.lr * h.weight_decay;
     let (b1, b2, eps) = (h.beta1, h.beta2, h.eps);
-    move |w: f32, m: f32, v: f32, g: f32| {
-        let m = m + (1.0 - b1) * (g - m);
-        let v = b2 * v + (1.0 - b2) * g * g;
-        let denom = v.sqrt() / bc2_sqrt + eps;
-        (w * decay - step_size * m / denom, m, v)
-    }
-}
-
-/// Whether an update is guaranteed to keep finite weights finite: finite step scalars and gradients whose
-/// squares do not overflow. Then `|m̂| / (√v̂ + ε)` is bounded (by about `1/√(1−β2)`), so every new value is
-/// finite; checking this before writing is what lets a diverging step leave the last good weights in place.
-fn adamw_is_safe(g: &[f32], h: &AdamStep) -> bool {
-    let scalars = [h.lr, h.lr * h.weight_decay, h.eps, h.beta1, h.beta2];
-    scalars.iter().all(|x| x.is_finite()) && h.eps > 0.0 && g.iter().all(|x| x.abs() < 1e18)
-}
-
-fn adamw_apply(p: &mut ParamState, g: &[f32], h: &AdamStep) {
-    let rule = adamw_rule(h);
-    for i in 0..p.w.data.len() {
-        let (w, m, v) = rule(p.w.data[i], p.m.data[i], p.v.data[i], g[i]);
-        p.w.data[i] = w;
-        p.m.data[i] = m;
-        p.v.data[i] = v;
-    }
+    const CHUNK: usize = 1 << 14;
+    out.w
+        .data
+        .par_chunks_mut(CHUNK)
+        .zip(out.m.data.par_chunks_mut(CHUNK))
+        .zip(out.v.data.par_chunks_mut(CHUNK))
+        .zip(p.w.data.par_chunks(CHUNK))
+        .zip(p.m.data.par_chunks(CHUNK))
+        .zip(p.v.data.par_chunks(CHUNK))
+        .zip(g.par_chunks(CHUNK))
+        .map(|((((((w2, m2), v2), w0), m0), v0), g)| {
+            let mut ok = true;
+            let it = w2.iter_mut().zip(m2.iter_mut()).zip(v2.iter_mut());
+            let src = w0.iter().zip(m0).zip(v0).zip(g);
+            for (((w2, m2), v2), (((&w, &m), &v), &gi)) in it.zip(src) {
+                let m = m + (1.0 - b1) * (gi - m);
+                let v = b2 * v + (1.0 - b2) * gi * gi;
+                let denom = v.sqrt() / bc2_sqrt + eps;
+                let w = w * decay - step_size * m / denom;
+                ok &= w.is_finite() && m.is_finite() && v.is_finite();
+                *w2 = w;
+                *m2 = m;
+                *v2 = v;
+            }
+            ok
+        })
+        .reduce(|| true, |a, b| a && b)
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -325,7 +332,7 @@ fn to_mat(t: &Tensor) -> candle_core::Result<Mat> {
 }
 
 /// [`FrozenInputs`] as tensors of one dtype.
-/// `[H_PP; H_PV]` and `[H_NP; H_NV]` are stacked so each weight matrix is applied in one product (fewer,
+/// `[H_PP; H_PV]` and `[H_NP; H_NV]` are stacked so that each frozen input block is one product (fewer,
 /// larger matrix products are much faster on the CPU).
 struct Frozen {
     c: usize,
@@ -360,6 +367,43 @@ impl Frozen {
     }
 }
 
+/// `h · w` for a frozen `h`. candle's matmul backward would also compute the gradient of `h`, which nobody
+/// needs and which costs as much as the gradient of `w`; this op's backward computes only `hᵀ · grad`.
+struct ConstLeftMatmul {
+    h: Tensor,
+}
+
+impl CustomOp1 for ConstLeftMatmul {
+    fn name(&self) -> &'static str {
+        "const-left-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("const-left-matmul: the weights must be contiguous")
+        };
+        let w = match s {
+            CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu)?,
+            CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu)?,
+            _ => candle_core::bail!("const-left-matmul: only f32 and f64 are supported"),
+        };
+        let y = self.h.matmul(&w)?;
+        let (st, _) = y.storage_and_layout();
+        match &*st {
+            Storage::Cpu(cs) => Ok((cs.clone(), y.shape().clone())),
+            _ => candle_core::bail!("const-left-matmul runs on the CPU only"),
+        }
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.h.t()?.matmul(grad_res)?))
+    }
+}
+
+fn const_left_matmul(h: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    w.apply_op1(ConstLeftMatmul { h: h.clone() })
+}
+
 struct WeightTensors {
     p: Tensor,
     n: Option<Tensor>,
@@ -382,25 +426,23 @@ fn graph_fwd(
     let c = f.c;
     let n_prime = match (&f.n, &f.h_n, &w.n) {
         (Some(n), Some(h_n), Some(wn)) => {
-            let t = act(h, h_n.matmul(wn)?)?;
+            let t = act(h, const_left_matmul(h_n, wn)?)?;
             let a = t.narrow(0, 0, c)?.affine(h.beta_pn as f64, 0.0)?;
             let b = t.narrow(0, c, c)?.affine(h.beta_vn as f64, 0.0)?;
             Some(((n + a)? + b)?)
         }
         _ => None,
     };
-    let h_p = match (&n_prime, &f.pn_self, &f.a_pn) {
-        (Some(np), Some(pn_self), Some(a_pn)) => Tensor::cat(&[&f.h_p, &(pn_self + a_pn.matmul(np)?)?], 0)?,
-        _ => f.h_p.clone(),
-    };
-    let t = act(h, h_p.matmul(&w.p)?)?;
+    let t = act(h, const_left_matmul(&f.h_p, &w.p)?)?;
     let m_pp = t.narrow(0, 0, c)?.affine(h.alpha_pp as f64, 0.0)?;
     let m_pv = t.narrow(0, c, c)?.affine(h.alpha_vp as f64, 0.0)?;
     let mut p_prime = ((&f.p + m_pp)? + m_pv)?;
-    if n_prime.is_some() {
-        p_prime = (p_prime + t.narrow(0, 2 * c, c)?.affine(h.alpha_np as f64, 0.0)?)?;
+    if let (Some(np), Some(pn_self), Some(a_pn)) = (&n_prime, &f.pn_self, &f.a_pn) {
+        let h_pn = (pn_self + a_pn.matmul(np)?)?;
+        let m_pn = act(h, h_pn.matmul(&w.p)?)?.affine(h.alpha_np as f64, 0.0)?;
+        p_prime = (p_prime + m_pn)?;
     }
-    let b = act(h, f.h_vv.matmul(&w.v)?)?;
+    let b = act(h, const_left_matmul(&f.h_vv, &w.v)?)?;
     Ok((p_prime, n_prime, b))
 }
 
@@ -599,6 +641,8 @@ pub struct CpuBackend {
     hyper: HeGraphHyper,
     params: TrainParams,
     state: HeGraphState,
+    /// Where an update is written before it is accepted (same shapes as `state`).
+    scratch: HeGraphState,
     /// `z Xᵀ` of every query row seen so far (rows × M), when it fits in [`MEMO_LIMIT`]: each row costs a
     /// D×M product once instead of once per epoch.
     memo: Option<(Vec<f32>, Vec<bool>)>,
@@ -638,6 +682,7 @@ impl CpuBackend {
             queries: to_tensor(queries, DType::F32, &dev)?,
             hyper: HeGraphHyper::train(params),
             params: params.clone(),
+            scratch: state.clone(),
             state,
             memo,
             dev,
@@ -756,23 +801,23 @@ impl HeGraphBackend for CpuBackend {
             weight_decay: self.params.weight_decay,
             t: self.state.step + 1,
         };
-        // All or nothing: check every update before writing any, so a diverging step leaves the last good
-        // weights in place.
-        let safe = adamw_is_safe(&gp, &h)
-            && adamw_is_safe(&gv, &h)
-            && gn.as_ref().is_none_or(|g| adamw_is_safe(g, &h));
-        if !safe {
+        // All or nothing: the new values go to scratch space and are swapped in only when all are finite, so
+        // a diverging step leaves the last good weights in place.
+        let sc = &mut self.scratch;
+        let mut ok = adamw_into(&self.state.p, &gp, &h, &mut sc.p) && adamw_into(&self.state.v, &gv, &h, &mut sc.v);
+        if let (Some(n), Some(g), Some(out)) = (self.state.n.as_ref(), gn.as_ref(), sc.n.as_mut()) {
+            ok = ok && adamw_into(n, g, &h, out);
+        }
+        if !ok {
             return Err(AdapterError::NonFinite {
                 step,
-                what: "a gradient or the learning rate".into(),
+                what: "the weights".into(),
                 last_good: None,
             });
         }
-        adamw_apply(&mut self.state.p, &gp, &h);
-        adamw_apply(&mut self.state.v, &gv, &h);
-        if let (Some(n), Some(g)) = (self.state.n.as_mut(), gn.as_ref()) {
-            adamw_apply(n, g, &h);
-        }
+        std::mem::swap(&mut self.state.p, &mut sc.p);
+        std::mem::swap(&mut self.state.v, &mut sc.v);
+        std::mem::swap(&mut self.state.n, &mut sc.n);
         self.state.step += 1;
         Ok(want_loss.then_some(loss_value))
     }
@@ -993,9 +1038,57 @@ pub(crate) fn train_hegraph(
     let state = be.state()?;
     let mut adapter = adapter_from_state(&graph, params, &state, &notes, &losses, &backend_name);
     if let Some(val) = input.val.filter(|v| !v.is_empty()) {
-        adapter.val_accuracy = Some(adapter.accuracy(val)?);
+        if params.search_fusion_weight {
+            let (w, acc) = search_fusion_weight(&adapter, val, params.fusion_weight)?;
+            adapter.fusion_weight = Some(w);
+            adapter.val_accuracy = Some(acc);
+        } else {
+            adapter.val_accuracy = Some(adapter.accuracy(val)?);
+        }
     }
     Ok(adapter)
+}
+
+/// The fusion weights tried on validation: 0 (text branch alone) and 24 values log-spaced from 0.01 to 10.
+pub fn fusion_weight_grid() -> Vec<f32> {
+    std::iter::once(0.0)
+        .chain((0..25).map(|i| 10f32.powf(-2.0 + i as f32 / 8.0)))
+        .collect()
+}
+
+/// The `w` with the best validation accuracy; among ties (frequent with a few validation images per class)
+/// the one whose fused probabilities give the lowest validation cross-entropy. Returns `(w, accuracy)`.
+fn search_fusion_weight(
+    adapter: &TrainedAdapter,
+    val: &crate::features::LabelledSplit,
+    default: f32,
+) -> Result<(f32, f32), AdapterError> {
+    let z = val.features.normalized_rows();
+    let (pt, pc) = adapter.hegraph_branches(&z)?;
+    let c = pt.cols;
+    let mut grid = fusion_weight_grid();
+    grid.push(default.max(0.0));
+    let mut best: Option<(f32, usize, f64)> = None;
+    for w in grid {
+        let mut hits = 0usize;
+        let mut nll = 0.0f64;
+        for (r, &y) in val.labels.iter().enumerate() {
+            let f: Vec<f32> = (0..c).map(|k| (pt.get(r, k) + w * pc.get(r, k)) / (1.0 + w)).collect();
+            if crate::linalg::argmax(&f) == y {
+                hits += 1;
+            }
+            nll -= (f[y].max(1e-30) as f64).ln();
+        }
+        let better = match best {
+            None => true,
+            Some((_, bh, bn)) => hits > bh || (hits == bh && nll < bn),
+        };
+        if better {
+            best = Some((w, hits, nll));
+        }
+    }
+    let (w, hits, _) = best.unwrap_or((default, 0, 0.0));
+    Ok((w, hits as f32 / z.rows.max(1) as f32))
 }
 
 #[allow(clippy::too_many_arguments)]

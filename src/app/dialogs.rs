@@ -16,16 +16,28 @@ pub const SHORTCUTS: &[(&str, &str)] = &[
     ("1 … 9", "label the selected image(s) with class 1 … 9"),
     ("/ or L", "searchable class picker (any class, by name)"),
     ("0, Backspace, Delete", "remove the label"),
-    ("N", "label next: jump to the unlabelled image the model is least sure about"),
+    (
+        "N",
+        "label next: jump to the unlabelled image the model is least sure about",
+    ),
     ("← → ↑ ↓, PgUp, PgDn, Home, End", "move through the grid"),
-    ("Ctrl+click, Shift+click", "select several images (labels then apply to all)"),
+    (
+        "Ctrl+click, Shift+click",
+        "select several images (labels then apply to all)",
+    ),
     ("Ctrl+A", "select every image shown"),
     ("Esc", "clear the selection, or cancel a running job"),
-    ("Ctrl+Z / Ctrl+Shift+Z (Ctrl+Y)", "undo / redo a labelling action"),
+    (
+        "Ctrl+Z / Ctrl+Shift+Z (Ctrl+Y)",
+        "undo / redo a labelling action",
+    ),
     ("T", "train the adapter on the labelled images"),
     ("Ctrl+1 / Ctrl+2 / Ctrl+3", "Label, Graph, Train view"),
     ("Ctrl+O", "open an image folder"),
-    ("Ctrl+S", "save now (the project also saves after every label)"),
+    (
+        "Ctrl+S",
+        "save now (the project also saves after every label)",
+    ),
     ("F1 or ?", "this help"),
 ];
 
@@ -184,7 +196,9 @@ impl HeGraphApp {
     }
 
     fn new_project_dialog(&mut self, ctx: &egui::Context) {
-        let Some(d) = self.dialogs.new_project.as_mut() else { return };
+        let Some(d) = self.dialogs.new_project.as_mut() else {
+            return;
+        };
         let mut create = false;
         let mut cancel = false;
         let mut load_file = false;
@@ -217,7 +231,10 @@ impl HeGraphApp {
             }
             ui.add_space(6.0);
             ui.horizontal(|ui| {
-                if ui.button(RichText::new("Create project").strong()).clicked() {
+                if ui
+                    .button(RichText::new("Create project").strong())
+                    .clicked()
+                {
                     create = true;
                 }
                 if ui.button("Cancel").clicked() {
@@ -226,7 +243,10 @@ impl HeGraphApp {
             });
         });
         if load_file {
-            if let Some(f) = rfd::FileDialog::new().set_title("Class names (one per line)").pick_file() {
+            if let Some(f) = rfd::FileDialog::new()
+                .set_title("Class names (one per line)")
+                .pick_file()
+            {
                 match std::fs::read_to_string(&f) {
                     Ok(t) => d.classes_text = t,
                     Err(e) => d.error = Some(format!("cannot read {}: {e}", f.display())),
@@ -253,7 +273,9 @@ impl HeGraphApp {
                 .map(String::from)
                 .collect();
             if let Some(bad) = templates.iter().find(|t| !t.contains("{}")) {
-                d.error = Some(format!("the template '{bad}' has no {{}} for the class name"));
+                d.error = Some(format!(
+                    "the template '{bad}' has no {{}} for the class name"
+                ));
                 return;
             }
             let folder = d.folder.clone();
@@ -269,7 +291,9 @@ impl HeGraphApp {
     }
 
     fn error_dialog(&mut self, ctx: &egui::Context) {
-        let Some(d) = self.dialogs.error.as_ref() else { return };
+        let Some(d) = self.dialogs.error.as_ref() else {
+            return;
+        };
         let mut close = false;
         let mut set_aside = None;
         egui::Modal::new(egui::Id::unique("hegraph-error")).show(ctx, |ui| {
@@ -300,7 +324,10 @@ impl HeGraphApp {
             self.dialogs.error = None;
             match project::set_aside(&p) {
                 Ok(moved) => {
-                    self.notify(Level::Info, format!("moved the unreadable project to {}", moved.display()));
+                    self.notify(
+                        Level::Info,
+                        format!("moved the unreadable project to {}", moved.display()),
+                    );
                     // The default layout `<folder>/.hegraph/project.json`: reopen the folder.
                     let folder = p
                         .parent()
@@ -319,8 +346,14 @@ impl HeGraphApp {
     }
 
     fn picker_dialog(&mut self, ctx: &egui::Context) {
-        let Some(p) = self.dialogs.picker.as_mut() else { return };
-        let classes: Vec<String> = self.session.as_ref().map(|s| s.classes().to_vec()).unwrap_or_default();
+        let Some(p) = self.dialogs.picker.as_mut() else {
+            return;
+        };
+        let classes: Vec<String> = self
+            .session
+            .as_ref()
+            .map(|s| s.classes().to_vec())
+            .unwrap_or_default();
         let q = p.query.to_lowercase();
         let matches: Vec<usize> = (0..classes.len())
             .filter(|&i| q.is_empty() || classes[i].to_lowercase().contains(&q))
@@ -339,7 +372,11 @@ impl HeGraphApp {
             p.highlighted = p.highlighted.saturating_sub(1);
         }
         p.highlighted = p.highlighted.min(matches.len().saturating_sub(1));
-        let mut chosen = if enter { matches.get(p.highlighted).copied() } else { None };
+        let mut chosen = if enter {
+            matches.get(p.highlighted).copied()
+        } else {
+            None
+        };
         let mut close = false;
         egui::Modal::new(egui::Id::unique("hegraph-picker")).show(ctx, |ui| {
             ui.set_width(380.0);
@@ -355,28 +392,34 @@ impl HeGraphApp {
             if r.changed() {
                 p.highlighted = 0;
             }
-            egui::ScrollArea::vertical().max_height(320.0).show(ui, |ui| {
-                for (k, &c) in matches.iter().enumerate() {
-                    let text = format!(
-                        "{}{}",
-                        if c < 9 { format!("{}  ", c + 1) } else { "    ".into() },
-                        classes[c]
-                    );
-                    let resp = ui.add(egui::Button::selectable(
-                        k == p.highlighted,
-                        RichText::new(text).color(style::class_color(c)),
-                    ));
-                    if k == p.highlighted {
-                        resp.scroll_to_me(None);
+            egui::ScrollArea::vertical()
+                .max_height(320.0)
+                .show(ui, |ui| {
+                    for (k, &c) in matches.iter().enumerate() {
+                        let text = format!(
+                            "{}{}",
+                            if c < 9 {
+                                format!("{}  ", c + 1)
+                            } else {
+                                "    ".into()
+                            },
+                            classes[c]
+                        );
+                        let resp = ui.add(egui::Button::selectable(
+                            k == p.highlighted,
+                            RichText::new(text).color(style::class_color(c)),
+                        ));
+                        if k == p.highlighted {
+                            resp.scroll_to_me(None);
+                        }
+                        if resp.clicked() {
+                            chosen = Some(c);
+                        }
                     }
-                    if resp.clicked() {
-                        chosen = Some(c);
+                    if matches.is_empty() {
+                        ui.weak("no class matches");
                     }
-                }
-                if matches.is_empty() {
-                    ui.weak("no class matches");
-                }
-            });
+                });
             if ui.button("Close").clicked() {
                 close = true;
             }
@@ -390,43 +433,80 @@ impl HeGraphApp {
     }
 
     fn class_editor_dialog(&mut self, ctx: &egui::Context) {
-        let Some(ed) = self.dialogs.classes.as_mut() else { return };
+        let Some(ed) = self.dialogs.classes.as_mut() else {
+            return;
+        };
         let counts: std::collections::HashMap<String, usize> = self
             .session
             .as_ref()
-            .map(|s| s.classes().iter().cloned().zip(s.counts_per_class()).collect())
+            .map(|s| {
+                s.classes()
+                    .iter()
+                    .cloned()
+                    .zip(s.counts_per_class())
+                    .collect()
+            })
             .unwrap_or_default();
         let mut apply = false;
         let mut cancel = false;
         egui::Modal::new(egui::Id::unique("hegraph-classes")).show(ctx, |ui| {
             ui.set_width(520.0);
             ui.heading("Classes");
-            ui.label(RichText::new("Renaming keeps the labels; removing a class unlabels its images.").weak());
+            ui.label(
+                RichText::new("Renaming keeps the labels; removing a class unlabels its images.")
+                    .weak(),
+            );
             ui.add_space(4.0);
             let mut swap: Option<(usize, usize)> = None;
             let n = ed.rows.len();
-            egui::ScrollArea::vertical().max_height(360.0).show(ui, |ui| {
-                egui::Grid::new("hegraph-class-grid").num_columns(4).spacing([8.0, 4.0]).show(ui, |ui| {
-                    for (i, row) in ed.rows.iter_mut().enumerate() {
-                        let key = if i < 9 { format!("{}", i + 1) } else { String::new() };
-                        let l = ui.label(RichText::new(key).color(style::class_color(i)).strong());
-                        ui.add(egui::TextEdit::singleline(&mut row.name).desired_width(220.0))
-                            .labelled_by(l.id)
-                            .on_hover_text("class name");
-                        let labelled = row.original.as_ref().and_then(|o| counts.get(o)).copied().unwrap_or(0);
-                        ui.checkbox(&mut row.remove, format!("remove ({labelled} labels)"));
-                        ui.horizontal(|ui| {
-                            if ui.add_enabled(i > 0, egui::Button::new("↑")).on_hover_text("move up").clicked() {
-                                swap = Some((i - 1, i));
-                            }
-                            if ui.add_enabled(i + 1 < n, egui::Button::new("↓")).on_hover_text("move down").clicked() {
-                                swap = Some((i, i + 1));
+            egui::ScrollArea::vertical()
+                .max_height(360.0)
+                .show(ui, |ui| {
+                    egui::Grid::new("hegraph-class-grid")
+                        .num_columns(4)
+                        .spacing([8.0, 4.0])
+                        .show(ui, |ui| {
+                            for (i, row) in ed.rows.iter_mut().enumerate() {
+                                let key = if i < 9 {
+                                    format!("{}", i + 1)
+                                } else {
+                                    String::new()
+                                };
+                                let l = ui.label(
+                                    RichText::new(key).color(style::class_color(i)).strong(),
+                                );
+                                ui.add(
+                                    egui::TextEdit::singleline(&mut row.name).desired_width(220.0),
+                                )
+                                .labelled_by(l.id)
+                                .on_hover_text("class name");
+                                let labelled = row
+                                    .original
+                                    .as_ref()
+                                    .and_then(|o| counts.get(o))
+                                    .copied()
+                                    .unwrap_or(0);
+                                ui.checkbox(&mut row.remove, format!("remove ({labelled} labels)"));
+                                ui.horizontal(|ui| {
+                                    if ui
+                                        .add_enabled(i > 0, egui::Button::new("↑"))
+                                        .on_hover_text("move up")
+                                        .clicked()
+                                    {
+                                        swap = Some((i - 1, i));
+                                    }
+                                    if ui
+                                        .add_enabled(i + 1 < n, egui::Button::new("↓"))
+                                        .on_hover_text("move down")
+                                        .clicked()
+                                    {
+                                        swap = Some((i, i + 1));
+                                    }
+                                });
+                                ui.end_row();
                             }
                         });
-                        ui.end_row();
-                    }
                 });
-            });
             if let Some((a, b)) = swap {
                 ed.rows.swap(a, b);
             }
@@ -501,12 +581,14 @@ impl HeGraphApp {
         }
         for (i, r) in kept.iter().enumerate() {
             if let Some(o) = &r.original {
-                p.rename_class(o, &format!("\u{1}tmp{i}")).map_err(|e| e.to_string())?;
+                p.rename_class(o, &format!("\u{1}tmp{i}"))
+                    .map_err(|e| e.to_string())?;
             }
         }
         for (i, r) in kept.iter().enumerate() {
             if r.original.is_some() {
-                p.rename_class(&format!("\u{1}tmp{i}"), &names[i]).map_err(|e| e.to_string())?;
+                p.rename_class(&format!("\u{1}tmp{i}"), &names[i])
+                    .map_err(|e| e.to_string())?;
             } else {
                 p.add_class(&names[i]).map_err(|e| e.to_string())?;
             }
@@ -517,7 +599,9 @@ impl HeGraphApp {
     }
 
     fn template_dialog(&mut self, ctx: &egui::Context) {
-        let Some(ed) = self.dialogs.templates.as_mut() else { return };
+        let Some(ed) = self.dialogs.templates.as_mut() else {
+            return;
+        };
         let mut apply = false;
         let mut cancel = false;
         egui::Modal::new(egui::Id::unique("hegraph-templates")).show(ctx, |ui| {
@@ -575,7 +659,10 @@ impl HeGraphApp {
         }
         let mut open = true;
         let mut run = false;
-        let has_preds = self.session.as_ref().is_some_and(|s| s.predictions().is_some());
+        let has_preds = self
+            .session
+            .as_ref()
+            .is_some_and(|s| s.predictions().is_some());
         let d = &mut self.dialogs.export;
         egui::Window::new("Export labels")
             .open(&mut open)
@@ -584,17 +671,35 @@ impl HeGraphApp {
             .default_width(380.0)
             .show(ctx, |ui| {
                 ui.label("Format");
-                ui.radio_value(&mut d.format, ExportFormat::Csv, "CSV: path,label,confidence");
+                ui.radio_value(
+                    &mut d.format,
+                    ExportFormat::Csv,
+                    "CSV: path,label,confidence",
+                );
                 ui.radio_value(&mut d.format, ExportFormat::Json, "JSON");
-                ui.radio_value(&mut d.format, ExportFormat::TreeCopy, "Folder tree (class/image), copies");
-                ui.radio_value(&mut d.format, ExportFormat::TreeLink, "Folder tree (class/image), symbolic links");
+                ui.radio_value(
+                    &mut d.format,
+                    ExportFormat::TreeCopy,
+                    "Folder tree (class/image), copies",
+                );
+                ui.radio_value(
+                    &mut d.format,
+                    ExportFormat::TreeLink,
+                    "Folder tree (class/image), symbolic links",
+                );
                 ui.separator();
                 ui.add_enabled(
                     has_preds,
-                    egui::Checkbox::new(&mut d.include_predicted, "also unlabelled images, with their predicted class"),
+                    egui::Checkbox::new(
+                        &mut d.include_predicted,
+                        "also unlabelled images, with their predicted class",
+                    ),
                 );
                 ui.add_enabled_ui(has_preds && d.include_predicted, |ui| {
-                    ui.add(egui::Slider::new(&mut d.min_confidence, 0.0..=1.0).text("minimum confidence"));
+                    ui.add(
+                        egui::Slider::new(&mut d.min_confidence, 0.0..=1.0)
+                            .text("minimum confidence"),
+                    );
                 });
                 ui.add_space(6.0);
                 if ui.button(RichText::new("Export…").strong()).clicked() {
@@ -608,7 +713,9 @@ impl HeGraphApp {
     }
 
     fn run_export(&mut self) {
-        let Some(s) = self.session.as_ref() else { return };
+        let Some(s) = self.session.as_ref() else {
+            return;
+        };
         let d = &self.dialogs.export;
         let target = match d.format {
             ExportFormat::Csv => rfd::FileDialog::new()
@@ -645,17 +752,14 @@ impl HeGraphApp {
         };
         let mut open = true;
         let before = s.project.settings.clone();
-        let text = self
-            .dialogs
-            .model_dir_text
-            .get_or_insert_with(|| {
-                s.project
-                    .settings
-                    .model_dir
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default()
-            });
+        let text = self.dialogs.model_dir_text.get_or_insert_with(|| {
+            s.project
+                .settings
+                .model_dir
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        });
         let mut reload_model = false;
         egui::Window::new("Settings")
             .open(&mut open)
@@ -678,21 +782,34 @@ impl HeGraphApp {
                         }
                     }
                 });
-                ui.checkbox(&mut st.allow_download, "download the default CLIP model when none is found");
-                if ui.button("Use this model").on_hover_text("Load the model and embed the folder again").clicked() {
+                ui.checkbox(
+                    &mut st.allow_download,
+                    "download the default CLIP model when none is found",
+                );
+                if ui
+                    .button("Use this model")
+                    .on_hover_text("Load the model and embed the folder again")
+                    .clicked()
+                {
                     st.model_dir = (!text.trim().is_empty()).then(|| PathBuf::from(text.trim()));
                     reload_model = true;
                 }
                 ui.separator();
                 ui.heading("Labelling");
-                ui.checkbox(&mut st.auto_advance, "move to the next image after labelling");
+                ui.checkbox(
+                    &mut st.auto_advance,
+                    "move to the next image after labelling",
+                );
                 ui.horizontal(|ui| {
                     let l = ui.label("retrain automatically after");
                     ui.add(egui::DragValue::new(&mut st.auto_train_every).range(0..=10_000))
                         .labelled_by(l.id);
                     ui.label("new labels (0 = only with T)");
                 });
-                ui.add(egui::Slider::new(&mut st.held_out_percent, 0..=50).text("% of labels held out for accuracy"));
+                ui.add(
+                    egui::Slider::new(&mut st.held_out_percent, 0..=50)
+                        .text("% of labels held out for accuracy"),
+                );
                 ui.add(egui::Slider::new(&mut st.thumb_size, 64.0..=240.0).text("thumbnail size"));
             });
         if s.project.settings != before {
@@ -750,20 +867,28 @@ pub(super) fn export_session(
     target: &Path,
 ) -> Result<String, String> {
     let rels: Vec<String> = s.images.iter().map(|i| i.rel.clone()).collect();
-    let rows = export::export_rows(&s.project, &rels, s.predictions(), opts).map_err(|e| e.to_string())?;
+    let rows =
+        export::export_rows(&s.project, &rels, s.predictions(), opts).map_err(|e| e.to_string())?;
     match format {
         ExportFormat::Csv => export::write_csv(&rows, target).map_err(|e| e.to_string())?,
-        ExportFormat::Json => export::write_json(&s.project, &rows, target).map_err(|e| e.to_string())?,
+        ExportFormat::Json => {
+            export::write_json(&s.project, &rows, target).map_err(|e| e.to_string())?
+        }
         ExportFormat::TreeCopy | ExportFormat::TreeLink => {
             let mode = if format == ExportFormat::TreeCopy {
                 TreeMode::Copy
             } else {
                 TreeMode::Symlink
             };
-            export::export_tree(&s.project.folder, &rows, target, mode).map_err(|e| e.to_string())?;
+            export::export_tree(&s.project.folder, &rows, target, mode)
+                .map_err(|e| e.to_string())?;
         }
     }
-    Ok(format!("exported {} images to {}", rows.len(), target.display()))
+    Ok(format!(
+        "exported {} images to {}",
+        rows.len(),
+        target.display()
+    ))
 }
 
 /// Hyperparameter widgets of the training view.
@@ -779,11 +904,21 @@ pub(super) fn method_combo(ui: &mut egui::Ui, method: &mut Method) {
 }
 
 /// A labelled numeric field as one row of a two-column [`egui::Grid`].
-pub(super) fn param<N: egui::emath::Numeric>(ui: &mut egui::Ui, value: &mut N, label: &str, speed: f64, help: &str) {
+pub(super) fn param<N: egui::emath::Numeric>(
+    ui: &mut egui::Ui,
+    value: &mut N,
+    label: &str,
+    speed: f64,
+    help: &str,
+) {
     let l = ui.label(label).on_hover_text(help);
-    ui.add(egui::DragValue::new(value).speed(speed).min_decimals(if speed < 1.0 { 2 } else { 0 }))
-        .labelled_by(l.id)
-        .on_hover_text(help);
+    ui.add(
+        egui::DragValue::new(value)
+            .speed(speed)
+            .min_decimals(if speed < 1.0 { 2 } else { 0 }),
+    )
+    .labelled_by(l.id)
+    .on_hover_text(help);
     ui.end_row();
 }
 
@@ -794,7 +929,7 @@ pub(super) fn param_group(ui: &mut egui::Ui, title: &str, rows: impl FnOnce(&mut
     egui::Grid::new(("hegraph-params", title))
         .num_columns(2)
         .spacing([14.0, 5.0])
-        .min_col_width(130.0)
+        .min_col_width(175.0)
         .show(ui, rows);
 }
 

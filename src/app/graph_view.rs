@@ -362,7 +362,12 @@ impl GraphLayout {
             force[b][1] -= f * dy;
         }
         let mut max_move = 0.0f32;
-        for ((node, vel), f) in self.nodes.iter_mut().zip(self.velocity.iter_mut()).zip(&force) {
+        for ((node, vel), f) in self
+            .nodes
+            .iter_mut()
+            .zip(self.velocity.iter_mut())
+            .zip(&force)
+        {
             if node.pinned {
                 *vel = [0.0; 2];
                 continue;
@@ -458,6 +463,39 @@ impl GraphLayout {
     }
 }
 
+/// Greedy label placement: in the given order (most important first), keeps each rectangle that overlaps
+/// none kept before. A uniform grid of buckets keeps it near-linear for hundreds of labels.
+pub fn place_labels(rects: &[Rect]) -> Vec<bool> {
+    const CELL: f32 = 64.0;
+    let mut buckets: HashMap<(i32, i32), Vec<usize>> = HashMap::new();
+    let mut keep = vec![false; rects.len()];
+    let cells = |r: &Rect| {
+        let (x0, x1) = (
+            (r.min.x / CELL).floor() as i32,
+            (r.max.x / CELL).floor() as i32,
+        );
+        let (y0, y1) = (
+            (r.min.y / CELL).floor() as i32,
+            (r.max.y / CELL).floor() as i32,
+        );
+        (x0..=x1).flat_map(move |x| (y0..=y1).map(move |y| (x, y)))
+    };
+    for (i, r) in rects.iter().enumerate() {
+        let clash = cells(r).any(|c| {
+            buckets
+                .get(&c)
+                .is_some_and(|list| list.iter().any(|&j| rects[j].intersects(*r)))
+        });
+        if !clash {
+            keep[i] = true;
+            for c in cells(r) {
+                buckets.entry(c).or_default().push(i);
+            }
+        }
+    }
+    keep
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Drawing (egui).
 
@@ -510,6 +548,8 @@ pub struct GraphView {
     fitted: bool,
     dragging: Option<usize>,
     pub hovered: Option<usize>,
+    /// Where the canvas was drawn last frame (for [`GraphView::screen_pos`]).
+    canvas_rect: Option<Rect>,
 }
 
 impl Default for GraphView {
@@ -524,6 +564,7 @@ impl Default for GraphView {
             fitted: false,
             dragging: None,
             hovered: None,
+            canvas_rect: None,
         }
     }
 }
@@ -545,6 +586,13 @@ impl GraphView {
     /// Fits the whole graph into the canvas at the next frame.
     pub fn fit(&mut self) {
         self.fitted = false;
+    }
+
+    /// Where node `i` was drawn in the last frame (scripted clicks in tests, and tooltips).
+    pub fn screen_pos(&self, i: usize) -> Option<Pos2> {
+        let rect = self.canvas_rect?;
+        let n = self.layout.as_ref()?.nodes.get(i)?;
+        Some(self.to_screen(rect, n.pos))
     }
 
     fn to_screen(&self, rect: Rect, p: [f32; 2]) -> Pos2 {
@@ -569,9 +617,12 @@ impl GraphView {
             let w = (hi[0] - lo[0]).max(1.0);
             let h = (hi[1] - lo[1]).max(1.0);
             self.center = [(lo[0] + hi[0]) * 0.5, (lo[1] + hi[1]) * 0.5];
-            self.zoom = ((rect.width() - 80.0) / w)
-                .min((rect.height() - 80.0) / h)
+            // Room for the names, which extend to the right of their nodes.
+            let (left, right, vertical) = (40.0, 150.0, 60.0);
+            self.zoom = ((rect.width() - left - right).max(40.0) / w)
+                .min((rect.height() - vertical).max(40.0) / h)
                 .clamp(0.05, 4.0);
+            self.center[0] += (right - left) * 0.5 / self.zoom;
         }
     }
 
@@ -584,6 +635,7 @@ impl GraphView {
     ) -> Option<GraphAction> {
         let (response, painter) = ui.allocate_painter(ui.available_size(), Sense::click_and_drag());
         let rect = response.rect;
+        self.canvas_rect = Some(rect);
         let visuals = ui.visuals().clone();
         painter.rect_filled(rect, 6.0, visuals.extreme_bg_color);
         let Some(layout) = self.layout.as_mut() else {
@@ -743,28 +795,56 @@ impl GraphView {
             };
             draw_node(&painter, n.kind, p, r, fill, stroke);
         }
-        // Class names next to the positive-text nodes once they do not overlap too much.
-        let spacing = node_radius_pts * 2.0 + 40.0;
-        let label_all = self.show_labels && layout.classes > 0 && {
-            let (lo, hi) = layout.bounds();
-            let area = (hi[0] - lo[0]) * (hi[1] - lo[1]) * self.zoom * self.zoom;
-            area / layout.classes as f32 > spacing * spacing * 0.5
-        };
-        if label_all {
-            for n in layout
-                .nodes
-                .iter()
-                .filter(|n| n.kind == NodeType::PositiveText)
-            {
+        // Names: positive-text nodes first, then visual, then negative, bigger (more confident) nodes first
+        // within a type; a name is drawn only where it overlaps no name already drawn, so dense graphs stay
+        // legible and zooming in reveals more names.
+        if self.show_labels {
+            let mut order: Vec<usize> = (0..layout.nodes.len())
+                .filter(|&i| rect.contains(self.to_screen(rect, layout.nodes[i].pos)))
+                .collect();
+            let rank = |k: NodeType| match k {
+                NodeType::PositiveText => 0,
+                NodeType::Visual => 1,
+                NodeType::NegativeText => 2,
+            };
+            let conf_of = |i: usize| {
+                confidence
+                    .and_then(|c| c.get(layout.nodes[i].class))
+                    .copied()
+                    .unwrap_or(0.0)
+            };
+            order.sort_by(|&a, &b| {
+                rank(layout.nodes[a].kind)
+                    .cmp(&rank(layout.nodes[b].kind))
+                    .then(conf_of(b).total_cmp(&conf_of(a)))
+                    .then(a.cmp(&b))
+            });
+            let mut labels = Vec::with_capacity(order.len());
+            for &i in &order {
+                let n = &layout.nodes[i];
+                let class = classes.get(n.class).map_or("?", String::as_str);
+                let (name, size, color) = match n.kind {
+                    NodeType::PositiveText => {
+                        (class.to_string(), 12.5, visuals.strong_text_color())
+                    }
+                    NodeType::NegativeText => {
+                        (format!("no {class}"), 11.0, visuals.weak_text_color())
+                    }
+                    NodeType::Visual => (class.to_string(), 11.0, visuals.weak_text_color()),
+                };
+                let galley = painter.layout_no_wrap(name, egui::FontId::proportional(size), color);
                 let p = self.to_screen(rect, n.pos);
-                if rect.contains(p) {
+                let at = p + Vec2::new(node_radius_pts + 4.0, -galley.size().y / 2.0);
+                let plate = Rect::from_min_size(at, galley.size()).expand2(Vec2::new(3.0, 1.0));
+                labels.push((plate, at, galley, color));
+            }
+            let rects: Vec<Rect> = labels.iter().map(|l| l.0).collect();
+            let keep = place_labels(&rects);
+            for ((plate, at, galley, color), k) in labels.into_iter().zip(keep) {
+                if k {
                     // A translucent plate keeps names readable over the edges.
-                    let name = classes.get(n.class).map_or("?", String::as_str).to_string();
-                    let galley = painter.layout_no_wrap(name, egui::FontId::proportional(12.5), visuals.strong_text_color());
-                    let at = p + Vec2::new(node_radius_pts + 4.0, -galley.size().y / 2.0);
-                    let plate = Rect::from_min_size(at, galley.size()).expand2(Vec2::new(3.0, 1.0));
                     painter.rect_filled(plate, 3.0, visuals.extreme_bg_color.gamma_multiply(0.8));
-                    painter.galley(at, galley, visuals.strong_text_color());
+                    painter.galley(at, galley, color);
                 }
             }
         }
@@ -841,7 +921,14 @@ impl GraphView {
         for t in NODE_TYPES {
             ui.horizontal(|ui| {
                 let (rect, _) = ui.allocate_exact_size(Vec2::new(18.0, 18.0), Sense::hover());
-                draw_node(ui.painter(), t, rect.center(), 6.0, node_color(t), Stroke::NONE);
+                draw_node(
+                    ui.painter(),
+                    t,
+                    rect.center(),
+                    6.0,
+                    node_color(t),
+                    Stroke::NONE,
+                );
                 let present = self.layout.as_ref().is_none_or(|l| l.has_type(t));
                 let mut text = egui::RichText::new(node_type_name(t));
                 if !present {
@@ -852,7 +939,11 @@ impl GraphView {
         }
         ui.add_space(6.0);
         ui.label(egui::RichText::new("Edges (click to show or hide)").strong());
-        let counts = self.layout.as_ref().map(GraphLayout::visible_counts).unwrap_or_default();
+        let counts = self
+            .layout
+            .as_ref()
+            .map(GraphLayout::visible_counts)
+            .unwrap_or_default();
         for (k, t) in EdgeType::ALL.iter().enumerate() {
             ui.horizontal(|ui| {
                 let (rect, _) = ui.allocate_exact_size(Vec2::new(18.0, 18.0), Sense::hover());
@@ -860,8 +951,22 @@ impl GraphView {
                     [rect.left_center(), rect.right_center()],
                     Stroke::new(3.0, edge_color(*t)),
                 );
-                ui.checkbox(&mut self.filter.enabled[k], egui::RichText::new(t.label()).color(strong).monospace())
-                    .on_hover_text(edge_description(*t));
+                let exists = self
+                    .layout
+                    .as_ref()
+                    .is_none_or(|l| l.has_type(t.source()) && l.has_type(t.target()));
+                ui.add_enabled(
+                    exists,
+                    egui::Checkbox::new(
+                        &mut self.filter.enabled[k],
+                        egui::RichText::new(t.label()).color(strong).monospace(),
+                    ),
+                )
+                .on_hover_text(edge_description(*t))
+                .on_disabled_hover_text(format!(
+                    "{}: this graph has no such nodes",
+                    edge_description(*t)
+                ));
                 ui.label(egui::RichText::new(format!("{}", counts[k])).weak().small());
             });
         }
@@ -876,7 +981,11 @@ impl GraphView {
         });
         ui.add_space(6.0);
         ui.label(egui::RichText::new("Node size").strong());
-        ui.radio_value(&mut self.sizing, NodeSizing::FolderMean, "mean confidence over the folder");
+        ui.radio_value(
+            &mut self.sizing,
+            NodeSizing::FolderMean,
+            "mean confidence over the folder",
+        );
         let sel = match selected_image {
             Some(n) => format!("confidence for {n}"),
             None => "confidence for the selected image".into(),
@@ -886,10 +995,18 @@ impl GraphView {
         ui.checkbox(&mut self.show_labels, "class names");
         ui.add_space(6.0);
         ui.horizontal(|ui| {
-            if ui.button("Fit").on_hover_text("Show the whole graph").clicked() {
+            if ui
+                .button("Fit")
+                .on_hover_text("Show the whole graph")
+                .clicked()
+            {
                 self.fit();
             }
-            if ui.button("Re-layout").on_hover_text("Release dragged nodes and lay out again").clicked() {
+            if ui
+                .button("Re-layout")
+                .on_hover_text("Release dragged nodes and lay out again")
+                .clicked()
+            {
                 if let Some(l) = self.layout.as_mut() {
                     l.unpin_all();
                 }
@@ -1034,6 +1151,35 @@ mod tests {
         assert!(s.contains(&0.0) && s.contains(&1.0));
         l.set_filter(&top1);
         assert_eq!(l.visible_edges().len(), 8);
+    }
+
+    #[test]
+    fn labels_are_placed_without_overlap_in_priority_order() {
+        let r = |x: f32, y: f32| Rect::from_min_size(Pos2::new(x, y), Vec2::new(50.0, 14.0));
+        let rects = vec![
+            r(0.0, 0.0),
+            r(30.0, 5.0),
+            r(60.0, 0.0),
+            r(200.0, 200.0),
+            r(210.0, 205.0),
+        ];
+        assert_eq!(place_labels(&rects), vec![true, false, true, true, false]);
+        let many: Vec<Rect> = (0..400)
+            .map(|i| r((i % 20) as f32 * 25.0, (i / 20) as f32 * 10.0))
+            .collect();
+        let keep = place_labels(&many);
+        let kept: Vec<&Rect> = many
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(r, _)| r)
+            .collect();
+        assert!(kept.len() > 20);
+        for (a, x) in kept.iter().enumerate() {
+            for y in &kept[a + 1..] {
+                assert!(!x.intersects(**y));
+            }
+        }
     }
 
     #[test]

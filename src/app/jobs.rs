@@ -7,23 +7,30 @@
 
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use crate::adapter::{self, BackendChoice, Method, TrainEvent, TrainInput, TrainParams, TrainedAdapter};
+use crate::adapter::{self, Method, TrainEvent, TrainInput, TrainParams, TrainedAdapter};
 use crate::clip::{ClipModel, ModelInfo};
 use crate::extract::{EmbedOptions, EmbedStats, Embedder};
 use crate::features::LabelledSplit;
-use crate::gpu::GpuContext;
+use crate::gpu::{BackendRequest, ComputeBackend, GpuContext, GpuHeGraphFactory};
 use crate::linalg::{softmax, Mat};
 use crate::progress::{CancelToken, Progress};
 
 /// A message from a worker.
 pub enum JobMsg<T> {
     Stage(String),
-    Progress { done: usize, total: usize },
+    Progress {
+        done: usize,
+        total: usize,
+    },
     Message(String),
-    Loss { step: usize, total: usize, loss: f32 },
+    Loss {
+        step: usize,
+        total: usize,
+        loss: f32,
+    },
     Done(Result<T, String>),
 }
 
@@ -85,7 +92,9 @@ impl<T: Send + 'static> Job<T> {
     pub fn spawn(
         name: &'static str,
         ctx: Option<egui::Context>,
-        work: impl FnOnce(&dyn Progress, &CancelToken, &dyn Fn(usize, usize, f32)) -> Result<T, String> + Send + 'static,
+        work: impl FnOnce(&dyn Progress, &CancelToken, &dyn Fn(usize, usize, f32)) -> Result<T, String>
+            + Send
+            + 'static,
     ) -> Self {
         let (tx, rx) = channel();
         let cancel = CancelToken::new();
@@ -97,20 +106,26 @@ impl<T: Send + 'static> Job<T> {
         let spawned = std::thread::Builder::new()
             .name(format!("hegraph-{name}"))
             .spawn(move || {
-                let on_loss = |step: usize, total: usize, loss: f32| progress.send(JobMsg::Loss { step, total, loss });
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&progress, &c2, &on_loss)))
-                    .unwrap_or_else(|p| {
-                        let what = p
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_else(|| "unknown panic".into());
-                        Err(format!("internal error ({what}); please report it"))
-                    });
+                let on_loss = |step: usize, total: usize, loss: f32| {
+                    progress.send(JobMsg::Loss { step, total, loss })
+                };
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    work(&progress, &c2, &on_loss)
+                }))
+                .unwrap_or_else(|p| {
+                    let what = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Err(format!("internal error ({what}); please report it"))
+                });
                 progress.send(JobMsg::Done(result));
             });
         if let Err(e) = spawned {
-            let _ = tx.send(JobMsg::Done(Err(format!("cannot start a worker thread: {e}"))));
+            let _ = tx.send(JobMsg::Done(Err(format!(
+                "cannot start a worker thread: {e}"
+            ))));
         }
         Self {
             name,
@@ -219,7 +234,11 @@ pub struct EmbedOutput {
     pub stats: EmbedStats,
 }
 
-pub fn run_embed(req: EmbedRequest, progress: &dyn Progress, cancel: &CancelToken) -> Result<EmbedOutput, String> {
+pub fn run_embed(
+    req: EmbedRequest,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> Result<EmbedOutput, String> {
     let embedder = match req.embedder {
         Some(e) => e,
         None => {
@@ -304,7 +323,11 @@ pub struct TrainRequest {
     pub held_out: Vec<(usize, usize)>,
     /// Where to save the trained adapter.
     pub save_to: Option<PathBuf>,
-    /// The UI's GPU, for a GPU training backend.
+    /// The training backend, made on first use from the UI's device and kept for later trainings (compiling
+    /// the kernels costs time once).
+    pub backend: Arc<OnceLock<ComputeBackend>>,
+    pub backend_request: BackendRequest,
+    /// The UI's GPU, for the wgpu training backend.
     pub gpu: Option<GpuContext>,
 }
 
@@ -320,15 +343,44 @@ pub struct TrainOutput {
     pub backend: String,
 }
 
-/// The backend HeGraphAdapter trains on. This is the one place that decides it: the GPU engineer's factory
-/// plugs in here, fed with the UI's device (`gpu`); until then, and for baselines, the CPU reference.
-fn backend_for(_gpu: Option<&GpuContext>) -> BackendChoice<'static> {
-    BackendChoice::Cpu
+/// Why the CPU backend is used with this request and device; `None` when the device's wgpu backend is.
+fn cpu_reason(req: BackendRequest, gpu: Option<&GpuContext>) -> Option<Option<String>> {
+    match (req, gpu) {
+        (BackendRequest::Cpu, _) => Some(None),
+        (_, None) => Some(Some("the window has no wgpu device".into())),
+        // A software adapter (lavapipe, WARP) is slower than the CPU backend at these sizes.
+        (BackendRequest::Auto, Some(g)) if g.is_software() => {
+            Some(Some(format!("{} is a software adapter", g.adapter_name())))
+        }
+        _ => None,
+    }
 }
 
-/// The name of what [`backend_for`] picks, for the status line before the first training.
-pub fn backend_name(_gpu: Option<&GpuContext>) -> String {
-    "CPU (candle)".to_string()
+/// The backend HeGraphAdapter trains on: the UI's own wgpu device when it is a real GPU (or when asked for
+/// with `HEGRAPH_BACKEND=wgpu`), else the CPU reference. This is the one place that decides it. Baselines
+/// always run on the CPU.
+pub fn compute_backend(req: BackendRequest, gpu: Option<&GpuContext>) -> ComputeBackend {
+    if let Some(reason) = cpu_reason(req, gpu) {
+        return ComputeBackend::Cpu { reason };
+    }
+    match gpu.map(|g| GpuHeGraphFactory::new(Arc::new(g.clone()))) {
+        Some(Ok(f)) => ComputeBackend::Wgpu(f),
+        Some(Err(e)) => ComputeBackend::Cpu {
+            reason: Some(format!("the GPU kernels could not be built: {e}")),
+        },
+        None => ComputeBackend::Cpu { reason: None },
+    }
+}
+
+/// What [`compute_backend`] will pick, for the status line before the first training (without building
+/// kernels).
+pub fn planned_backend(req: BackendRequest, gpu: Option<&GpuContext>) -> String {
+    match (cpu_reason(req, gpu), gpu) {
+        (Some(None), _) => "CPU".into(),
+        (Some(Some(r)), _) => format!("CPU ({r})"),
+        (None, Some(g)) => format!("wgpu: {}", g.describe()),
+        (None, None) => "CPU".into(),
+    }
 }
 
 pub fn run_train(
@@ -372,15 +424,26 @@ pub fn run_train(
     };
     progress.set_stage(&format!("training {}", req.method.title()));
     let mut on_event = |e: &TrainEvent| match e {
-        TrainEvent::Step { step, total, loss, .. } => {
+        TrainEvent::Step {
+            step, total, loss, ..
+        } => {
             if let Some(l) = loss {
                 on_loss(*step, *total, *l);
             }
         }
         TrainEvent::Message(m) => progress.message(m),
     };
-    let adapter = adapter::train(req.method, &req.params, &input, backend_for(req.gpu.as_ref()), cancel, &mut on_event)
-        .map_err(|e| e.to_string())?;
+    let adapter = adapter::train(
+        req.method,
+        &req.params,
+        &input,
+        req.backend
+            .get_or_init(|| compute_backend(req.backend_request, req.gpu.as_ref()))
+            .choice(),
+        cancel,
+        &mut on_event,
+    )
+    .map_err(|e| e.to_string())?;
     progress.set_stage("predicting every image");
     let probs = adapter.predict(&req.centre).map_err(|e| e.to_string())?;
     let held_out_accuracy = (!req.held_out.is_empty()).then(|| {

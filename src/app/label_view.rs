@@ -24,9 +24,16 @@ impl HeGraphApp {
         egui::Panel::right("hegraph-preview")
             .resizable(false)
             .exact_size(350.0)
-            .show(ui, |ui| self.preview_panel(ui));
+            .show(ui, |ui| {
+                egui::ScrollArea::vertical()
+                    .id_salt("hegraph-preview-scroll")
+                    .auto_shrink([false, false])
+                    .show(ui, |ui| self.preview_panel(ui));
+            });
         egui::CentralPanel::default()
-            .frame(egui::Frame::central_panel(ui.style()).inner_margin(egui::Margin::symmetric(10, 8)))
+            .frame(
+                egui::Frame::central_panel(ui.style()).inner_margin(egui::Margin::symmetric(10, 8)),
+            )
             .show(ui, |ui| self.grid(ui));
     }
 
@@ -59,7 +66,9 @@ impl HeGraphApp {
     }
 
     fn class_panel(&mut self, ui: &mut egui::Ui) {
-        let Some(s) = self.session.as_mut() else { return };
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
         let classes = s.classes().to_vec();
         let counts = s.counts_per_class();
         let mut predicted = vec![0usize; classes.len()];
@@ -79,12 +88,20 @@ impl HeGraphApp {
         ui.horizontal(|ui| {
             ui.heading("Classes");
             ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
-                if ui.small_button("Edit…").on_hover_text("Add, rename, reorder or remove classes").clicked() {
+                if ui
+                    .small_button("Edit…")
+                    .on_hover_text("Add, rename, reorder or remove classes")
+                    .clicked()
+                {
                     edit = true;
                 }
             });
         });
-        ui.label(RichText::new("counts: labelled · predicted among unlabelled").small().weak());
+        ui.label(
+            RichText::new("counts: labelled · predicted among unlabelled")
+                .small()
+                .weak(),
+        );
         ui.add_space(2.0);
         let list_height = (ui.available_height() - 250.0).max(120.0);
         egui::ScrollArea::vertical()
@@ -94,28 +111,45 @@ impl HeGraphApp {
             .show(ui, |ui| {
                 for (c, name) in classes.iter().enumerate() {
                     let selected = filter.class == Some(c);
-                    let (rect, resp) = ui.allocate_exact_size(Vec2::new(ui.available_width(), 26.0), Sense::click());
+                    let (rect, resp) = ui
+                        .allocate_exact_size(Vec2::new(ui.available_width(), 26.0), Sense::click());
                     let resp = resp.on_hover_text(format!(
                         "Click: show only the images labelled '{name}'.\n{}Right-click: more.",
                         if c < 9 {
-                            format!("Press {} to label the selected image(s) as '{name}'.\n", c + 1)
+                            format!(
+                                "Press {} to label the selected image(s) as '{name}'.\n",
+                                c + 1
+                            )
                         } else {
                             "Press / to pick this class by name.\n".to_string()
                         }
                     ));
                     let visuals = ui.visuals();
                     if selected {
-                        ui.painter().rect_filled(rect, 5.0, style::ACCENT.gamma_multiply(0.25));
+                        ui.painter()
+                            .rect_filled(rect, 5.0, style::ACCENT.gamma_multiply(0.25));
                     } else if resp.hovered() {
-                        ui.painter().rect_filled(rect, 5.0, visuals.widgets.hovered.weak_bg_fill);
+                        ui.painter()
+                            .rect_filled(rect, 5.0, visuals.widgets.hovered.weak_bg_fill);
                     }
                     let color = style::class_color(c);
-                    let key = if c < 9 { format!("{}", c + 1) } else { String::new() };
+                    let key = if c < 9 {
+                        format!("{}", c + 1)
+                    } else {
+                        String::new()
+                    };
                     let p = ui.painter();
-                    let badge = Rect::from_min_size(rect.min + Vec2::new(4.0, 4.0), Vec2::splat(18.0));
+                    let badge =
+                        Rect::from_min_size(rect.min + Vec2::new(4.0, 4.0), Vec2::splat(18.0));
                     if !key.is_empty() {
                         p.rect_filled(badge, 4.0, color.gamma_multiply(0.25));
-                        p.text(badge.center(), Align2::CENTER_CENTER, key, FontId::monospace(12.0), color);
+                        p.text(
+                            badge.center(),
+                            Align2::CENTER_CENTER,
+                            key,
+                            FontId::monospace(12.0),
+                            color,
+                        );
                     }
                     p.circle_filled(Pos2::new(rect.min.x + 32.0, rect.center().y), 4.5, color);
                     p.text(
@@ -136,11 +170,17 @@ impl HeGraphApp {
                         filter.class = if selected { None } else { Some(c) };
                     }
                     resp.context_menu(|ui| {
-                        if ui.button(format!("Label the selection as '{name}'")).clicked() {
+                        if ui
+                            .button(format!("Label the selection as '{name}'"))
+                            .clicked()
+                        {
                             label_as = Some(c);
                             ui.close();
                         }
-                        if ui.button(format!("Show images predicted as '{name}'")).clicked() {
+                        if ui
+                            .button(format!("Show images predicted as '{name}'"))
+                            .clicked()
+                        {
                             filter.predicted = Some(c);
                             filter.class = None;
                             ui.close();
@@ -151,7 +191,11 @@ impl HeGraphApp {
         ui.separator();
         ui.label(RichText::new("Show").strong());
         ui.horizontal(|ui| {
-            for (v, t) in [(Show::All, "all"), (Show::Unlabelled, "unlabelled"), (Show::Labelled, "labelled")] {
+            for (v, t) in [
+                (Show::All, "all"),
+                (Show::Unlabelled, "unlabelled"),
+                (Show::Labelled, "labelled"),
+            ] {
                 ui.selectable_value(&mut filter.show, v, t);
             }
         });
@@ -201,9 +245,13 @@ impl HeGraphApp {
         ui.add_space(8.0);
         let (done, total) = (s.labelled_count(), s.len());
         ui.add(
-            egui::ProgressBar::new(if total == 0 { 0.0 } else { done as f32 / total as f32 })
-                .text(format!("{done} / {total} labelled"))
-                .desired_height(18.0),
+            egui::ProgressBar::new(if total == 0 {
+                0.0
+            } else {
+                done as f32 / total as f32
+            })
+            .text(format!("{done} / {total} labelled"))
+            .desired_height(18.0),
         );
         s.set_filter(filter);
         if let Some(c) = label_as {
@@ -215,8 +263,12 @@ impl HeGraphApp {
     }
 
     fn grid(&mut self, ui: &mut egui::Ui) {
-        let Some(s) = self.session.as_mut() else { return };
-        let Some(thumbs) = self.thumbs.as_mut() else { return };
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        let Some(thumbs) = self.thumbs.as_mut() else {
+            return;
+        };
         let size = s.project.settings.thumb_size.clamp(48.0, 320.0);
         let visible = s.visible().to_vec();
         ui.horizontal(|ui| {
@@ -226,7 +278,11 @@ impl HeGraphApp {
             }
             ui.label(RichText::new(text).weak());
             ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
-                ui.label(RichText::new("N: next most uncertain · 1–9: label · F1: all keys").small().weak());
+                ui.label(
+                    RichText::new("N: next most uncertain · 1–9: label · F1: all keys")
+                        .small()
+                        .weak(),
+                );
             });
         });
         ui.add_space(4.0);
@@ -238,7 +294,9 @@ impl HeGraphApp {
         self.grid.cols = cols;
         let rows = visible.len().div_ceil(cols);
         let cursor_pos = s.cursor.and_then(|c| visible.iter().position(|&x| x == c));
-        let mut area = egui::ScrollArea::vertical().id_salt("hegraph-grid").auto_shrink([false, false]);
+        let mut area = egui::ScrollArea::vertical()
+            .id_salt("hegraph-grid")
+            .auto_shrink([false, false]);
         let row_h = tile.y;
         let spacing_y = ui.spacing().item_spacing.y;
         if self.grid.scroll_to_cursor {
@@ -256,8 +314,14 @@ impl HeGraphApp {
         let mut clicked: Option<(usize, egui::Modifiers)> = None;
         let mut wanted: Vec<ThumbKey> = Vec::new();
         if let Some(c) = s.cursor {
-            wanted.push(ThumbKey { image: c, large: true });
-            wanted.push(ThumbKey { image: c, large: false });
+            wanted.push(ThumbKey {
+                image: c,
+                large: true,
+            });
+            wanted.push(ThumbKey {
+                image: c,
+                large: false,
+            });
         }
         let labels: Vec<Option<usize>> = s.labels().to_vec();
         let classes = s.classes().to_vec();
@@ -269,7 +333,10 @@ impl HeGraphApp {
                 ui.horizontal(|ui| {
                     ui.spacing_mut().item_spacing.x = GAP;
                     for &i in visible.iter().skip(r * cols).take(cols) {
-                        let key = ThumbKey { image: i, large: false };
+                        let key = ThumbKey {
+                            image: i,
+                            large: false,
+                        };
                         wanted.push(key);
                         let (rect, resp) = ui.allocate_exact_size(tile, Sense::click());
                         let rel = &s.images[i].rel;
@@ -309,8 +376,12 @@ impl HeGraphApp {
 
     fn preview_panel(&mut self, ui: &mut egui::Ui) {
         let method = self.engine.adapter.as_ref().map(|a| a.title());
-        let Some(s) = self.session.as_mut() else { return };
-        let Some(thumbs) = self.thumbs.as_mut() else { return };
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        let Some(thumbs) = self.thumbs.as_mut() else {
+            return;
+        };
         let classes = s.classes().to_vec();
         let mut label_as: Option<Option<usize>> = None;
         ui.add_space(8.0);
@@ -318,11 +389,18 @@ impl HeGraphApp {
             ui.label(RichText::new("Select an image").weak());
             return;
         };
-        let box_size = Vec2::new(ui.available_width(), 300.0);
+        let box_size = Vec2::new(ui.available_width(), 280.0);
         let (rect, _) = ui.allocate_exact_size(box_size, Sense::hover());
-        ui.painter().rect_filled(rect, 8.0, ui.visuals().extreme_bg_color);
-        let large = ThumbKey { image: c, large: true };
-        let small = ThumbKey { image: c, large: false };
+        ui.painter()
+            .rect_filled(rect, 8.0, ui.visuals().extreme_bg_color);
+        let large = ThumbKey {
+            image: c,
+            large: true,
+        };
+        let small = ThumbKey {
+            image: c,
+            large: false,
+        };
         let tex = match thumbs.get(large) {
             Thumb::Ready(t) => Some(t.clone()),
             _ => match thumbs.get(small) {
@@ -342,7 +420,12 @@ impl HeGraphApp {
         };
         if let Some(t) = tex {
             let r = fit(t.size_vec2(), rect.shrink(8.0));
-            ui.painter().image(t.id(), r, Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0)), Color32::WHITE);
+            ui.painter().image(
+                t.id(),
+                r,
+                Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0)),
+                Color32::WHITE,
+            );
         }
         ui.add_space(6.0);
         ui.label(RichText::new(&s.images[c].rel).strong());
@@ -350,7 +433,11 @@ impl HeGraphApp {
             Some(l) => {
                 ui.horizontal(|ui| {
                     ui.label("labelled");
-                    ui.label(RichText::new(&classes[l]).color(style::class_color(l)).strong());
+                    ui.label(
+                        RichText::new(&classes[l])
+                            .color(style::class_color(l))
+                            .strong(),
+                    );
                 });
             }
             None => {
@@ -358,23 +445,46 @@ impl HeGraphApp {
             }
         }
         if s.selection.len() > 1 {
-            ui.label(RichText::new(format!("{} images selected: a label applies to all", s.selection.len())).color(style::ACCENT));
+            ui.label(
+                RichText::new(format!(
+                    "{} images selected: a label applies to all",
+                    s.selection.len()
+                ))
+                .color(style::ACCENT),
+            );
         }
         ui.add_space(4.0);
         ui.horizontal_wrapped(|ui| {
             ui.spacing_mut().item_spacing = Vec2::new(4.0, 4.0);
             for (k, name) in classes.iter().enumerate() {
-                let text = if k < 9 { format!("{} {name}", k + 1) } else { name.clone() };
-                let b = egui::Button::new(RichText::new(text).color(style::class_color(k)).size(13.0));
+                let text = if k < 9 {
+                    format!("{} {name}", k + 1)
+                } else {
+                    name.clone()
+                };
+                let b =
+                    egui::Button::new(RichText::new(text).color(style::class_color(k)).size(13.0));
                 if ui
                     .add(b)
-                    .on_hover_text(format!("Label as '{name}'{}", if k < 9 { format!(" (key {})", k + 1) } else { String::new() }))
+                    .on_hover_text(format!(
+                        "Label as '{name}'{}",
+                        if k < 9 {
+                            format!(" (key {})", k + 1)
+                        } else {
+                            String::new()
+                        }
+                    ))
                     .clicked()
                 {
                     label_as = Some(Some(k));
                 }
             }
-            if s.label(c).is_some() && ui.button("⨯ unlabel").on_hover_text("Remove the label (0)").clicked() {
+            if s.label(c).is_some()
+                && ui
+                    .button("⨯ unlabel")
+                    .on_hover_text("Remove the label (0)")
+                    .clicked()
+            {
                 label_as = Some(None);
             }
         });
@@ -392,14 +502,27 @@ impl HeGraphApp {
                 order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
                 let shown = order.len().min(10);
                 for &k in &order[..shown] {
-                    confidence_bar(ui, &classes[k], row[k], style::class_color(k), s.label(c) == Some(k));
+                    confidence_bar(
+                        ui,
+                        &classes[k],
+                        row[k],
+                        style::class_color(k),
+                        s.label(c) == Some(k),
+                    );
                 }
                 if order.len() > shown {
-                    ui.label(RichText::new(format!("… and {} more classes", order.len() - shown)).small().weak());
+                    ui.label(
+                        RichText::new(format!("… and {} more classes", order.len() - shown))
+                            .small()
+                            .weak(),
+                    );
                 }
             }
             None => {
-                ui.label(RichText::new("No predictions yet: they appear once the folder is embedded.").weak());
+                ui.label(
+                    RichText::new("No predictions yet: they appear once the folder is embedded.")
+                        .weak(),
+                );
             }
         }
         if let Some(l) = label_as {
@@ -422,7 +545,14 @@ struct TileInfo {
     hovered: bool,
 }
 
-fn draw_tile(ui: &egui::Ui, rect: Rect, size: f32, thumb: Thumb<'_>, info: &TileInfo, classes: &[String]) {
+fn draw_tile(
+    ui: &egui::Ui,
+    rect: Rect,
+    size: f32,
+    thumb: Thumb<'_>,
+    info: &TileInfo,
+    classes: &[String],
+) {
     let p = ui.painter();
     let v = ui.visuals();
     let bg = if info.selected {
@@ -437,22 +567,40 @@ fn draw_tile(ui: &egui::Ui, rect: Rect, size: f32, thumb: Thumb<'_>, info: &Tile
     match thumb {
         Thumb::Ready(t) => {
             let r = fit(t.size_vec2(), img_rect);
-            p.image(t.id(), r, Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0)), Color32::WHITE);
+            p.image(
+                t.id(),
+                r,
+                Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0)),
+                Color32::WHITE,
+            );
         }
         Thumb::Loading => {
             p.rect_filled(img_rect, 4.0, v.extreme_bg_color);
         }
         Thumb::Failed(_) => {
             p.rect_filled(img_rect, 4.0, v.extreme_bg_color);
-            p.text(img_rect.center(), Align2::CENTER_CENTER, "unreadable", FontId::proportional(12.0), style::WARNING_FG);
+            p.text(
+                img_rect.center(),
+                Align2::CENTER_CENTER,
+                "unreadable",
+                FontId::proportional(12.0),
+                style::WARNING_FG,
+            );
         }
     }
-    let cap = Rect::from_min_max(Pos2::new(rect.min.x + 5.0, rect.max.y - CAPTION), rect.max - Vec2::new(5.0, 3.0));
+    let cap = Rect::from_min_max(
+        Pos2::new(rect.min.x + 5.0, rect.max.y - CAPTION),
+        rect.max - Vec2::new(5.0, 3.0),
+    );
     match (info.label, info.prediction) {
         (Some(l), _) => {
             let color = style::class_color(l);
             let name = classes.get(l).map_or("?", String::as_str);
-            let galley = p.layout_no_wrap(name.to_string(), FontId::proportional(12.5), Color32::from_gray(20));
+            let galley = p.layout_no_wrap(
+                name.to_string(),
+                FontId::proportional(12.5),
+                Color32::from_gray(20),
+            );
             let w = (galley.size().x + 14.0).min(cap.width());
             let pill = Rect::from_min_size(cap.min, Vec2::new(w, cap.height() - 2.0));
             p.rect_filled(pill, 9.0, color);
@@ -498,20 +646,35 @@ fn fit(size: Vec2, bounds: Rect) -> Rect {
 }
 
 fn confidence_bar(ui: &mut egui::Ui, name: &str, p: f32, color: Color32, is_label: bool) {
-    let (rect, resp) = ui.allocate_exact_size(Vec2::new(ui.available_width(), 22.0), Sense::hover());
+    let (rect, resp) =
+        ui.allocate_exact_size(Vec2::new(ui.available_width(), 22.0), Sense::hover());
     resp.on_hover_text(format!("{name}: {:.2} %", p * 100.0));
     let painter = ui.painter();
     let name_w = 110.0;
-    let bar = Rect::from_min_max(Pos2::new(rect.min.x + name_w, rect.min.y + 4.0), Pos2::new(rect.max.x - 52.0, rect.max.y - 4.0));
+    let bar = Rect::from_min_max(
+        Pos2::new(rect.min.x + name_w, rect.min.y + 4.0),
+        Pos2::new(rect.max.x - 52.0, rect.max.y - 4.0),
+    );
     painter.text(
         Pos2::new(rect.min.x, rect.center().y),
         Align2::LEFT_CENTER,
-        if is_label { format!("● {name}") } else { name.to_string() },
+        if is_label {
+            format!("● {name}")
+        } else {
+            name.to_string()
+        },
         FontId::proportional(13.0),
-        if is_label { color } else { ui.visuals().text_color() },
+        if is_label {
+            color
+        } else {
+            ui.visuals().text_color()
+        },
     );
     painter.rect_filled(bar, 3.0, ui.visuals().extreme_bg_color);
-    let filled = Rect::from_min_size(bar.min, Vec2::new(bar.width() * p.clamp(0.0, 1.0), bar.height()));
+    let filled = Rect::from_min_size(
+        bar.min,
+        Vec2::new(bar.width() * p.clamp(0.0, 1.0), bar.height()),
+    );
     painter.rect_filled(filled, 3.0, color);
     painter.text(
         Pos2::new(rect.max.x, rect.center().y),

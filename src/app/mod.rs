@@ -22,7 +22,9 @@ pub mod state;
 pub mod style;
 pub mod thumbs;
 
+mod chrome;
 mod dialogs;
+mod graph_page;
 mod label_view;
 mod train_view;
 
@@ -30,18 +32,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use egui::{Color32, Key, Modifiers, RichText};
+use egui::{Key, Modifiers};
 
-use crate::adapter::{TrainedAdapter, TrainParams};
+use crate::adapter::{TrainParams, TrainedAdapter};
 use crate::clip::ModelInfo;
 use crate::data::{self, DataError};
 use crate::extract::Embedder;
 use crate::gpu::GpuContext;
-use crate::graph::{GraphOptions, HeteroGraph, LabelledViewsRef};
 use crate::linalg::Mat;
 use crate::project::{default_project_path, Project, ProjectError, TrainingRecord};
 
-use graph_view::{GraphAction, GraphView};
+use graph_view::GraphView;
 use jobs::{EmbedOutput, EmbedRequest, Job, Polled, TrainOutput, TrainRequest};
 use state::{ImageItem, Session};
 use thumbs::ThumbCache;
@@ -72,7 +73,9 @@ fn sidecars(folder: &Path) -> Sidecars {
             labels: file(folder, "labels.csv"),
         };
     }
-    let parent = folder.parent().filter(|_| folder.file_name().is_some_and(|n| n == "images"));
+    let parent = folder
+        .parent()
+        .filter(|_| folder.file_name().is_some_and(|n| n == "images"));
     match parent.and_then(|p| file(p, "classes.txt").map(|c| (p, c))) {
         Some((p, c)) => Sidecars {
             images: folder.to_path_buf(),
@@ -88,7 +91,8 @@ fn sidecars(folder: &Path) -> Sidecars {
 }
 
 /// The line shown whenever the model is a test checkpoint.
-pub const TEST_CHECKPOINT_BANNER: &str = "TEST CHECKPOINT (random weights): predictions are not meaningful";
+pub const TEST_CHECKPOINT_BANNER: &str =
+    "TEST CHECKPOINT (random weights): predictions are not meaningful";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -115,6 +119,9 @@ pub struct AppOptions {
     pub auto_embed: bool,
     pub thumb_threads: usize,
     pub thumb_capacity: usize,
+    /// Where HeGraphAdapter trains (`HEGRAPH_BACKEND=auto|cpu|wgpu`, default auto: the window's GPU unless it
+    /// is a software adapter).
+    pub backend: crate::gpu::BackendRequest,
 }
 
 impl Default for AppOptions {
@@ -126,6 +133,10 @@ impl Default for AppOptions {
             auto_embed: true,
             thumb_threads: (cores / 2).clamp(1, 4),
             thumb_capacity: 600,
+            backend: std::env::var("HEGRAPH_BACKEND")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_default(),
         }
     }
 }
@@ -200,7 +211,13 @@ struct Engine {
     train_job: Option<Job<TrainOutput>>,
     history: Vec<RunSummary>,
     model_error: Option<String>,
-    last_embed: Option<(usize, f64, usize)>,
+    /// The model folder asked for when the embedder was made (`None` inside = the default look-up).
+    model_request: Option<Option<PathBuf>>,
+    /// The training backend, made by the first training (see [`jobs::compute_backend`]).
+    backend: Arc<std::sync::OnceLock<crate::gpu::ComputeBackend>>,
+    /// The classes and templates the running (or last) embedding job embedded prompts for; when the person
+    /// edits them meanwhile, the prompts are embedded again once the job ends.
+    embedded_for: (Vec<String>, Vec<String>),
 }
 
 /// Grid layout facts the keyboard needs (columns for up/down) and the scroll request.
@@ -293,6 +310,7 @@ impl HeGraphApp {
     /// The wgpu device the engine may use (eframe's); the status line names it.
     pub fn set_gpu(&mut self, gpu: Option<GpuContext>) {
         self.gpu = gpu;
+        self.engine.backend = Arc::default();
     }
 
     pub fn gpu(&self) -> Option<&GpuContext> {
@@ -351,7 +369,9 @@ impl HeGraphApp {
                 let mut project = Project::new(ds.root.clone(), ds.classes.clone());
                 for img in &ds.images {
                     if let Some(l) = img.label {
-                        project.labels.insert(img.rel.clone(), ds.classes[l].clone());
+                        project
+                            .labels
+                            .insert(img.rel.clone(), ds.classes[l].clone());
                     }
                 }
                 self.report_problems(&ds.problems);
@@ -367,7 +387,10 @@ impl HeGraphApp {
                 self.install(project, Some(path), images);
                 if let Some(s) = &self.session {
                     if let Err(e) = s.save() {
-                        self.notify(Level::Warn, format!("{e}; use Project ▸ Save as… to keep your labels"));
+                        self.notify(
+                            Level::Warn,
+                            format!("{e}; use Project ▸ Save as… to keep your labels"),
+                        );
                     }
                 }
                 Ok(())
@@ -390,7 +413,12 @@ impl HeGraphApp {
     }
 
     /// Creates a project for `folder` with the given classes (and templates, when not empty) and opens it.
-    pub fn create_project(&mut self, folder: &Path, classes: Vec<String>, templates: Vec<String>) -> Result<(), AppError> {
+    pub fn create_project(
+        &mut self,
+        folder: &Path,
+        classes: Vec<String>,
+        templates: Vec<String>,
+    ) -> Result<(), AppError> {
         let ds = data::open_folder(
             folder,
             &data::OpenOptions {
@@ -404,7 +432,9 @@ impl HeGraphApp {
         }
         for img in &ds.images {
             if let Some(l) = img.label {
-                project.labels.insert(img.rel.clone(), ds.classes[l].clone());
+                project
+                    .labels
+                    .insert(img.rel.clone(), ds.classes[l].clone());
             }
         }
         self.report_problems(&ds.problems);
@@ -469,10 +499,12 @@ impl HeGraphApp {
                 path: e.path.clone(),
             })
             .collect();
+        let present: std::collections::HashSet<&str> =
+            images.iter().map(|i| i.rel.as_str()).collect();
         let missing = project
             .labels
             .keys()
-            .filter(|k| !images.iter().any(|i| &i.rel == *k))
+            .filter(|k| !present.contains(k.as_str()))
             .count();
         if missing > 0 {
             self.notify(
@@ -491,14 +523,22 @@ impl HeGraphApp {
                 p
             };
             match TrainedAdapter::load(&p) {
-                Ok(a) if self.session.as_ref().is_some_and(|s| s.classes() == a.classes.as_slice()) => {
+                Ok(a)
+                    if self
+                        .session
+                        .as_ref()
+                        .is_some_and(|s| s.classes() == a.classes.as_slice()) =>
+                {
                     self.engine.adapter = Some(Arc::new(a));
                 }
                 Ok(_) => self.notify(
                     Level::Info,
                     "the saved adapter was trained for other classes; train again".to_string(),
                 ),
-                Err(e) => self.notify(Level::Warn, format!("the saved adapter could not be loaded: {e}")),
+                Err(e) => self.notify(
+                    Level::Warn,
+                    format!("the saved adapter could not be loaded: {e}"),
+                ),
             }
         }
         Ok(())
@@ -512,11 +552,22 @@ impl HeGraphApp {
         if let Some(job) = &self.engine.train_job {
             job.cancel();
         }
-        let keep_embedder = self.engine.embedder.take();
-        let keep_model = self.engine.model.take();
+        // The loaded model is kept when the new project asks for the same one (loading CLIP takes seconds).
+        let wanted = self
+            .opts
+            .model_dir
+            .clone()
+            .or_else(|| project.settings.model_dir.clone());
+        let same_model = self.engine.model_request.as_ref() == Some(&wanted);
+        let keep_embedder = self.engine.embedder.take().filter(|_| same_model);
+        let keep_model = self.engine.model.take().filter(|_| same_model);
+        let keep_request = self.engine.model_request.take().filter(|_| same_model);
+        let keep_backend = Arc::clone(&self.engine.backend);
         self.engine = Engine {
             embedder: keep_embedder,
             model: keep_model,
+            model_request: keep_request,
+            backend: keep_backend,
             ..Engine::default()
         };
         self.train_after_embed = false;
@@ -572,6 +623,10 @@ impl HeGraphApp {
             classes: s.project.classes.clone(),
             templates: s.project.templates.clone(),
         };
+        self.engine.embedded_for = (req.classes.clone(), req.templates.clone());
+        if self.engine.embedder.is_none() {
+            self.engine.model_request = Some(req.model_dir.clone());
+        }
         self.engine.model_error = None;
         self.engine.embed_job = Some(Job::spawn("embed", self.ctx.clone(), move |p, c, _| {
             jobs::run_embed(req, p, c)
@@ -636,6 +691,8 @@ impl HeGraphApp {
             train,
             held_out,
             save_to,
+            backend: Arc::clone(&self.engine.backend),
+            backend_request: self.opts.backend,
             gpu: self.gpu.clone(),
         };
         if let Some(s) = self.session.as_mut() {
@@ -644,12 +701,11 @@ impl HeGraphApp {
         self.engine.train_job = Some(Job::spawn("train", self.ctx.clone(), move |p, c, l| {
             jobs::run_train(req, p, c, l)
         }));
-        self.view_hint_training();
+        self.notify(
+            Level::Info,
+            "training started (Esc or Cancel stops it)".into(),
+        );
         Ok(())
-    }
-
-    fn view_hint_training(&mut self) {
-        self.notify(Level::Info, "training started (Esc or Cancel stops it)".into());
     }
 
     pub fn cancel_jobs(&mut self) {
@@ -676,7 +732,9 @@ impl HeGraphApp {
                 self.engine.embed_job = None;
                 match result {
                     Ok(out) => self.embedding_done(out),
-                    Err(e) if cancelled => self.notify(Level::Info, format!("embedding stopped ({e})")),
+                    Err(e) if cancelled => {
+                        self.notify(Level::Info, format!("embedding stopped ({e})"))
+                    }
                     Err(e) => {
                         self.engine.model_error = Some(e.clone());
                         self.train_after_embed = false;
@@ -689,7 +747,11 @@ impl HeGraphApp {
             let polled = job.poll();
             let messages: Vec<String> = job.messages.drain(..).collect();
             let cancelled = job.is_cancelled();
-            let losses = job.losses.clone();
+            let losses = if matches!(polled, Polled::Finished(_)) {
+                job.losses.clone()
+            } else {
+                Vec::new()
+            };
             for m in messages {
                 self.notify(Level::Info, m);
             }
@@ -697,7 +759,9 @@ impl HeGraphApp {
                 self.engine.train_job = None;
                 match result {
                     Ok(out) => self.training_done(out, losses),
-                    Err(e) if cancelled => self.notify(Level::Info, format!("training stopped ({e})")),
+                    Err(e) if cancelled => {
+                        self.notify(Level::Info, format!("training stopped ({e})"))
+                    }
                     Err(e) => self.notify(Level::Error, format!("training failed: {e}")),
                 }
             }
@@ -725,11 +789,38 @@ impl HeGraphApp {
             let n = c.rows;
             self.engine.centre = Some(c);
             self.engine.ok = ok;
-            self.engine.last_embed = Some((n, stats.seconds, stats.features_from_cache));
+            let rate = if stats.seconds > 0.0 {
+                n as f64 / stats.seconds
+            } else {
+                0.0
+            };
+            self.notify(
+                Level::Info,
+                format!(
+                    "embedded {n} images in {} ({rate:.0} images/s; {} features from the cache)",
+                    style::short_duration(stats.seconds),
+                    stats.features_from_cache
+                ),
+            );
             let bad = self.engine.ok.iter().filter(|o| !**o).count();
             if bad > 0 {
-                self.notify(Level::Warn, format!("{bad} image(s) could not be read and are left out"));
+                self.notify(
+                    Level::Warn,
+                    format!("{bad} image(s) could not be read and are left out"),
+                );
             }
+        }
+        let current = self
+            .session
+            .as_ref()
+            .map(|s| (s.project.classes.clone(), s.project.templates.clone()));
+        if current.as_ref() != Some(&self.engine.embedded_for) {
+            // The classes or templates changed while this job ran: its prompts are stale.
+            self.engine.embedder = Some(embedder);
+            self.engine.model = Some(info);
+            self.engine.serial += 1;
+            self.start_embedding();
+            return;
         }
         self.engine.text = Some(text);
         self.engine.text_neg = Some(text_neg);
@@ -741,17 +832,32 @@ impl HeGraphApp {
             (Some(a), Some(c)) => a.predict(c).ok(),
             _ => None,
         };
-        let probs = from_adapter.or_else(|| {
-            let c = self.engine.centre.as_ref()?;
-            let t = self.engine.text.as_ref()?;
-            Some(zero_shot.unwrap_or_else(|| jobs::zero_shot_probs(c, t, TrainParams::default().logit_scale)))
-        });
+        let probs =
+            from_adapter.or_else(|| {
+                let c = self.engine.centre.as_ref()?;
+                let t = self.engine.text.as_ref()?;
+                Some(zero_shot.unwrap_or_else(|| {
+                    jobs::zero_shot_probs(c, t, TrainParams::default().logit_scale)
+                }))
+            });
         if let Some(s) = self.session.as_mut() {
             s.set_predictions(probs);
         }
     }
 
     fn training_done(&mut self, out: TrainOutput, losses: Vec<(usize, f32)>) {
+        if self
+            .session
+            .as_ref()
+            .is_none_or(|s| s.classes() != out.adapter.classes.as_slice())
+        {
+            self.notify(
+                Level::Warn,
+                "the classes changed while training ran; its result was dropped: train again (T)"
+                    .into(),
+            );
+            return;
+        }
         let title = out.adapter.title();
         let summary = RunSummary {
             method: title.clone(),
@@ -770,9 +876,17 @@ impl HeGraphApp {
         for n in &out.adapter.notes {
             self.notify(Level::Info, n.clone());
         }
-        let mut msg = format!("{title} trained on {} images in {}", out.trained_on, style::short_duration(out.seconds));
+        let mut msg = format!(
+            "{title} trained on {} images in {}",
+            out.trained_on,
+            style::short_duration(out.seconds)
+        );
         if let Some(a) = out.held_out_accuracy {
-            msg.push_str(&format!("; held-out accuracy {:.1} % ({} images)", a * 100.0, out.held_out));
+            msg.push_str(&format!(
+                "; held-out accuracy {:.1} % ({} images)",
+                a * 100.0,
+                out.held_out
+            ));
         }
         self.notify(Level::Info, msg);
         self.engine.history.push(summary);
@@ -815,7 +929,9 @@ impl HeGraphApp {
     /// Labels the cursor/selection with `class` (`None` clears) and does what follows a label: save, advance,
     /// maybe retrain.
     pub fn label_with(&mut self, class: Option<usize>) {
-        let Some(s) = self.session.as_mut() else { return };
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
         let advance = s.project.settings.auto_advance;
         let out = s.label_targets(class, advance);
         let auto = s.project.settings.auto_train_every as usize;
@@ -852,7 +968,9 @@ impl HeGraphApp {
     }
 
     pub fn label_next(&mut self) {
-        let Some(s) = self.session.as_mut() else { return };
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
         if s.go_to_next_to_label().is_none() {
             self.notify(Level::Info, "every image is labelled".into());
         }
@@ -924,6 +1042,7 @@ impl HeGraphApp {
             View::Train => self.train_view(ui),
         }
         self.show_dialogs(&ctx);
+        chrome::drop_overlay(&ctx);
         self.show_notices(&ctx);
         if self.is_busy() {
             // Workers wake the UI with news; this keeps the ETA ticking between news.
@@ -932,10 +1051,19 @@ impl HeGraphApp {
     }
 
     fn handle_dropped_files(&mut self, ctx: &egui::Context) {
-        let dropped: Vec<PathBuf> = ctx.input(|i| i.raw.dropped_files.iter().map(|f| f.path().to_path_buf()).filter(|p| !p.as_os_str().is_empty()).collect());
+        let dropped: Vec<PathBuf> = ctx.input(|i| {
+            i.raw
+                .dropped_files
+                .iter()
+                .map(|f| f.path().to_path_buf())
+                .filter(|p| !p.as_os_str().is_empty())
+                .collect()
+        });
         if let Some(p) = dropped.first() {
             let target = if p.is_file() && p.extension().is_none_or(|e| e != "json") {
-                p.parent().map(Path::to_path_buf).unwrap_or_else(|| p.clone())
+                p.parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| p.clone())
             } else {
                 p.clone()
             };
@@ -955,13 +1083,8 @@ impl HeGraphApp {
         let cmd = Modifiers::COMMAND;
         let shift_cmd = Modifiers::COMMAND | Modifiers::SHIFT;
         let pressed = |m: Modifiers, k: Key| ctx.input_mut(|i| i.consume_key(m, k));
-        // Shortcuts with a modifier work everywhere; plain keys only when no text field has the keyboard.
-        if pressed(shift_cmd, Key::Z) || pressed(cmd, Key::Y) {
-            self.redo();
-        }
-        if pressed(cmd, Key::Z) {
-            self.undo();
-        }
+        // Open, save and the view keys work everywhere; the rest only when no text field has the keyboard
+        // (a text field keeps its own Ctrl+Z).
         if pressed(cmd, Key::O) {
             self.pick_folder();
         }
@@ -972,7 +1095,11 @@ impl HeGraphApp {
                 self.notify(Level::Info, "saved".into());
             }
         }
-        for (k, v) in [(Key::Num1, View::Label), (Key::Num2, View::Graph), (Key::Num3, View::Train)] {
+        for (k, v) in [
+            (Key::Num1, View::Label),
+            (Key::Num2, View::Graph),
+            (Key::Num3, View::Train),
+        ] {
             if pressed(cmd, k) {
                 self.view = v;
             }
@@ -982,6 +1109,12 @@ impl HeGraphApp {
         }
         if ctx.egui_wants_keyboard_input() {
             return;
+        }
+        if pressed(shift_cmd, Key::Z) || pressed(cmd, Key::Y) {
+            self.redo();
+        }
+        if pressed(cmd, Key::Z) {
+            self.undo();
         }
         if pressed(cmd, Key::A) {
             if let Some(s) = self.session.as_mut() {
@@ -1000,7 +1133,9 @@ impl HeGraphApp {
                 self.notify(Level::Warn, e);
             }
         }
-        if pressed(Modifiers::SHIFT, Key::Questionmark) || pressed(Modifiers::NONE, Key::Questionmark) {
+        if pressed(Modifiers::SHIFT, Key::Questionmark)
+            || pressed(Modifiers::NONE, Key::Questionmark)
+        {
             self.dialogs.help = !self.dialogs.help;
         }
         if self.view != View::Label {
@@ -1025,14 +1160,18 @@ impl HeGraphApp {
                 }
             }
         }
-        if pressed(Modifiers::NONE, Key::Num0) || pressed(Modifiers::NONE, Key::Backspace) || pressed(Modifiers::NONE, Key::Delete)
+        if pressed(Modifiers::NONE, Key::Num0)
+            || pressed(Modifiers::NONE, Key::Backspace)
+            || pressed(Modifiers::NONE, Key::Delete)
         {
             self.label_with(None);
         }
         if pressed(Modifiers::NONE, Key::N) {
             self.label_next();
         }
-        if (pressed(Modifiers::NONE, Key::Slash) || pressed(Modifiers::NONE, Key::L)) && self.session.is_some() {
+        if (pressed(Modifiers::NONE, Key::Slash) || pressed(Modifiers::NONE, Key::L))
+            && self.session.is_some()
+        {
             self.dialogs.picker = Some(dialogs::ClassPicker::default());
         }
         let cols = self.grid.cols.max(1) as isize;
@@ -1055,417 +1194,6 @@ impl HeGraphApp {
             }
         }
     }
-
-    fn pick_folder(&mut self) {
-        if let Some(folder) = rfd::FileDialog::new().set_title("Open an image folder").pick_folder() {
-            if let Err(e) = self.open_path(&folder) {
-                self.notify(Level::Error, e.to_string());
-            }
-        }
-    }
-
-    fn pick_project(&mut self) {
-        if let Some(file) = rfd::FileDialog::new()
-            .set_title("Open a hegraph project")
-            .add_filter("hegraph project", &["json"])
-            .pick_file()
-        {
-            if let Err(e) = self.open_path(&file) {
-                self.notify(Level::Error, e.to_string());
-            }
-        }
-    }
-
-    fn save_as(&mut self) {
-        let Some(s) = self.session.as_mut() else { return };
-        if let Some(file) = rfd::FileDialog::new()
-            .set_title("Save the project as")
-            .add_filter("hegraph project", &["json"])
-            .set_file_name("project.json")
-            .save_file()
-        {
-            let old = s.project_path.replace(file.clone());
-            if let Err(e) = s.save() {
-                s.project_path = old;
-                self.notify(Level::Error, e.to_string());
-            } else {
-                self.notify(Level::Info, format!("saved as {}", file.display()));
-            }
-        }
-    }
-
-    fn top_bar(&mut self, ui: &mut egui::Ui) {
-        egui::Panel::top("hegraph-top")
-            .frame(egui::Frame::side_top_panel(ui.style()).inner_margin(egui::Margin::symmetric(10, 6)))
-            .show(ui, |ui| {
-                egui::MenuBar::new().ui(ui, |ui| {
-                    ui.menu_button("Project", |ui| {
-                        if ui.button("Open folder…  (Ctrl+O)").clicked() {
-                            self.pick_folder();
-                        }
-                        if ui.button("Open project file…").clicked() {
-                            self.pick_project();
-                        }
-                        let open = self.session.is_some();
-                        if ui.add_enabled(open, egui::Button::new("Save as…")).clicked() {
-                            self.save_as();
-                        }
-                        ui.separator();
-                        if ui.add_enabled(open, egui::Button::new("Export labels…")).clicked() {
-                            self.dialogs.export.open = true;
-                        }
-                        ui.separator();
-                        if ui.button("Settings…").clicked() {
-                            self.dialogs.settings = true;
-                        }
-                    });
-                    ui.menu_button("Edit", |ui| {
-                        let (u, r) = self
-                            .session
-                            .as_ref()
-                            .map_or((false, false), |s| (s.can_undo(), s.can_redo()));
-                        if ui.add_enabled(u, egui::Button::new("Undo  (Ctrl+Z)")).clicked() {
-                            self.undo();
-                        }
-                        if ui.add_enabled(r, egui::Button::new("Redo  (Ctrl+Shift+Z)")).clicked() {
-                            self.redo();
-                        }
-                        ui.separator();
-                        let open = self.session.is_some();
-                        if ui.add_enabled(open, egui::Button::new("Classes…")).clicked() {
-                            self.open_class_editor();
-                        }
-                        if ui.add_enabled(open, egui::Button::new("Prompt templates…")).clicked() {
-                            self.open_template_editor();
-                        }
-                    });
-                    ui.menu_button("Help", |ui| {
-                        if ui.button("Keyboard shortcuts  (F1)").clicked() {
-                            self.dialogs.help = true;
-                        }
-                    });
-                    ui.add_space(16.0);
-                    for v in View::ALL {
-                        let selected = self.view == v;
-                        let text = RichText::new(v.title()).size(15.0);
-                        let text = if selected { text.strong().color(style::ACCENT) } else { text };
-                        if ui
-                            .add(egui::Button::selectable(selected, text))
-                            .on_hover_text(format!("{} view ({})", v.title(), v.shortcut()))
-                            .clicked()
-                        {
-                            self.view = v;
-                        }
-                    }
-                    if let Some(s) = &self.session {
-                        ui.add_space(16.0);
-                        let name = s
-                            .folder()
-                            .file_name()
-                            .map_or_else(|| s.folder().display().to_string(), |n| n.to_string_lossy().to_string());
-                        ui.label(RichText::new(name).weak()).on_hover_text(s.folder().display().to_string());
-                    }
-                    ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
-                        self.job_controls(ui);
-                    });
-                });
-            });
-        let banner = self
-            .engine
-            .model
-            .as_ref()
-            .is_some_and(|m| m.is_test_checkpoint);
-        if banner {
-            egui::Panel::top("hegraph-banner")
-                .frame(egui::Frame::NONE.fill(style::WARNING_BG).inner_margin(egui::Margin::symmetric(10, 4)))
-                .show(ui, |ui| {
-                    ui.horizontal(|ui| {
-                        ui.label(
-                            RichText::new(format!("▲  {TEST_CHECKPOINT_BANNER}"))
-                                .color(style::WARNING_FG)
-                                .strong(),
-                        );
-                    });
-                });
-        }
-    }
-
-    /// Train button, progress of the running job with rate and ETA, cancel.
-    fn job_controls(&mut self, ui: &mut egui::Ui) {
-        if let Some(job) = &self.engine.train_job {
-            if ui.button("Cancel").on_hover_text("Stop training (Esc)").clicked() {
-                job.cancel();
-            }
-            job_progress(ui, job, "steps");
-        } else if let Some(job) = &self.engine.embed_job {
-            if ui.button("Cancel").on_hover_text("Stop embedding (Esc); what is done is kept").clicked() {
-                job.cancel();
-            }
-            job_progress(ui, job, "images");
-        } else {
-            let can = self.session.as_ref().is_some_and(|s| s.labelled_count() > 0);
-            let fresh = self.session.as_ref().map_or(0, |s| s.labels_since_train);
-            let text = if fresh > 0 && !self.engine.history.is_empty() {
-                format!("▶ Train  ({fresh} new labels)")
-            } else {
-                "▶ Train".to_string()
-            };
-            let b = egui::Button::new(RichText::new(text).strong()).fill(style::ACCENT.gamma_multiply(0.45));
-            if ui
-                .add_enabled(can, b)
-                .on_hover_text("Train the adapter on the labelled images (T)")
-                .on_disabled_hover_text("Label a few images first (keys 1–9)")
-                .clicked()
-            {
-                if let Err(e) = self.start_training() {
-                    self.notify(Level::Warn, e);
-                }
-            }
-            if self.session.is_some() && !self.has_features() {
-                if let Some(e) = &self.engine.model_error {
-                    let short: String = e.chars().take(60).collect();
-                    ui.label(RichText::new(format!("▲ {short}…")).color(style::WARNING_FG))
-                        .on_hover_text(e);
-                    if ui.button("Retry").on_hover_text("Embed the folder again").clicked() {
-                        self.start_embedding();
-                    }
-                }
-            }
-        }
-    }
-
-    /// What trains the adapter: the backend of the last training, else what the next one will use.
-    fn compute_label(&self) -> String {
-        match self.engine.history.last() {
-            Some(r) => format!("compute: {}", r.backend),
-            None => format!("compute: {}", jobs::backend_name(self.gpu.as_ref())),
-        }
-    }
-
-    fn status_bar(&mut self, ui: &mut egui::Ui) {
-        egui::Panel::bottom("hegraph-status")
-            .frame(egui::Frame::side_top_panel(ui.style()).inner_margin(egui::Margin::symmetric(10, 5)))
-            .show(ui, |ui| {
-                ui.horizontal(|ui| {
-                    let weak = ui.visuals().weak_text_color();
-                    let small = |t: String| RichText::new(t).size(12.5);
-                    let gpu_line = self.gpu.as_ref().map_or("the window has no GPU device".to_string(), |g| {
-                        format!("window GPU: {}", g.describe())
-                    });
-                    ui.label(small(self.compute_label()).color(weak)).on_hover_text(gpu_line);
-                    ui.separator();
-                    match &self.engine.model {
-                        Some(m) if m.is_test_checkpoint => {
-                            ui.label(small(TEST_CHECKPOINT_BANNER.to_string()).color(style::WARNING_FG).strong())
-                                .on_hover_text(m.banner());
-                        }
-                        Some(m) => {
-                            ui.label(small(format!("model: {}", m.name)).color(weak)).on_hover_text(m.banner());
-                        }
-                        None if self.engine.model_error.is_some() => {
-                            ui.label(small("no CLIP model".into()).color(style::WARNING_FG))
-                                .on_hover_text(self.engine.model_error.clone().unwrap_or_default());
-                        }
-                        None => {
-                            ui.label(small("model: not loaded yet".into()).color(weak));
-                        }
-                    }
-                    ui.separator();
-                    let Some(s) = &self.session else {
-                        ui.label(small("no folder open: Project ▸ Open folder…, or drop a folder here".into()).color(weak));
-                        return;
-                    };
-                    let per_class: Vec<String> = s
-                        .classes()
-                        .iter()
-                        .zip(s.counts_per_class())
-                        .map(|(c, n)| format!("{c}: {n}"))
-                        .collect();
-                    ui.label(small(format!("{} images · {} labelled", s.len(), s.labelled_count())))
-                        .on_hover_text(format!("labelled per class\n{}", per_class.join("\n")));
-                    ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
-                        match &s.project.last_training {
-                            Some(r) => {
-                                let ago = SystemTime::now()
-                                    .duration_since(SystemTime::UNIX_EPOCH)
-                                    .map_or(0, |d| d.as_secs())
-                                    .saturating_sub(r.finished_unix);
-                                let acc = r.held_out_accuracy.map_or("no held-out images".into(), |a| {
-                                    format!("held-out accuracy {:.1} % ({})", a * 100.0, r.held_out)
-                                });
-                                ui.label(small(format!(
-                                    "trained {} ago · {} · {acc}",
-                                    style::short_duration(ago as f64),
-                                    r.method
-                                )))
-                                .on_hover_text(format!(
-                                    "{} labelled images, {} held out for the accuracy; took {}",
-                                    r.labelled,
-                                    r.held_out,
-                                    style::short_duration(r.seconds)
-                                ));
-                            }
-                            None => {
-                                ui.label(small("not trained yet (press T)".into()).color(weak));
-                            }
-                        }
-                    });
-                });
-            });
-    }
-
-    fn show_notices(&mut self, ctx: &egui::Context) {
-        let now = Instant::now();
-        let life = Duration::from_secs(8);
-        let live: Vec<&Notice> = self.notices.iter().filter(|n| now.duration_since(n.at) < life).collect();
-        if live.is_empty() {
-            return;
-        }
-        egui::Area::new(egui::Id::unique("hegraph-notices"))
-            .anchor(egui::Align2::RIGHT_BOTTOM, egui::vec2(-14.0, -40.0))
-            .interactable(false)
-            .show(ctx, |ui| {
-                ui.set_max_width(460.0);
-                for n in live.iter().rev().take(4).rev() {
-                    let (fill, fg) = match n.level {
-                        Level::Info => (Color32::from_rgb(38, 52, 70), Color32::from_rgb(215, 228, 245)),
-                        Level::Warn => (Color32::from_rgb(74, 60, 28), Color32::from_rgb(255, 226, 160)),
-                        Level::Error => (Color32::from_rgb(90, 32, 32), Color32::from_rgb(255, 205, 205)),
-                    };
-                    egui::Frame::NONE
-                        .fill(fill)
-                        .corner_radius(6)
-                        .inner_margin(egui::Margin::symmetric(10, 6))
-                        .show(ui, |ui| {
-                            ui.label(RichText::new(&n.text).color(fg));
-                        });
-                }
-            });
-        ctx.request_repaint_after(Duration::from_millis(500));
-    }
-
-    // --- graph page --------------------------------------------------------------------------------------
-
-    /// Rebuilds the graph view when what it shows changed.
-    fn refresh_graph(&mut self) {
-        let Some(s) = &self.session else { return };
-        let trained = self.engine.adapter.as_ref().and_then(|a| a.graph().cloned());
-        let key = (s.label_generation, self.engine.serial, trained.is_some());
-        // A trained graph only changes with training; the live one with every label.
-        let key = if trained.is_some() { (0, key.1, true) } else { key };
-        if self.graph_key == Some(key) {
-            return;
-        }
-        self.graph_key = Some(key);
-        let graph = match trained {
-            Some(g) => {
-                self.graph_note = "graph of the last HeGraphAdapter training".into();
-                Some(g)
-            }
-            None => self.live_graph(),
-        };
-        match graph {
-            Some(g) => self.graph.set_graph(&g),
-            None => self.graph.clear(),
-        }
-    }
-
-    /// The graph the current labels give, with centre crops as the visual side (no training needed).
-    fn live_graph(&mut self) -> Option<HeteroGraph> {
-        let s = self.session.as_ref()?;
-        let (centre, text) = (self.engine.centre.as_ref()?, self.engine.text.as_ref()?);
-        let labelled: Vec<usize> = (0..s.len())
-            .filter(|&i| s.label(i).is_some() && self.engine.ok.get(i).copied().unwrap_or(true))
-            .collect();
-        if labelled.is_empty() {
-            self.graph_note = "label a few images to see the visual nodes and their edges".into();
-            return None;
-        }
-        let views = vec![centre.select_rows(&labelled)];
-        let labels: Vec<usize> = labelled.iter().filter_map(|&i| s.label(i)).collect();
-        let use_neg = s.project.settings.train.use_negative;
-        let g = HeteroGraph::build(
-            s.classes(),
-            text,
-            if use_neg { self.engine.text_neg.as_deref() } else { None },
-            &LabelledViewsRef {
-                views: &views,
-                labels: &labels,
-            },
-            &GraphOptions::default(),
-        );
-        match g {
-            Ok(g) => {
-                self.graph_note = "graph from the current labels (not trained yet)".into();
-                Some(g)
-            }
-            Err(e) => {
-                self.graph_note = format!("no graph: {e}");
-                None
-            }
-        }
-    }
-
-    fn graph_page(&mut self, ui: &mut egui::Ui) {
-        self.refresh_graph();
-        let classes: Vec<String> = self.session.as_ref().map(|s| s.classes().to_vec()).unwrap_or_default();
-        let confidence: Option<Vec<f32>> = self.session.as_ref().and_then(|s| match self.graph.sizing {
-            graph_view::NodeSizing::Selected => s
-                .cursor
-                .and_then(|c| s.predictions().map(|p| p.row(c).to_vec())),
-            _ => s.mean_confidence(),
-        });
-        let selected_name = self
-            .session
-            .as_ref()
-            .and_then(|s| s.cursor.map(|c| s.images[c].rel.clone()));
-        egui::Panel::left("hegraph-graph-controls")
-            .resizable(false)
-            .exact_size(270.0)
-            .show(ui, |ui| {
-                egui::ScrollArea::vertical().show(ui, |ui| {
-                    ui.add_space(6.0);
-                    self.graph.controls(ui, selected_name.as_deref());
-                    ui.add_space(8.0);
-                    ui.label(RichText::new(&self.graph_note).small().weak());
-                });
-            });
-        egui::CentralPanel::default()
-            .frame(egui::Frame::central_panel(ui.style()).inner_margin(8))
-            .show(ui, |ui| {
-                if let Some(GraphAction::ShowClass(c)) = self.graph.canvas(ui, &classes, confidence.as_deref()) {
-                    if let Some(s) = self.session.as_mut() {
-                        let f = state::GridFilter {
-                            class: Some(c),
-                            ..Default::default()
-                        };
-                        s.set_filter(f);
-                    }
-                    self.view = View::Label;
-                    let name = classes.get(c).cloned().unwrap_or_default();
-                    self.notify(Level::Info, format!("showing the images labelled '{name}'"));
-                }
-            });
-    }
-}
-
-fn job_progress<T: Send + 'static>(ui: &mut egui::Ui, job: &Job<T>, unit: &str) {
-    let mut text = if job.stage.is_empty() { job.name.to_string() } else { job.stage.clone() };
-    if job.total > 0 {
-        text.push_str(&format!(" · {}/{}", job.done, job.total));
-    }
-    if let Some(r) = job.rate() {
-        text.push_str(&format!(" · {r:.1} {unit}/s"));
-    }
-    if let Some(eta) = job.eta() {
-        text.push_str(&format!(" · {} left", style::short_duration(eta)));
-    }
-    ui.add(
-        egui::ProgressBar::new(job.fraction())
-            .desired_width(360.0)
-            .text(text)
-            .animate(job.total == 0),
-    );
 }
 
 // -------------------------------------------------------------------------------------------------------------
@@ -1479,12 +1207,15 @@ pub fn compute_gpu(rs: &eframe::egui_wgpu::RenderState) -> GpuContext {
 
 /// eframe's wgpu set-up, asking for the adapter's own limits (not wgpu's conservative defaults) so that the
 /// compute engine can bind large feature matrices on the UI's device.
-fn wgpu_configuration() -> eframe::egui_wgpu::WgpuConfiguration {
+pub fn wgpu_configuration() -> eframe::egui_wgpu::WgpuConfiguration {
     use eframe::egui_wgpu::{WgpuConfiguration, WgpuSetup, WgpuSetupCreateNew};
     let mut setup = WgpuSetupCreateNew::without_display_handle();
     setup.device_descriptor = Arc::new(|adapter: &eframe::wgpu::Adapter| {
         let mut limits = adapter.limits();
-        limits.max_texture_dimension_2d = limits.max_texture_dimension_2d.max(8192).min(adapter.limits().max_texture_dimension_2d);
+        limits.max_texture_dimension_2d = limits
+            .max_texture_dimension_2d
+            .max(8192)
+            .min(adapter.limits().max_texture_dimension_2d);
         eframe::wgpu::DeviceDescriptor {
             label: Some("hegraph (UI and compute)"),
             required_limits: limits,

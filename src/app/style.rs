@@ -37,8 +37,15 @@ pub fn class_color(i: usize) -> Color32 {
 /// for its arrows and shapes (← ↑ → ↓ ▶ ● …), which the default proportional font lacks.
 pub fn apply(ctx: &egui::Context) {
     let mut fonts = egui::FontDefinitions::default();
-    let mono = fonts.families.get(&egui::FontFamily::Monospace).and_then(|f| f.first()).cloned();
-    if let (Some(mono), Some(prop)) = (mono, fonts.families.get_mut(&egui::FontFamily::Proportional)) {
+    let mono = fonts
+        .families
+        .get(&egui::FontFamily::Monospace)
+        .and_then(|f| f.first())
+        .cloned();
+    if let (Some(mono), Some(prop)) = (
+        mono,
+        fonts.families.get_mut(&egui::FontFamily::Proportional),
+    ) {
         if !prop.contains(&mono) {
             prop.push(mono);
         }
@@ -96,6 +103,15 @@ pub fn short_duration(secs: f64) -> String {
     }
 }
 
+/// "just now", "12 s ago", "3 min ago" for a number of seconds in the past.
+pub fn ago(secs: u64) -> String {
+    if secs < 5 {
+        "just now".to_string()
+    } else {
+        format!("{} ago", short_duration(secs as f64))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +125,7 @@ mod tests {
         assert_eq!(short_duration(12.0), "12 s");
         assert_eq!(short_duration(600.0), "10 min");
         assert_eq!(short_duration(7200.0), "2.0 h");
+        assert_eq!(ago(2), "just now");
+        assert_eq!(ago(30), "30 s ago");
     }
 }

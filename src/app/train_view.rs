@@ -21,26 +21,39 @@ impl HeGraphApp {
                 egui::ScrollArea::vertical().show(ui, |ui| self.train_settings(ui));
             });
         egui::CentralPanel::default()
-            .frame(egui::Frame::central_panel(ui.style()).inner_margin(egui::Margin::symmetric(14, 10)))
+            .frame(
+                egui::Frame::central_panel(ui.style())
+                    .inner_margin(egui::Margin::symmetric(14, 10)),
+            )
             .show(ui, |ui| self.train_results(ui));
     }
 
     fn train_settings(&mut self, ui: &mut egui::Ui) {
         let running = self.engine.train_job.is_some();
-        let Some(s) = self.session.as_mut() else { return };
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
         let before = s.project.settings.clone();
         let st = &mut s.project.settings;
         ui.add_space(6.0);
         ui.heading("Method");
         method_combo(ui, &mut st.method);
         let about = match st.method {
-            Method::ZeroShot => "CLIP alone: class prompts against each image. Needs no labels (the labels only \
-                                 measure it).",
-            Method::TipAdapter => "Training-free: a cache of the labelled images' features added to CLIP's \
-                                   prediction.",
-            Method::TipAdapterF => "Tip-Adapter with the cache keys fine-tuned (AdamW, cosine schedule).",
-            Method::HeGraph => "Heterogeneous graph of positive-text, negative-text and visual nodes per class; a \
-                                GNN refines the text classifier and the cache (Zhao et al. 2024).",
+            Method::ZeroShot => {
+                "CLIP alone: class prompts against each image. Needs no labels (the labels only \
+                                 measure it)."
+            }
+            Method::TipAdapter => {
+                "Training-free: a cache of the labelled images' features added to CLIP's \
+                                   prediction."
+            }
+            Method::TipAdapterF => {
+                "Tip-Adapter with the cache keys fine-tuned (AdamW, cosine schedule)."
+            }
+            Method::HeGraph => {
+                "Heterogeneous graph of positive-text, negative-text and visual nodes per class; a \
+                                GNN refines the text classifier and the cache (Zhao et al. 2024)."
+            }
         };
         ui.label(RichText::new(about).small().weak());
         ui.add_space(6.0);
@@ -48,35 +61,146 @@ impl HeGraphApp {
         match st.method {
             Method::ZeroShot => {}
             Method::TipAdapter => param_group(ui, "Cache", |ui| {
-                param(ui, &mut p.tip_alpha, "α (cache weight)", 0.01, "weight of the cache logits");
-                param(ui, &mut p.tip_beta, "β (sharpness)", 0.01, "sharpness of the cache affinities");
+                param(
+                    ui,
+                    &mut p.tip_alpha,
+                    "α (cache weight)",
+                    0.01,
+                    "weight of the cache logits",
+                );
+                param(
+                    ui,
+                    &mut p.tip_beta,
+                    "β (sharpness)",
+                    0.01,
+                    "sharpness of the cache affinities",
+                );
             }),
             Method::TipAdapterF => param_group(ui, "Fine-tuning", |ui| {
-                param(ui, &mut p.tip_epochs, "epochs", 1.0, "passes over the labelled images");
-                param(ui, &mut p.tip_lr, "learning rate", 0.0001, "AdamW learning rate");
-                param(ui, &mut p.tip_alpha, "α (cache weight)", 0.01, "weight of the cache logits");
-                param(ui, &mut p.tip_beta, "β (sharpness)", 0.01, "sharpness of the cache affinities");
+                param(
+                    ui,
+                    &mut p.tip_epochs,
+                    "epochs",
+                    1.0,
+                    "passes over the labelled images",
+                );
+                param(
+                    ui,
+                    &mut p.tip_lr,
+                    "learning rate",
+                    0.0001,
+                    "AdamW learning rate",
+                );
+                param(
+                    ui,
+                    &mut p.tip_alpha,
+                    "α (cache weight)",
+                    0.01,
+                    "weight of the cache logits",
+                );
+                param(
+                    ui,
+                    &mut p.tip_beta,
+                    "β (sharpness)",
+                    0.01,
+                    "sharpness of the cache affinities",
+                );
             }),
             Method::HeGraph => {
                 param_group(ui, "Optimisation", |ui| {
-                    param(ui, &mut p.epochs, "epochs", 1.0, "passes over the labelled images");
-                    param(ui, &mut p.lr, "learning rate", 0.0001, "AdamW learning rate (cosine schedule)");
-                    param(ui, &mut p.batch_size, "batch size", 1.0, "views per step (all of them when fewer)");
+                    param(
+                        ui,
+                        &mut p.epochs,
+                        "epochs",
+                        1.0,
+                        "passes over the labelled images",
+                    );
+                    param(
+                        ui,
+                        &mut p.lr,
+                        "learning rate",
+                        0.0001,
+                        "AdamW learning rate (cosine schedule)",
+                    );
+                    param(
+                        ui,
+                        &mut p.batch_size,
+                        "batch size",
+                        1.0,
+                        "views per step (all of them when fewer)",
+                    );
                 });
                 param_group(ui, "Meta-path weights", |ui| {
-                    param(ui, &mut p.alpha_pp, "α_pp  (P ← P)", 0.01, "positive ← positive");
-                    param(ui, &mut p.alpha_vp, "α_vp  (P ← V)", 0.01, "positive ← visual");
-                    param(ui, &mut p.alpha_np_train, "α_np  (P ← N), train", 0.01, "positive ← negative, in training");
-                    param(ui, &mut p.alpha_np_test, "α_np  (P ← N), test", 0.01, "positive ← negative, at prediction");
-                    param(ui, &mut p.beta_pn, "β_pn  (N ← P)", 0.01, "negative ← positive");
-                    param(ui, &mut p.beta_vn, "β_vn  (N ← V)", 0.01, "negative ← visual");
-                    param(ui, &mut p.gamma, "γ  (cache bias)", 0.01, "weight of the visual bias added to the cache keys");
+                    param(
+                        ui,
+                        &mut p.alpha_pp,
+                        "α_pp  (P ← P)",
+                        0.01,
+                        "positive ← positive",
+                    );
+                    param(
+                        ui,
+                        &mut p.alpha_vp,
+                        "α_vp  (P ← V)",
+                        0.01,
+                        "positive ← visual",
+                    );
+                    param(
+                        ui,
+                        &mut p.alpha_np_train,
+                        "α_np  (P ← N), train",
+                        0.01,
+                        "positive ← negative, in training",
+                    );
+                    param(
+                        ui,
+                        &mut p.alpha_np_test,
+                        "α_np  (P ← N), test",
+                        0.01,
+                        "positive ← negative, at prediction",
+                    );
+                    param(
+                        ui,
+                        &mut p.beta_pn,
+                        "β_pn  (N ← P)",
+                        0.01,
+                        "negative ← positive",
+                    );
+                    param(
+                        ui,
+                        &mut p.beta_vn,
+                        "β_vn  (N ← V)",
+                        0.01,
+                        "negative ← visual",
+                    );
+                    param(
+                        ui,
+                        &mut p.gamma,
+                        "γ  (cache bias)",
+                        0.01,
+                        "weight of the visual bias added to the cache keys",
+                    );
                 });
                 param_group(ui, "Loss and prediction", |ui| {
-                    param(ui, &mut p.lambda, "λ  (cache loss)", 0.01, "weight of the cache classifier's loss");
-                    param(ui, &mut p.fusion_weight, "w  (cache in prediction)", 0.01, "weight of the cache classifier");
+                    param(
+                        ui,
+                        &mut p.lambda,
+                        "λ  (cache loss)",
+                        0.01,
+                        "weight of the cache classifier's loss",
+                    );
+                    param(
+                        ui,
+                        &mut p.fusion_weight,
+                        "w  (cache in prediction)",
+                        0.01,
+                        "weight of the cache classifier",
+                    );
                 });
-                ui.checkbox(&mut p.use_negative, "negative-text nodes (\"a photo of no …\")");
+                ui.checkbox(
+                    &mut p.use_negative,
+                    "negative-text nodes (\"a photo of no …\")",
+                );
             }
         }
         ui.add_space(4.0);
@@ -100,7 +224,11 @@ impl HeGraphApp {
             }
         }
         ui.add_space(10.0);
-        let label = if running { "Training…" } else { "▶ Train now (T)" };
+        let label = if running {
+            "Training…"
+        } else {
+            "▶ Train now (T)"
+        };
         let b = egui::Button::new(RichText::new(label).strong().size(15.0))
             .fill(style::ACCENT.gamma_multiply(0.45))
             .min_size(Vec2::new(200.0, 32.0));
@@ -117,7 +245,12 @@ impl HeGraphApp {
         let previous = if live.is_some() {
             self.engine.history.last().map(|r| r.losses.clone())
         } else {
-            self.engine.history.iter().rev().nth(1).map(|r| r.losses.clone())
+            self.engine
+                .history
+                .iter()
+                .rev()
+                .nth(1)
+                .map(|r| r.losses.clone())
         };
         let current = live.clone().or(last).unwrap_or_default();
         ui.horizontal(|ui| {
@@ -131,7 +264,9 @@ impl HeGraphApp {
             };
             ui.label(RichText::new(note).weak());
         });
-        let to_points = |l: &[(usize, f32)]| -> Vec<[f64; 2]> { l.iter().map(|&(s, v)| [s as f64, v as f64]).collect() };
+        let to_points = |l: &[(usize, f32)]| -> Vec<[f64; 2]> {
+            l.iter().map(|&(s, v)| [s as f64, v as f64]).collect()
+        };
         let height = (ui.available_height() * 0.48).clamp(180.0, 360.0);
         Plot::new("hegraph-loss")
             .height(height)
@@ -151,8 +286,16 @@ impl HeGraphApp {
                     }
                 }
                 if !current.is_empty() {
-                    let name = if live.is_some() { "this run" } else { "last run" };
-                    plot.line(Line::new(name, to_points(&current)).color(style::ACCENT).width(2.5));
+                    let name = if live.is_some() {
+                        "this run"
+                    } else {
+                        "last run"
+                    };
+                    plot.line(
+                        Line::new(name, to_points(&current))
+                            .color(style::ACCENT)
+                            .width(2.5),
+                    );
                 }
             });
         ui.add_space(10.0);
@@ -166,29 +309,47 @@ impl HeGraphApp {
         ui.heading("Runs");
         if self.engine.history.is_empty() {
             ui.label(RichText::new("No training in this session yet.").weak());
-            if let Some(r) = self.session.as_ref().and_then(|s| s.project.last_training.as_ref()) {
-                let acc = r.held_out_accuracy.map_or("—".into(), |a| format!("{:.1} %", a * 100.0));
-                ui.label(format!("Saved with the project: {} · {} labels · held-out accuracy {acc}", r.method, r.labelled));
+            if let Some(r) = self
+                .session
+                .as_ref()
+                .and_then(|s| s.project.last_training.as_ref())
+            {
+                let acc = r
+                    .held_out_accuracy
+                    .map_or("—".into(), |a| format!("{:.1} %", a * 100.0));
+                ui.label(format!(
+                    "Saved with the project: {} · {} labels · held-out accuracy {acc}",
+                    r.method, r.labelled
+                ));
             }
             return;
         }
-        egui::ScrollArea::vertical().id_salt("hegraph-runs").max_height(260.0).show(ui, |ui| {
-            egui::Grid::new("hegraph-runs-grid").striped(true).num_columns(5).spacing([14.0, 4.0]).show(ui, |ui| {
-                for h in ["method", "trained on", "held-out acc.", "time", "backend"] {
-                    ui.label(RichText::new(h).strong());
-                }
-                ui.end_row();
-                for r in self.engine.history.iter().rev() {
-                    ui.label(&r.method);
-                    ui.label(format!("{}", r.trained_on));
-                    let acc = r.accuracy.map_or("—".into(), |a| format!("{:.1} % of {}", a * 100.0, r.held_out));
-                    ui.label(acc);
-                    ui.label(style::short_duration(r.seconds));
-                    ui.label(RichText::new(&r.backend).small());
-                    ui.end_row();
-                }
+        egui::ScrollArea::vertical()
+            .id_salt("hegraph-runs")
+            .max_height(260.0)
+            .show(ui, |ui| {
+                egui::Grid::new("hegraph-runs-grid")
+                    .striped(true)
+                    .num_columns(5)
+                    .spacing([14.0, 4.0])
+                    .show(ui, |ui| {
+                        for h in ["method", "trained on", "held-out acc.", "time", "backend"] {
+                            ui.label(RichText::new(h).strong());
+                        }
+                        ui.end_row();
+                        for r in self.engine.history.iter().rev() {
+                            ui.label(&r.method);
+                            ui.label(format!("{}", r.trained_on));
+                            let acc = r.accuracy.map_or("—".into(), |a| {
+                                format!("{:.1} % of {}", a * 100.0, r.held_out)
+                            });
+                            ui.label(acc);
+                            ui.label(style::short_duration(r.seconds));
+                            ui.label(RichText::new(&r.backend).small());
+                            ui.end_row();
+                        }
+                    });
             });
-        });
     }
 
     fn class_counts(&self, ui: &mut egui::Ui) {
@@ -196,29 +357,40 @@ impl HeGraphApp {
         let Some(s) = &self.session else { return };
         let counts = s.counts_per_class();
         let max = counts.iter().copied().max().unwrap_or(0).max(1);
-        egui::ScrollArea::vertical().id_salt("hegraph-class-counts").max_height(260.0).show(ui, |ui| {
-            for (c, name) in s.classes().iter().enumerate() {
-                let (rect, _) = ui.allocate_exact_size(Vec2::new(ui.available_width(), 20.0), Sense::hover());
-                let p = ui.painter();
-                p.text(
-                    Pos2::new(rect.min.x, rect.center().y),
-                    Align2::LEFT_CENTER,
-                    name,
-                    FontId::proportional(13.0),
-                    ui.visuals().text_color(),
-                );
-                let bar = Rect::from_min_max(Pos2::new(rect.min.x + 110.0, rect.min.y + 4.0), Pos2::new(rect.max.x - 40.0, rect.max.y - 4.0));
-                p.rect_filled(bar, 3.0, ui.visuals().extreme_bg_color);
-                let w = bar.width() * counts[c] as f32 / max as f32;
-                p.rect_filled(Rect::from_min_size(bar.min, Vec2::new(w, bar.height())), 3.0, style::class_color(c));
-                p.text(
-                    Pos2::new(rect.max.x, rect.center().y),
-                    Align2::RIGHT_CENTER,
-                    counts[c].to_string(),
-                    FontId::monospace(12.0),
-                    ui.visuals().weak_text_color(),
-                );
-            }
-        });
+        egui::ScrollArea::vertical()
+            .id_salt("hegraph-class-counts")
+            .max_height(260.0)
+            .show(ui, |ui| {
+                for (c, name) in s.classes().iter().enumerate() {
+                    let (rect, _) = ui
+                        .allocate_exact_size(Vec2::new(ui.available_width(), 20.0), Sense::hover());
+                    let p = ui.painter();
+                    p.text(
+                        Pos2::new(rect.min.x, rect.center().y),
+                        Align2::LEFT_CENTER,
+                        name,
+                        FontId::proportional(13.0),
+                        ui.visuals().text_color(),
+                    );
+                    let bar = Rect::from_min_max(
+                        Pos2::new(rect.min.x + 110.0, rect.min.y + 4.0),
+                        Pos2::new(rect.max.x - 40.0, rect.max.y - 4.0),
+                    );
+                    p.rect_filled(bar, 3.0, ui.visuals().extreme_bg_color);
+                    let w = bar.width() * counts[c] as f32 / max as f32;
+                    p.rect_filled(
+                        Rect::from_min_size(bar.min, Vec2::new(w, bar.height())),
+                        3.0,
+                        style::class_color(c),
+                    );
+                    p.text(
+                        Pos2::new(rect.max.x, rect.center().y),
+                        Align2::RIGHT_CENTER,
+                        counts[c].to_string(),
+                        FontId::monospace(12.0),
+                        ui.visuals().weak_text_color(),
+                    );
+                }
+            });
     }
 }

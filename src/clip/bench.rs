@@ -2,8 +2,8 @@
 //!
 //! Only the encoders are timed: images are decoded and preprocessed once and the tensors reused, so the
 //! numbers say what the model costs on this machine, not what the disk or the JPEG decoder costs. Each
-//! measurement repeats until it has run for about [`MIN_SECONDS`] (at least [`MIN_REPEATS`] times) after one
-//! untimed warm-up pass, which pays for first-touch allocations and thread-pool start.
+//! measurement repeats until it has run for about [`DEFAULT_MIN_SECONDS`] seconds (at least three times)
+//! after one untimed warm-up pass, which pays for first-touch allocations and thread-pool start.
 
 use std::fmt;
 use std::path::PathBuf;

@@ -205,9 +205,9 @@ fn limit_aspect(img: &RgbImage) -> Option<RgbImage> {
 
 /// OpenAI's test transform: shorter side to `size` (bicubic), centre crop `size × size`, normalise.
 ///
-/// Sizes follow torchvision exactly: the long side becomes `floor(size · long / short)` and the crop offset
-/// is `round((resized − size) / 2)` with Python's rounding. An image already `size` on its short side is not
-/// resampled.
+/// Sizes follow torchvision exactly: the long side becomes `floor(size * long / short)` and the crop
+/// offset is `round((resized - size) / 2)` with Python's rounding. An image already `size` on its short
+/// side is not resampled.
 pub fn center_crop(img: &RgbImage, size: usize) -> ImageTensor {
     let s = size as u32;
     if img.width() == 0 || img.height() == 0 || s == 0 {
@@ -236,7 +236,8 @@ pub fn center_crop(img: &RgbImage, size: usize) -> ImageTensor {
 
 /// The crop box `(x, y, w, h)` of torchvision's `RandomResizedCrop.get_params` with scale (0.5, 1) and ratio
 /// (3/4, 4/3): 10 attempts, then the centre fallback. Scale 0.5 rather than torchvision's 0.08 is the
-/// few-shot adapters' choice (Tip-Adapter, HeGraphAdapter): small crops of a handful of shots lose the object.
+/// few-shot adapters' choice (Tip-Adapter, HeGraphAdapter): small crops of a handful of shots lose the
+/// object.
 fn random_crop_box(width: u32, height: u32, rng: &mut Rng) -> (u32, u32, u32, u32) {
     const SCALE: (f64, f64) = (0.5, 1.0);
     const RATIO: (f64, f64) = (3.0 / 4.0, 4.0 / 3.0);

@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytemuck::{Pod, Zeroable};
-use wgpu::util::DeviceExt;
 
 use super::{GpuContext, GpuError, GpuTensor};
 
@@ -407,13 +406,13 @@ impl Kernels {
         params: &P,
         binds: &[Option<Range<'_>>; SLOTS],
         groups: (u32, u32),
-    ) {
+    ) -> Result<(), GpuError> {
         let device = &self.ctx.device;
-        let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
-            contents: bytemuck::bytes_of(params),
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
+        let uniform = self.ctx.buffer_init(
+            label,
+            bytemuck::bytes_of(params),
+            wgpu::BufferUsages::UNIFORM,
+        )?;
         let mut entries = Vec::with_capacity(SLOTS);
         entries.push(wgpu::BindGroupEntry {
             binding: 0,
@@ -447,6 +446,7 @@ impl Kernels {
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(groups.0, groups.1, 1);
         self.dispatches.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Records `f` inside the context's error scopes after checking the device is alive.
@@ -665,7 +665,7 @@ impl Kernels {
                         (p.c_off, p.c_rs) = (off + n0 as u32, n as u32);
                         let groups_x = (n1 - n0).div_ceil(tile) as u32;
                         let groups_y = (m1 - m0).div_ceil(tile) as u32;
-                        self.dispatch(enc, pipe, OP, &p, &binds, (groups_x, groups_y));
+                        self.dispatch(enc, pipe, OP, &p, &binds, (groups_x, groups_y))?;
                         k0 = k1;
                         if k0 >= k {
                             break;
@@ -1346,7 +1346,7 @@ impl Kernels {
             }
             if groups > 0 {
                 let grid = self.grid(op, groups)?;
-                self.dispatch(enc, pipe, op, &params, &binds, grid);
+                self.dispatch(enc, pipe, op, &params, &binds, grid)?;
             }
             r0 = r1;
         }

@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
-use wgpu::util::DeviceExt;
 
 use crate::linalg::Mat;
 
@@ -268,6 +267,32 @@ impl GpuContext {
         Ok(out)
     }
 
+    /// A buffer filled at creation. wgpu's `create_buffer_init` panics when the device is gone (a driver
+    /// reset, an unplugged GPU); this returns [`GpuError::Lost`] instead, so training can move to the CPU.
+    pub fn buffer_init(
+        &self,
+        label: &str,
+        contents: &[u8],
+        usage: wgpu::BufferUsages,
+    ) -> Result<wgpu::Buffer, GpuError> {
+        let align = wgpu::COPY_BUFFER_ALIGNMENT;
+        let size = (contents.len() as u64).div_ceil(align).max(1) * align;
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage,
+            mapped_at_creation: true,
+        });
+        {
+            let mut view = buffer
+                .get_mapped_range_mut(..)
+                .map_err(|e| GpuError::Lost(self.lost_reason().unwrap_or_else(|| e.to_string())))?;
+            view.slice(..contents.len()).copy_from_slice(contents);
+        }
+        buffer.unmap();
+        Ok(buffer)
+    }
+
     pub fn encoder(&self, label: &str) -> wgpu::CommandEncoder {
         self.device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
@@ -379,14 +404,11 @@ impl<T: Element> GpuTensor<T> {
         }
         let what = format!("a {rows}x{cols} {} matrix", T::NAME);
         ctx.check_buffer_size(&what, Self::byte_len(rows, cols))?;
-        let buffer = ctx.scoped(&what, || {
-            ctx.device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("hegraph tensor"),
-                    contents: bytemuck::cast_slice(data),
-                    usage: STORAGE_USAGE,
-                })
-        })?;
+        let buffer = ctx
+            .scoped(&what, || {
+                ctx.buffer_init("hegraph tensor", bytemuck::cast_slice(data), STORAGE_USAGE)
+            })
+            .and_then(|b| b)?;
         Ok(Self {
             buffer,
             rows,

@@ -1,0 +1,473 @@
+//! The window's frame around the views: menus and view tabs, the train button with the running job's
+//! progress (rate, ETA, cancel), the test-checkpoint banner, the status line, transient notices and the
+//! drop-a-folder overlay.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use egui::{Color32, RichText};
+
+use super::jobs::{self, Job};
+use super::{style, HeGraphApp, Level, Notice, View, TEST_CHECKPOINT_BANNER};
+
+impl HeGraphApp {
+    pub(super) fn pick_folder(&mut self) {
+        if let Some(folder) = rfd::FileDialog::new()
+            .set_title("Open an image folder")
+            .pick_folder()
+        {
+            if let Err(e) = self.open_path(&folder) {
+                self.notify(Level::Error, e.to_string());
+            }
+        }
+    }
+
+    pub(super) fn pick_project(&mut self) {
+        if let Some(file) = rfd::FileDialog::new()
+            .set_title("Open a hegraph project")
+            .add_filter("hegraph project", &["json"])
+            .pick_file()
+        {
+            if let Err(e) = self.open_path(&file) {
+                self.notify(Level::Error, e.to_string());
+            }
+        }
+    }
+
+    pub(super) fn save_as(&mut self) {
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        if let Some(file) = rfd::FileDialog::new()
+            .set_title("Save the project as")
+            .add_filter("hegraph project", &["json"])
+            .set_file_name("project.json")
+            .save_file()
+        {
+            let old = s.project_path.replace(file.clone());
+            if let Err(e) = s.save() {
+                s.project_path = old;
+                self.notify(Level::Error, e.to_string());
+            } else {
+                self.notify(Level::Info, format!("saved as {}", file.display()));
+            }
+        }
+    }
+
+    pub(super) fn top_bar(&mut self, ui: &mut egui::Ui) {
+        egui::Panel::top("hegraph-top")
+            .frame(
+                egui::Frame::side_top_panel(ui.style())
+                    .inner_margin(egui::Margin::symmetric(10, 6)),
+            )
+            .show(ui, |ui| {
+                egui::MenuBar::new().ui(ui, |ui| {
+                    ui.menu_button("Project", |ui| {
+                        if ui.button("Open folder…  (Ctrl+O)").clicked() {
+                            self.pick_folder();
+                        }
+                        if ui.button("Open project file…").clicked() {
+                            self.pick_project();
+                        }
+                        let open = self.session.is_some();
+                        if ui
+                            .add_enabled(open, egui::Button::new("Save as…"))
+                            .clicked()
+                        {
+                            self.save_as();
+                        }
+                        ui.separator();
+                        if ui
+                            .add_enabled(open, egui::Button::new("Export labels…"))
+                            .clicked()
+                        {
+                            self.dialogs.export.open = true;
+                        }
+                        ui.separator();
+                        if ui.button("Settings…").clicked() {
+                            self.dialogs.settings = true;
+                        }
+                    });
+                    ui.menu_button("Edit", |ui| {
+                        let (u, r) = self
+                            .session
+                            .as_ref()
+                            .map_or((false, false), |s| (s.can_undo(), s.can_redo()));
+                        if ui
+                            .add_enabled(u, egui::Button::new("Undo  (Ctrl+Z)"))
+                            .clicked()
+                        {
+                            self.undo();
+                        }
+                        if ui
+                            .add_enabled(r, egui::Button::new("Redo  (Ctrl+Shift+Z)"))
+                            .clicked()
+                        {
+                            self.redo();
+                        }
+                        ui.separator();
+                        let open = self.session.is_some();
+                        if ui
+                            .add_enabled(open, egui::Button::new("Classes…"))
+                            .clicked()
+                        {
+                            self.open_class_editor();
+                        }
+                        if ui
+                            .add_enabled(open, egui::Button::new("Prompt templates…"))
+                            .clicked()
+                        {
+                            self.open_template_editor();
+                        }
+                    });
+                    ui.menu_button("Help", |ui| {
+                        if ui.button("Keyboard shortcuts  (F1)").clicked() {
+                            self.dialogs.help = true;
+                        }
+                    });
+                    ui.add_space(16.0);
+                    for v in View::ALL {
+                        let selected = self.view == v;
+                        let text = RichText::new(v.title()).size(15.0);
+                        let text = if selected {
+                            text.strong().color(style::ACCENT)
+                        } else {
+                            text
+                        };
+                        if ui
+                            .add(egui::Button::selectable(selected, text))
+                            .on_hover_text(format!("{} view ({})", v.title(), v.shortcut()))
+                            .clicked()
+                        {
+                            self.view = v;
+                        }
+                    }
+                    if let Some(s) = &self.session {
+                        ui.add_space(16.0);
+                        // The last two parts of the path: "demo/images" says more than "images".
+                        let parts: Vec<String> = s
+                            .folder()
+                            .components()
+                            .rev()
+                            .take(2)
+                            .map(|c| c.as_os_str().to_string_lossy().to_string())
+                            .collect();
+                        let name = parts.into_iter().rev().collect::<Vec<_>>().join("/");
+                        ui.label(RichText::new(name).weak())
+                            .on_hover_text(s.folder().display().to_string());
+                    }
+                    ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                        self.job_controls(ui);
+                    });
+                });
+            });
+        let banner = self
+            .engine
+            .model
+            .as_ref()
+            .is_some_and(|m| m.is_test_checkpoint);
+        if banner {
+            egui::Panel::top("hegraph-banner")
+                .frame(
+                    egui::Frame::NONE
+                        .fill(style::WARNING_BG)
+                        .inner_margin(egui::Margin::symmetric(10, 4)),
+                )
+                .show(ui, |ui| {
+                    ui.horizontal(|ui| {
+                        ui.label(
+                            RichText::new(format!("▲  {TEST_CHECKPOINT_BANNER}"))
+                                .color(style::WARNING_FG)
+                                .strong(),
+                        );
+                    });
+                });
+        }
+    }
+
+    /// Train button, progress of the running job with rate and ETA, cancel.
+    fn job_controls(&mut self, ui: &mut egui::Ui) {
+        if let Some(job) = &self.engine.train_job {
+            if ui
+                .button("Cancel")
+                .on_hover_text("Stop training (Esc)")
+                .clicked()
+            {
+                job.cancel();
+            }
+            job_progress(ui, job, "steps");
+        } else if let Some(job) = &self.engine.embed_job {
+            if ui
+                .button("Cancel")
+                .on_hover_text("Stop embedding (Esc); what is done is kept")
+                .clicked()
+            {
+                job.cancel();
+            }
+            job_progress(ui, job, "images");
+        } else {
+            let can = self
+                .session
+                .as_ref()
+                .is_some_and(|s| s.labelled_count() > 0);
+            let fresh = self.session.as_ref().map_or(0, |s| s.labels_since_train);
+            let text = if fresh > 0 && !self.engine.history.is_empty() {
+                format!("▶ Train  ({fresh} new labels)")
+            } else {
+                "▶ Train".to_string()
+            };
+            let b = egui::Button::new(RichText::new(text).strong())
+                .fill(style::ACCENT.gamma_multiply(0.45));
+            if ui
+                .add_enabled(can, b)
+                .on_hover_text("Train the adapter on the labelled images (T)")
+                .on_disabled_hover_text("Label a few images first (keys 1–9)")
+                .clicked()
+            {
+                if let Err(e) = self.start_training() {
+                    self.notify(Level::Warn, e);
+                }
+            }
+            if self.session.is_some() && !self.has_features() {
+                if let Some(e) = &self.engine.model_error {
+                    let short: String = e.chars().take(60).collect();
+                    ui.label(RichText::new(format!("▲ {short}…")).color(style::WARNING_FG))
+                        .on_hover_text(e);
+                    if ui
+                        .button("Retry")
+                        .on_hover_text("Embed the folder again")
+                        .clicked()
+                    {
+                        self.start_embedding();
+                    }
+                }
+            }
+        }
+    }
+
+    /// What trains the adapter: the backend of the last training, else what the next one will use.
+    fn compute_label(&self) -> String {
+        match self.engine.history.last() {
+            Some(r) => format!("compute: {}", r.backend),
+            None => format!(
+                "compute: {}",
+                match self.engine.backend.get() {
+                    Some(b) => b.describe(),
+                    None => jobs::planned_backend(self.opts.backend, self.gpu.as_ref()),
+                }
+            ),
+        }
+    }
+
+    pub(super) fn status_bar(&mut self, ui: &mut egui::Ui) {
+        egui::Panel::bottom("hegraph-status")
+            .frame(
+                egui::Frame::side_top_panel(ui.style())
+                    .inner_margin(egui::Margin::symmetric(10, 5)),
+            )
+            .show(ui, |ui| {
+                ui.horizontal(|ui| {
+                    let weak = ui.visuals().weak_text_color();
+                    let small = |t: String| RichText::new(t).size(12.5);
+                    let gpu_line = self
+                        .gpu
+                        .as_ref()
+                        .map_or("the window has no GPU device".to_string(), |g| {
+                            format!("window GPU: {}", g.describe())
+                        });
+                    ui.label(small(self.compute_label()).color(weak))
+                        .on_hover_text(gpu_line);
+                    ui.separator();
+                    match &self.engine.model {
+                        Some(m) if m.is_test_checkpoint => {
+                            ui.label(
+                                small(TEST_CHECKPOINT_BANNER.to_string())
+                                    .color(style::WARNING_FG)
+                                    .strong(),
+                            )
+                            .on_hover_text(m.banner());
+                        }
+                        Some(m) => {
+                            ui.label(small(format!("model: {}", m.name)).color(weak))
+                                .on_hover_text(m.banner());
+                        }
+                        None if self.engine.model_error.is_some() => {
+                            ui.label(small("no CLIP model".into()).color(style::WARNING_FG))
+                                .on_hover_text(self.engine.model_error.clone().unwrap_or_default());
+                        }
+                        None => {
+                            ui.label(small("model: not loaded yet".into()).color(weak));
+                        }
+                    }
+                    ui.separator();
+                    let Some(s) = &self.session else {
+                        ui.label(
+                            small(
+                                "no folder open: Project ▸ Open folder…, or drop a folder here"
+                                    .into(),
+                            )
+                            .color(weak),
+                        );
+                        return;
+                    };
+                    let per_class: Vec<String> = s
+                        .classes()
+                        .iter()
+                        .zip(s.counts_per_class())
+                        .map(|(c, n)| format!("{c}: {n}"))
+                        .collect();
+                    ui.label(small(format!(
+                        "{} images · {} labelled",
+                        s.len(),
+                        s.labelled_count()
+                    )))
+                    .on_hover_text(format!("labelled per class\n{}", per_class.join("\n")));
+                    // Per class, as far as the width allows (the full list is in the tooltip).
+                    let compact: Vec<String> = s
+                        .classes()
+                        .iter()
+                        .zip(s.counts_per_class())
+                        .map(|(c, n)| format!("{c} {n}"))
+                        .collect();
+                    let room = (ui.available_width() - 390.0).max(0.0);
+                    if room > 60.0 {
+                        ui.allocate_ui(egui::vec2(room, ui.available_height()), |ui| {
+                            ui.add(
+                                egui::Label::new(
+                                    small(format!("({})", compact.join(", "))).color(weak),
+                                )
+                                .truncate(),
+                            )
+                            .on_hover_text(per_class.join("\n"));
+                        });
+                    }
+                    ui.with_layout(
+                        egui::Layout::right_to_left(egui::Align::Center),
+                        |ui| match &s.project.last_training {
+                            Some(r) => {
+                                let ago = SystemTime::now()
+                                    .duration_since(SystemTime::UNIX_EPOCH)
+                                    .map_or(0, |d| d.as_secs())
+                                    .saturating_sub(r.finished_unix);
+                                let acc =
+                                    r.held_out_accuracy
+                                        .map_or("no held-out images".into(), |a| {
+                                            format!(
+                                                "held-out accuracy {:.1} % ({})",
+                                                a * 100.0,
+                                                r.held_out
+                                            )
+                                        });
+                                ui.label(small(format!(
+                                    "trained {} · {} · {acc}",
+                                    style::ago(ago),
+                                    r.method
+                                )))
+                                .on_hover_text(format!(
+                                    "{} labelled images, {} held out for the accuracy; took {}",
+                                    r.labelled,
+                                    r.held_out,
+                                    style::short_duration(r.seconds)
+                                ));
+                            }
+                            None => {
+                                ui.label(small("not trained yet (press T)".into()).color(weak));
+                            }
+                        },
+                    );
+                });
+            });
+    }
+
+    pub(super) fn show_notices(&mut self, ctx: &egui::Context) {
+        let now = Instant::now();
+        let life = Duration::from_secs(8);
+        let live: Vec<&Notice> = self
+            .notices
+            .iter()
+            .filter(|n| now.duration_since(n.at) < life)
+            .collect();
+        if live.is_empty() {
+            return;
+        }
+        egui::Area::new(egui::Id::unique("hegraph-notices"))
+            .anchor(egui::Align2::RIGHT_BOTTOM, egui::vec2(-14.0, -40.0))
+            .interactable(false)
+            .show(ctx, |ui| {
+                ui.set_max_width(460.0);
+                for n in live.iter().rev().take(4).rev() {
+                    let (fill, fg) = match n.level {
+                        Level::Info => (
+                            Color32::from_rgb(38, 52, 70),
+                            Color32::from_rgb(215, 228, 245),
+                        ),
+                        Level::Warn => (
+                            Color32::from_rgb(74, 60, 28),
+                            Color32::from_rgb(255, 226, 160),
+                        ),
+                        Level::Error => (
+                            Color32::from_rgb(90, 32, 32),
+                            Color32::from_rgb(255, 205, 205),
+                        ),
+                    };
+                    egui::Frame::NONE
+                        .fill(fill)
+                        .corner_radius(6)
+                        .inner_margin(egui::Margin::symmetric(10, 6))
+                        .show(ui, |ui| {
+                            ui.label(RichText::new(&n.text).color(fg));
+                        });
+                }
+            });
+        ctx.request_repaint_after(Duration::from_millis(500));
+    }
+}
+
+/// While files are dragged over the window, says what dropping does.
+pub(super) fn drop_overlay(ctx: &egui::Context) {
+    let hovering = ctx.input(|i| !i.raw.hovered_files.is_empty());
+    if !hovering {
+        return;
+    }
+    let screen = ctx.content_rect();
+    let painter = ctx.layer_painter(egui::LayerId::new(
+        egui::Order::Foreground,
+        egui::Id::unique("hegraph-drop"),
+    ));
+    painter.rect_filled(screen, 0.0, Color32::from_black_alpha(170));
+    painter.rect_stroke(
+        screen.shrink(16.0),
+        12.0,
+        egui::Stroke::new(3.0, style::ACCENT),
+        egui::StrokeKind::Inside,
+    );
+    painter.text(
+        screen.center(),
+        egui::Align2::CENTER_CENTER,
+        "Drop an image folder (or a project .json) to open it",
+        egui::FontId::proportional(22.0),
+        Color32::WHITE,
+    );
+}
+
+fn job_progress<T: Send + 'static>(ui: &mut egui::Ui, job: &Job<T>, unit: &str) {
+    let mut text = if job.stage.is_empty() {
+        job.name.to_string()
+    } else {
+        job.stage.clone()
+    };
+    if job.total > 0 {
+        text.push_str(&format!(" · {}/{}", job.done, job.total));
+    }
+    if let Some(r) = job.rate() {
+        text.push_str(&format!(" · {r:.1} {unit}/s"));
+    }
+    if let Some(eta) = job.eta() {
+        text.push_str(&format!(" · {} left", style::short_duration(eta)));
+    }
+    ui.add(
+        egui::ProgressBar::new(job.fraction())
+            .desired_width(360.0)
+            .text(text)
+            .animate(job.total == 0),
+    );
+}
