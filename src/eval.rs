@@ -520,7 +520,7 @@ mod explore {
 
     #[test]
     fn explore_speed() {
-        for c in [10usize] {
+        for c in [50usize] {
             let r = crate::adapter::bench::bench_train(c, 16, 512, 10, None, crate::adapter::BackendChoice::Cpu).unwrap();
             println!("{r}");
         }
@@ -584,6 +584,59 @@ mod explore {
             }
             println!("{line}");
           }
+        }
+    }
+
+    fn cpu_ms() -> f64 {
+        let st = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let f: Vec<&str> = st.rsplit(')').next().unwrap().split_whitespace().collect();
+        let t: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+        t * 10.0
+    }
+
+    #[test]
+    fn explore_cpu() {
+        use crate::adapter::{CpuBackend, HeGraphBackend, stack_queries, epoch_batches};
+        use crate::graph::{HeteroGraph, LabelledViewsRef, GraphOptions};
+        for c in [10usize, 50, 100] {
+            let task = crate::adapter::bench::synthetic_task(c, 16, 512, 10, 7);
+            let lv = LabelledViewsRef::from_split(&task.train);
+            let g = HeteroGraph::build(&task.classes, &task.text, Some(&task.text_neg), &lv, &GraphOptions::default()).unwrap();
+            let (q, a) = stack_queries(&task.train);
+            let p = TrainParams::default();
+            let mut be = CpuBackend::new(&g, &q, &p, None).unwrap();
+            // warm the memo so steady-state steps are timed
+            for e in 0..3 { for b in epoch_batches(1, e, &task.train.labels, a, 256) { be.step(&b.rows, &b.labels, 1e-3, true).unwrap(); } }
+            let batches = epoch_batches(1, 3, &task.train.labels, a, 256);
+            let full: Vec<_> = batches.iter().filter(|b| b.rows.len() == batches[0].rows.len()).collect();
+            let n = 12usize;
+            let (c0, t0) = (cpu_ms(), std::time::Instant::now());
+            for i in 0..n { let b = full[i % full.len()]; be.step(&b.rows, &b.labels, 1e-3, true).unwrap(); }
+            println!("C={c}: {:.1} ms CPU/step, {:.1} ms wall/step", (cpu_ms() - c0) / n as f64, t0.elapsed().as_secs_f64() * 1e3 / n as f64);
+        }
+    }
+
+    #[test]
+    fn explore_mm() {
+        use candle_core::{Tensor, Device};
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1., (512, 512), &dev).unwrap();
+        for m in [10usize, 20, 60, 150, 300] {
+            let h = Tensor::randn(0f32, 1., (m, 512), &dev).unwrap();
+            let _ = h.matmul(&w).unwrap();
+            let n = 20;
+            let t0 = std::time::Instant::now();
+            for _ in 0..n { let _ = h.matmul(&w).unwrap(); }
+            let a = t0.elapsed().as_secs_f64() * 1e3 / n as f64;
+            let t0 = std::time::Instant::now();
+            for _ in 0..n { let _ = h.t().unwrap().matmul(&h).unwrap(); }
+            let b = t0.elapsed().as_secs_f64() * 1e3 / n as f64;
+            let hm = crate::linalg::Mat::from_vec(m, 512, h.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            let wm = crate::linalg::Mat::from_vec(512, 512, w.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            let t0 = std::time::Instant::now();
+            for _ in 0..n { let _ = hm.matmul(&wm); }
+            let c = t0.elapsed().as_secs_f64() * 1e3 / n as f64;
+            println!("m={m}: h@w {a:.2} ms ({:.2} GMAC/s), h^T@h {b:.2} ms ({:.2} GMAC/s), linalg {c:.2} ms", (m*512*512) as f64 / a / 1e6, (m*512*512) as f64 / b / 1e6);
         }
     }
 }

@@ -24,6 +24,9 @@ use crate::linalg::Mat;
 use crate::progress::{CancelToken, Progress};
 use crate::prompts;
 
+/// The views still needed of one decoded image, tagged with their view index.
+type ViewTensors = Vec<(u32, ImageTensor)>;
+
 /// Augmented views per labelled image (the SPEC's `A`).
 pub const DEFAULT_VIEWS: usize = 10;
 
@@ -210,7 +213,7 @@ impl Embedder {
                 return Err(ExtractError::Cancelled);
             }
             // Decode each image once and cut every view it still lacks.
-            let prepared: Vec<(usize, Result<Vec<(u32, ImageTensor)>, ClipError>)> = {
+            let prepared: Vec<(usize, Result<ViewTensors, ClipError>)> = {
                 let cache = self.cache()?;
                 let needed: Vec<(usize, ContentHash, Vec<u32>)> = chunk
                     .iter()

@@ -279,6 +279,8 @@ fn screenshots_of_the_three_views_show_real_content() {
 
     // Training view: the loss curve is drawn in the accent colour.
     h.state_mut().view = View::Train;
+    h.state_mut().dismiss_notices();
+    h.remove_cursor();
     h.step();
     h.step();
     let img = screenshot(&mut h, "training");
@@ -820,4 +822,49 @@ fn training_runs_on_the_window_device_when_asked() {
         let sum: f32 = p.row(r).iter().sum();
         assert!((sum - 1.0).abs() < 1e-3, "row {r} sums to {sum}");
     }
+}
+
+#[test]
+fn a_folder_without_class_names_asks_for_them_in_a_dialog() {
+    let photos = manifest().join("../shared/data/photos");
+    let Ok(entries) = std::fs::read_dir(&photos) else {
+        println!("skipped: {} is not there", photos.display());
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let flat = dir.path().join("flat");
+    std::fs::create_dir_all(&flat).unwrap();
+    for e in entries.flatten().take(6) {
+        if hegraph::data::is_image_path(&e.path()) {
+            std::fs::copy(e.path(), flat.join(e.file_name())).unwrap();
+        }
+    }
+    let mut app = HeGraphApp::new(AppOptions {
+        auto_embed: false,
+        ..AppOptions::default()
+    });
+    app.open_path(&flat).unwrap();
+    assert!(
+        app.session().is_none(),
+        "no classes yet: nothing can be open"
+    );
+    let Some(mut h) = harness(app) else { return };
+    h.run_steps(3);
+    let field = h.get_by_label_contains("Class names, one per line");
+    field.focus();
+    h.step();
+    h.get_by_label_contains("Class names, one per line")
+        .type_text("cat");
+    h.step();
+    h.key_press(egui::Key::Enter);
+    h.step();
+    h.get_by_label_contains("Class names, one per line")
+        .type_text("coffee");
+    h.run_steps(2);
+    screenshot(&mut h, "new-project");
+    h.get_by_label("Create project").click();
+    h.run_steps(3);
+    let s = h.state().session().expect("the project was created");
+    assert_eq!(s.classes(), &["cat", "coffee"]);
+    assert!(default_project_path(&s.project.folder).exists());
 }

@@ -939,3 +939,109 @@ pub(super) fn reset_params(ui: &mut egui::Ui, params: &mut TrainParams) {
         *params = TrainParams::default();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::state::{ImageItem, Session};
+    use crate::app::AppOptions;
+    use crate::project::Project;
+
+    fn app() -> HeGraphApp {
+        let mut a = HeGraphApp::new(AppOptions {
+            auto_embed: false,
+            ..AppOptions::default()
+        });
+        let mut p = Project::new(
+            PathBuf::from("/x"),
+            vec!["a".into(), "b".into(), "c".into()],
+        );
+        p.labels.insert("1.png".into(), "a".into());
+        p.labels.insert("2.png".into(), "b".into());
+        p.labels.insert("3.png".into(), "c".into());
+        let images = ["1.png", "2.png", "3.png"]
+            .iter()
+            .map(|r| ImageItem {
+                rel: r.to_string(),
+                path: PathBuf::from("/x").join(r),
+            })
+            .collect();
+        a.session = Some(Session::new(p, None, images));
+        a
+    }
+
+    fn row(original: Option<&str>, name: &str, remove: bool) -> ClassRow {
+        ClassRow {
+            original: original.map(String::from),
+            name: name.into(),
+            remove,
+        }
+    }
+
+    #[test]
+    fn class_edits_reorder_rename_remove_and_add_keeping_labels() {
+        let mut a = app();
+        // b renamed to "bee" and moved first, c removed, d added.
+        let rows = vec![
+            row(Some("b"), "bee", false),
+            row(Some("a"), "a", false),
+            row(Some("c"), "c", true),
+            row(None, "d", false),
+        ];
+        a.apply_class_edits(&rows).unwrap();
+        a.classes_changed();
+        let s = a.session().unwrap();
+        assert_eq!(s.classes(), &["bee", "a", "d"]);
+        assert_eq!(s.label(0), Some(1), "1.png keeps class a, now second");
+        assert_eq!(s.label(1), Some(0), "2.png follows the rename to bee");
+        assert_eq!(s.label(2), None, "3.png lost its removed class");
+        assert_eq!(s.project.labels.len(), 2);
+    }
+
+    #[test]
+    fn class_edits_swap_names_and_refuse_bad_lists() {
+        let mut a = app();
+        // Swapping two names must not collide half-way.
+        let swap = vec![
+            row(Some("a"), "b", false),
+            row(Some("b"), "a", false),
+            row(Some("c"), "c", false),
+        ];
+        a.apply_class_edits(&swap).unwrap();
+        a.classes_changed();
+        let s = a.session().unwrap();
+        assert_eq!(s.project.labels["1.png"], "b");
+        assert_eq!(s.project.labels["2.png"], "a");
+        let dup = vec![row(Some("a"), "x", false), row(Some("b"), "X", false)];
+        assert!(a.apply_class_edits(&dup).is_err());
+        let none = vec![row(Some("a"), "a", true)];
+        assert!(a
+            .apply_class_edits(&none)
+            .unwrap_err()
+            .contains("at least one"));
+        let empty = vec![row(Some("a"), "  ", false)];
+        assert!(a.apply_class_edits(&empty).is_err());
+        // A refused edit changes nothing.
+        assert_eq!(a.session().unwrap().classes(), &["b", "a", "c"]);
+    }
+
+    #[test]
+    fn export_of_a_session_writes_every_format() {
+        let a = app();
+        let dir = tempfile::tempdir().unwrap();
+        let s = a.session().unwrap();
+        let opts = RowOptions::default();
+        let msg = export_session(s, ExportFormat::Csv, &opts, &dir.path().join("l.csv")).unwrap();
+        assert!(msg.contains("exported 3 images"), "{msg}");
+        let csv = std::fs::read_to_string(dir.path().join("l.csv")).unwrap();
+        assert!(
+            csv.starts_with("path,label,confidence\n1.png,a,1.0000\n"),
+            "{csv}"
+        );
+        export_session(s, ExportFormat::Json, &opts, &dir.path().join("l.json")).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("l.json")).unwrap())
+                .unwrap();
+        assert_eq!(v["images"].as_array().unwrap().len(), 3);
+    }
+}

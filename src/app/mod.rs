@@ -132,7 +132,7 @@ impl Default for AppOptions {
             model_dir: None,
             auto_embed: true,
             thumb_threads: (cores / 2).clamp(1, 4),
-            thumb_capacity: 600,
+            thumb_capacity: 400,
             backend: std::env::var("HEGRAPH_BACKEND")
                 .ok()
                 .and_then(|s| s.parse().ok())

@@ -26,6 +26,8 @@ pub struct ThumbKey {
 /// scaling of the largest grid size.
 pub const THUMB_SIDE: u32 = 256;
 pub const PREVIEW_SIDE: u32 = 1024;
+/// Previews kept as textures (the current one and a few to go back to).
+pub const MAX_PREVIEWS: usize = 6;
 
 struct Request {
     key: ThumbKey,
@@ -131,6 +133,19 @@ impl ThumbCache {
                 if f + 1 < self.frame {
                     self.entries.remove(&k);
                 }
+            }
+        }
+        // Previews are 16× the size of a thumbnail: only the few most recent stay.
+        let mut large: Vec<(u64, ThumbKey)> = self
+            .entries
+            .iter()
+            .filter(|(k, _)| k.large)
+            .map(|(k, (_, f))| (*f, *k))
+            .collect();
+        if large.len() > MAX_PREVIEWS {
+            large.sort_unstable_by_key(|a| std::cmp::Reverse(a.0));
+            for (_, k) in large.into_iter().skip(MAX_PREVIEWS) {
+                self.entries.remove(&k);
             }
         }
     }
@@ -345,6 +360,27 @@ mod tests {
         cache.begin_frame(&ctx, 100);
         cache.begin_frame(&ctx, 100);
         assert!(cache.len() <= 16 + 8, "{} textures", cache.len());
+        // Previews: many asked for in turn, few kept.
+        for image in 0..12 {
+            let key = ThumbKey { image, large: true };
+            while !matches!(cache.get(key), Thumb::Ready(_)) {
+                cache.begin_frame(&ctx, 100);
+                cache.want(&[key]);
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        cache.begin_frame(&ctx, 100);
+        let previews = (0..12)
+            .filter(|&image| cache.contains(ThumbKey { image, large: true }))
+            .count();
+        assert!(previews <= MAX_PREVIEWS, "{previews} previews kept");
+        assert!(
+            cache.contains(ThumbKey {
+                image: 11,
+                large: true
+            }),
+            "the newest preview is kept"
+        );
         assert!(!cache.busy());
     }
 }
