@@ -68,7 +68,10 @@ impl Default for EvalOptions<'_> {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Cell {
     /// Test accuracies (percent), one per seed that ran.
-    Measured { seeds: Vec<u64>, accuracies: Vec<f32> },
+    Measured {
+        seeds: Vec<u64>,
+        accuracies: Vec<f32>,
+    },
     NeedsText,
 }
 
@@ -161,7 +164,15 @@ impl EvalReport {
     /// One line per method and shot count: `method,shots,seeds,mean,std,accuracies,status`.
     pub fn to_csv(&self) -> String {
         let mut w = csv::Writer::from_writer(Vec::new());
-        let _ = w.write_record(["method", "shots", "seeds", "mean", "std", "accuracies", "status"]);
+        let _ = w.write_record([
+            "method",
+            "shots",
+            "seeds",
+            "mean",
+            "std",
+            "accuracies",
+            "status",
+        ]);
         for r in &self.rows {
             for (k, c) in &r.cells {
                 let rec = match c {
@@ -179,10 +190,18 @@ impl EvalReport {
                         vec![
                             r.label.clone(),
                             k.to_string(),
-                            seeds.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" "),
+                            seeds
+                                .iter()
+                                .map(|s| s.to_string())
+                                .collect::<Vec<_>>()
+                                .join(" "),
                             format!("{m:.4}"),
                             format!("{sd:.4}"),
-                            accuracies.iter().map(|a| format!("{a:.4}")).collect::<Vec<_>>().join(" "),
+                            accuracies
+                                .iter()
+                                .map(|a| format!("{a:.4}"))
+                                .collect::<Vec<_>>()
+                                .join(" "),
                             "ok".into(),
                         ]
                     }
@@ -216,7 +235,12 @@ fn per_class_draw(split: &LabelledSplit, c: usize, n: usize, seed: u64, stream: 
 }
 
 fn min_per_class(split: &LabelledSplit, c: usize) -> usize {
-    split.indices_by_class(c).iter().map(|v| v.len()).min().unwrap_or(0)
+    split
+        .indices_by_class(c)
+        .iter()
+        .map(|v| v.len())
+        .min()
+        .unwrap_or(0)
 }
 
 enum Source<'f> {
@@ -244,9 +268,17 @@ impl Source<'_> {
             Source::Shared { pool_k, pool, test } => {
                 let train = match fs.shots.get(&k) {
                     Some(s) if seed == 1 => s.clone(),
-                    _ if k < *pool_k => pool.subset(&per_class_draw(pool, c, k, seed, STREAM_SHOTS)),
-                    _ if k == *pool_k => return Err(format!("{k} shots: the file holds a single {k}-shot draw")),
-                    _ => return Err(format!("{k} shots: the file's largest shot set is {pool_k}")),
+                    _ if k < *pool_k => {
+                        pool.subset(&per_class_draw(pool, c, k, seed, STREAM_SHOTS))
+                    }
+                    _ if k == *pool_k => {
+                        return Err(format!("{k} shots: the file holds a single {k}-shot draw"))
+                    }
+                    _ => {
+                        return Err(format!(
+                            "{k} shots: the file's largest shot set is {pool_k}"
+                        ))
+                    }
                 };
                 Ok(Draw {
                     train,
@@ -256,14 +288,18 @@ impl Source<'_> {
             }
             Source::TrainTest { train, test } => {
                 if min_per_class(train, c) < k {
-                    return Err(format!("{k} shots: some class has fewer than {k} training images"));
+                    return Err(format!(
+                        "{k} shots: some class has fewer than {k} training images"
+                    ));
                 }
                 let idx = per_class_draw(train, c, k, seed, STREAM_SHOTS);
                 let val = match &fs.val {
                     Some(v) => Some(val_from(v)),
                     None => {
-                        let chosen: std::collections::HashSet<usize> = idx.iter().copied().collect();
-                        let rest: Vec<usize> = (0..train.len()).filter(|i| !chosen.contains(i)).collect();
+                        let chosen: std::collections::HashSet<usize> =
+                            idx.iter().copied().collect();
+                        let rest: Vec<usize> =
+                            (0..train.len()).filter(|i| !chosen.contains(i)).collect();
                         let rest_split = train.subset(&rest);
                         (min_per_class(&rest_split, c) >= vk).then(|| val_from(&rest_split))
                     }
@@ -302,7 +338,11 @@ impl Source<'_> {
 }
 
 /// Runs the protocol (module docs). `on_event` receives one line per run.
-pub fn evaluate(fs: &FeatureSet, opts: &EvalOptions, on_event: &mut dyn FnMut(&str)) -> Result<EvalReport, EvalError> {
+pub fn evaluate(
+    fs: &FeatureSet,
+    opts: &EvalOptions,
+    on_event: &mut dyn FnMut(&str),
+) -> Result<EvalReport, EvalError> {
     let c = fs.num_classes();
     if c == 0 {
         return Err(EvalError::Nothing("the features have no classes".into()));
@@ -357,7 +397,10 @@ pub fn evaluate(fs: &FeatureSet, opts: &EvalOptions, on_event: &mut dyn FnMut(&s
         notes.push("no validation split: Tip-Adapter's (α, β) were not searched".into());
     }
     if fs.test_checkpoint {
-        notes.push("these features come from the random test checkpoint: accuracies are meaningless".into());
+        notes.push(
+            "these features come from the random test checkpoint: accuracies are meaningless"
+                .into(),
+        );
     }
 
     // Rows: each method, and right after it its cache-only row when text is missing.
@@ -414,7 +457,14 @@ pub fn evaluate(fs: &FeatureSet, opts: &EvalOptions, on_event: &mut dyn FnMut(&s
                 }
                 on_event(&format!("{k} shots, seed {seed}: {}", row.label));
                 let start = Instant::now();
-                let trained = adapter::train(row.method, &params, &input, opts.backend, &opts.cancel, &mut |_| {})?;
+                let trained = adapter::train(
+                    row.method,
+                    &params,
+                    &input,
+                    opts.backend,
+                    &opts.cancel,
+                    &mut |_| {},
+                )?;
                 let train_ms = start.elapsed().as_secs_f64() * 1e3;
                 let acc = 100.0 * trained.accuracy(&draw.test)?;
                 for n in &trained.notes {
@@ -423,10 +473,12 @@ pub fn evaluate(fs: &FeatureSet, opts: &EvalOptions, on_event: &mut dyn FnMut(&s
                         notes.push(n);
                     }
                 }
-                if let Cell::Measured { seeds, accuracies } = row.cells.entry(k).or_insert(Cell::Measured {
-                    seeds: Vec::new(),
-                    accuracies: Vec::new(),
-                }) {
+                if let Cell::Measured { seeds, accuracies } =
+                    row.cells.entry(k).or_insert(Cell::Measured {
+                        seeds: Vec::new(),
+                        accuracies: Vec::new(),
+                    })
+                {
                     seeds.push(seed);
                     accuracies.push(acc);
                 }
@@ -459,184 +511,4 @@ pub fn evaluate(fs: &FeatureSet, opts: &EvalOptions, on_event: &mut dyn FnMut(&s
         runs,
         notes,
     })
-}
-
-#[cfg(test)]
-mod explore {
-    use std::path::PathBuf;
-    use crate::adapter::{self, BackendChoice, Method, TrainInput, TrainParams, HeGraphHyper, HeGraphWeights, forward_graph};
-    use crate::features::FeatureSet;
-    use crate::progress::CancelToken;
-    use crate::linalg::{Mat, softmax, argmax};
-
-    fn shared(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/features").join(name)
-    }
-
-    fn branches(a: &adapter::TrainedAdapter, test: &crate::features::LabelledSplit, p: &TrainParams) {
-        let g = a.graph().unwrap();
-        let t = &a.tensors;
-        let w = HeGraphWeights { w_p: t.w_p.clone().unwrap(), w_n: t.w_n.clone(), w_v: t.w_v.clone().unwrap() };
-        let out = forward_graph(g, &HeGraphHyper::test(p), &w).unwrap();
-        let z = test.features.normalized_rows();
-        let lt = z.matmul_t(&out.p_prime.normalized_rows());
-        let l0 = z.matmul_t(&g.p);
-        let aff = z.matmul_t(&out.x_prime.normalized_rows());
-        let c = g.classes.len();
-        let mut res = vec![0usize; 8];
-        for r in 0..z.rows {
-            let tl: Vec<f32> = lt.row(r).iter().map(|x| 100.0 * x).collect();
-            let mut cache = vec![0.0f32; c];
-            for (m, &x) in aff.row(r).iter().enumerate() { cache[g.cache_labels[m]] += (x - 1.0).exp(); }
-            let cl: Vec<f32> = cache.iter().map(|x| 100.0 * x).collect();
-            let pt = softmax(&tl); let pc = softmax(&cl);
-            let y = test.labels[r];
-            if argmax(&tl) == y { res[0] += 1; }
-            if argmax(&cl) == y { res[1] += 1; }
-            if argmax(l0.row(r)) == y { res[2] += 1; }
-            for (i, w) in [0.1f32, 0.25, 0.5, 1.0].iter().enumerate() {
-                let f: Vec<f32> = (0..c).map(|k| pt[k] + w * pc[k]).collect();
-                if argmax(&f) == y { res[3 + i] += 1; }
-            }
-        }
-        let n = z.rows as f32 / 100.0;
-        println!("   text P' {:.2} cache {:.2} text P {:.2} fused w=.1 {:.2} .25 {:.2} .5 {:.2} 1 {:.2}", res[0] as f32 / n, res[1] as f32 / n, res[2] as f32 / n, res[3] as f32 / n, res[4] as f32 / n, res[5] as f32 / n, res[6] as f32 / n);
-    }
-
-    #[test]
-    fn explore_pets25() {
-        let fs = FeatureSet::load(&shared("oxford_pets25.safetensors")).unwrap();
-        let train = &fs.shots[&16];
-        let test = fs.test.as_ref().unwrap();
-        let input = TrainInput { classes: &fs.classes, text: fs.text.as_ref(), text_neg: None, train, val: fs.val.as_ref() };
-        for epochs in [0usize, 1, 5, 20, 40, 100] {
-            let p = TrainParams { epochs, ..Default::default() };
-            let t0 = std::time::Instant::now();
-            let a = adapter::train(Method::HeGraph, &p, &input, BackendChoice::Cpu, &CancelToken::new(), &mut |_| {}).unwrap();
-            println!("hegraph {epochs}: {:.2} val {:?} {:.0} ms loss {:?}..{:?}", 100.0 * a.accuracy(test).unwrap(), a.val_accuracy, t0.elapsed().as_secs_f64()*1e3, a.losses.first(), a.losses.last());
-            branches(&a, test, &p);
-        }
-    }
-
-    #[test]
-    fn explore_speed() {
-        for c in [50usize] {
-            let r = crate::adapter::bench::bench_train(c, 16, 512, 10, None, crate::adapter::BackendChoice::Cpu).unwrap();
-            println!("{r}");
-        }
-    }
-
-    #[test]
-    fn explore_micro() {
-        use candle_core::{Tensor, Device, Var};
-        let dev = Device::Cpu;
-        let h = Tensor::randn(0f32, 1., (150, 512), &dev).unwrap();
-        let w = Var::randn(0f32, 1., (512, 512), &dev).unwrap();
-        for _ in 0..3 {
-            let t0 = std::time::Instant::now();
-            for _ in 0..20 { let _ = h.matmul(w.as_tensor()).unwrap(); }
-            let t1 = t0.elapsed().as_secs_f64() * 1e3 / 20.0;
-            let t0 = std::time::Instant::now();
-            for _ in 0..20 { let y = h.matmul(w.as_tensor()).unwrap().tanh().unwrap().sum_all().unwrap(); let _g = y.backward().unwrap(); }
-            let t2 = t0.elapsed().as_secs_f64() * 1e3 / 20.0;
-            println!("matmul 150x512x512: {t1:.2} ms; fwd+bwd {t2:.2} ms");
-        }
-    }
-
-    #[test]
-    fn explore_eval() {
-        let fs = FeatureSet::load(&shared("oxford_pets25.safetensors")).unwrap();
-        for epochs in [10usize, 20, 40, 80] {
-            let mut opts = crate::eval::EvalOptions { shots: vec![1, 2, 4, 8, 16], methods: vec![Method::HeGraph], ..Default::default() };
-            opts.params.epochs = epochs;
-            let t0 = std::time::Instant::now();
-            let r = crate::eval::evaluate(&fs, &opts, &mut |_| {}).unwrap();
-            println!("epochs {epochs} ({:.1} s)\n{}", t0.elapsed().as_secs_f64(), r.to_markdown());
-            for run in &r.runs { if run.label.starts_with("HeGraph") { println!("  {} K={} seed {} acc {:.2} val {:?} {:.0} ms", run.label, run.shots, run.seed, run.accuracy, run.val_accuracy, run.train_ms); } }
-        }
-    }
-
-    #[test]
-    fn explore_w() {
-        let fs = FeatureSet::load(&shared("oxford_pets25.safetensors")).unwrap();
-        let test = fs.test.as_ref().unwrap();
-        for k in [1usize, 4, 16] {
-          for seed in [1u64, 2] {
-            let train = if seed == 1 { fs.shots[&k].clone() } else { let pool = &fs.shots[&16]; let by = pool.indices_by_class(25); let idx: Vec<usize> = by.iter().flat_map(|v| v.iter().rev().take(k).copied()).collect(); pool.subset(&idx) };
-            let by = fs.val.as_ref().unwrap().indices_by_class(25);
-            let vk = k.min(4);
-            let idx: Vec<usize> = by.iter().flat_map(|v| v.iter().skip(seed as usize * 4).take(vk).copied()).collect();
-            let val = fs.val.as_ref().unwrap().subset(&idx);
-            let input = TrainInput { classes: &fs.classes, text: fs.text.as_ref(), text_neg: None, train: &train, val: Some(&val) };
-            let p = TrainParams { search_fusion_weight: false, ..Default::default() };
-            let a = adapter::train(Method::HeGraph, &p, &input, BackendChoice::Cpu, &CancelToken::new(), &mut |_| {}).unwrap();
-            let (vt, vc) = a.hegraph_branches(&val.features.normalized_rows()).unwrap();
-            let (tt, tc) = a.hegraph_branches(&test.features.normalized_rows()).unwrap();
-            let mut line = format!("K={k} seed {seed}:");
-            for w in [0.0f32, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0] {
-                let score = |pt: &Mat, pc: &Mat, labels: &[usize]| {
-                    let mut hits = 0; let mut nll = 0.0f64;
-                    for r in 0..pt.rows { let f: Vec<f32> = (0..25).map(|c| (pt.get(r,c) + w * pc.get(r,c)) / (1.0 + w)).collect(); if argmax(&f) == labels[r] { hits += 1; } nll -= (f[labels[r]].max(1e-12) as f64).ln(); }
-                    (100.0 * hits as f32 / pt.rows as f32, nll / pt.rows as f64)
-                };
-                let (va, vn) = score(&vt, &vc, &val.labels); let (ta, _) = score(&tt, &tc, &test.labels);
-                line += &format!(" w{w}: val {va:.0}/{vn:.2} test {ta:.2} |");
-            }
-            println!("{line}");
-          }
-        }
-    }
-
-    fn cpu_ms() -> f64 {
-        let st = std::fs::read_to_string("/proc/self/stat").unwrap();
-        let f: Vec<&str> = st.rsplit(')').next().unwrap().split_whitespace().collect();
-        let t: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-        t * 10.0
-    }
-
-    #[test]
-    fn explore_cpu() {
-        use crate::adapter::{CpuBackend, HeGraphBackend, stack_queries, epoch_batches};
-        use crate::graph::{HeteroGraph, LabelledViewsRef, GraphOptions};
-        for c in [10usize, 50, 100] {
-            let task = crate::adapter::bench::synthetic_task(c, 16, 512, 10, 7);
-            let lv = LabelledViewsRef::from_split(&task.train);
-            let g = HeteroGraph::build(&task.classes, &task.text, Some(&task.text_neg), &lv, &GraphOptions::default()).unwrap();
-            let (q, a) = stack_queries(&task.train);
-            let p = TrainParams::default();
-            let mut be = CpuBackend::new(&g, &q, &p, None).unwrap();
-            // warm the memo so steady-state steps are timed
-            for e in 0..3 { for b in epoch_batches(1, e, &task.train.labels, a, 256) { be.step(&b.rows, &b.labels, 1e-3, true).unwrap(); } }
-            let batches = epoch_batches(1, 3, &task.train.labels, a, 256);
-            let full: Vec<_> = batches.iter().filter(|b| b.rows.len() == batches[0].rows.len()).collect();
-            let n = 12usize;
-            let (c0, t0) = (cpu_ms(), std::time::Instant::now());
-            for i in 0..n { let b = full[i % full.len()]; be.step(&b.rows, &b.labels, 1e-3, true).unwrap(); }
-            println!("C={c}: {:.1} ms CPU/step, {:.1} ms wall/step", (cpu_ms() - c0) / n as f64, t0.elapsed().as_secs_f64() * 1e3 / n as f64);
-        }
-    }
-
-    #[test]
-    fn explore_mm() {
-        use candle_core::{Tensor, Device};
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1., (512, 512), &dev).unwrap();
-        for m in [10usize, 20, 60, 150, 300] {
-            let h = Tensor::randn(0f32, 1., (m, 512), &dev).unwrap();
-            let _ = h.matmul(&w).unwrap();
-            let n = 20;
-            let t0 = std::time::Instant::now();
-            for _ in 0..n { let _ = h.matmul(&w).unwrap(); }
-            let a = t0.elapsed().as_secs_f64() * 1e3 / n as f64;
-            let t0 = std::time::Instant::now();
-            for _ in 0..n { let _ = h.t().unwrap().matmul(&h).unwrap(); }
-            let b = t0.elapsed().as_secs_f64() * 1e3 / n as f64;
-            let hm = crate::linalg::Mat::from_vec(m, 512, h.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-            let wm = crate::linalg::Mat::from_vec(512, 512, w.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-            let t0 = std::time::Instant::now();
-            for _ in 0..n { let _ = hm.matmul(&wm); }
-            let c = t0.elapsed().as_secs_f64() * 1e3 / n as f64;
-            println!("m={m}: h@w {a:.2} ms ({:.2} GMAC/s), h^T@h {b:.2} ms ({:.2} GMAC/s), linalg {c:.2} ms", (m*512*512) as f64 / a / 1e6, (m*512*512) as f64 / b / 1e6);
-        }
-    }
 }

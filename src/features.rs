@@ -485,6 +485,9 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A tensor's shape and values, converted to f32.
+type Shaped = (Vec<usize>, Vec<f32>);
+
 struct Reader<'a, 'b> {
     path: &'a Path,
     st: &'a SafeTensors<'b>,
@@ -499,7 +502,7 @@ impl Reader<'_, '_> {
         }
     }
 
-    fn floats(&self, name: &str) -> Result<Option<(Vec<usize>, Vec<f32>)>, FeaturesError> {
+    fn floats(&self, name: &str) -> Result<Option<Shaped>, FeaturesError> {
         let Ok(view) = self.st.tensor(name) else {
             return Ok(None);
         };
@@ -751,7 +754,12 @@ pub(crate) fn deserialize_tensors(path: &Path, bytes: &[u8]) -> Result<TensorFil
     for name in st.names() {
         let is_float = st
             .tensor(name)
-            .map(|v| matches!(v.dtype(), Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64))
+            .map(|v| {
+                matches!(
+                    v.dtype(),
+                    Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64
+                )
+            })
             .unwrap_or(false);
         if is_float {
             if let Some(m) = r.mat(name)? {

@@ -435,10 +435,10 @@ pub fn normalize_edges(r: &Mat) -> NormEdges {
         }
     }
     let mut a_hat = r.clone();
-    for i in 0..r.rows {
-        let ri = 1.0 / dr[i].sqrt();
-        for (j, x) in a_hat.row_mut(i).iter_mut().enumerate() {
-            *x *= ri / dc[j].sqrt();
+    for (i, d) in dr.iter().enumerate() {
+        let ri = 1.0 / d.sqrt();
+        for (x, c) in a_hat.row_mut(i).iter_mut().zip(&dc) {
+            *x *= ri / c.sqrt();
         }
     }
     NormEdges {

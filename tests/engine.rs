@@ -5,9 +5,9 @@
 use std::path::PathBuf;
 
 use hegraph::adapter::{
-    self, bench, forward_graph, init_weights, loss_and_grads, loss_and_grads_f64, Activation, AdapterError,
-    BackendChoice, BackendFactory, CpuBackend, HeGraphBackend, HeGraphHyper, HeGraphState, HeGraphWeights, Method,
-    TrainEvent, TrainInput, TrainParams, TrainedAdapter,
+    self, bench, forward_graph, init_weights, loss_and_grads, loss_and_grads_f64, Activation,
+    AdapterError, BackendChoice, BackendFactory, CpuBackend, HeGraphBackend, HeGraphHyper,
+    HeGraphState, HeGraphWeights, Method, TrainEvent, TrainInput, TrainParams, TrainedAdapter,
 };
 use hegraph::eval::{evaluate, Cell, EvalOptions};
 use hegraph::features::{FeatureSet, LabelledSplit};
@@ -52,17 +52,23 @@ fn hand_graph(cache: CacheKeys) -> HeteroGraph {
         views: &views,
         labels: &labels,
     };
-    HeteroGraph::build(&names(3), &p, Some(&n), &lv, &GraphOptions { cache_keys: cache }).unwrap()
+    HeteroGraph::build(
+        &names(3),
+        &p,
+        Some(&n),
+        &lv,
+        &GraphOptions { cache_keys: cache },
+    )
+    .unwrap()
 }
 
 fn assert_mat(got: &Mat, want: &[[f32; 3]; 3], what: &str) {
-    for i in 0..3 {
-        for j in 0..3 {
+    for (i, row) in want.iter().enumerate() {
+        for (j, &w) in row.iter().enumerate() {
             assert!(
-                close(got.get(i, j), want[i][j], 1e-5),
-                "{what}[{i}][{j}] = {} want {}",
-                got.get(i, j),
-                want[i][j]
+                close(got.get(i, j), w, 1e-5),
+                "{what}[{i}][{j}] = {} want {w}",
+                got.get(i, j)
             );
         }
     }
@@ -129,7 +135,11 @@ fn graph_edges_follow_the_sign_and_diagonal_rules() {
     // dr = (2, 2.4, 2), dc = (1.8, 2.6, 2): Â[1][0] = 0.8 / √(2.4·1.8), Â[1][1] = −0.6 / √(2.4·2.6).
     let pn = g.normalized(EdgeType::PN).unwrap();
     assert!(close(pn.a_hat.get(1, 0), 0.8 / (2.4f32 * 1.8).sqrt(), 1e-6));
-    assert!(close(pn.a_hat.get(1, 1), -0.6 / (2.4f32 * 2.6).sqrt(), 1e-6));
+    assert!(close(
+        pn.a_hat.get(1, 1),
+        -0.6 / (2.4f32 * 2.6).sqrt(),
+        1e-6
+    ));
     assert!(close(pn.a_hat.get(2, 2), -1.0 / 2.0, 1e-6));
     assert!(close(pn.self_coef[1], 1.0 / 2.4, 1e-6));
 
@@ -160,7 +170,10 @@ fn graph_without_negatives_and_per_view_cache() {
     assert_eq!(g.cache_keys.rows, 2);
     assert_eq!(g.cache_labels, vec![0, 0]);
     let err = HeteroGraph::build(&names(1), &p, None, &lv, &opts).unwrap_err();
-    assert!(err.to_string().contains("2 rows but there are 1 classes"), "{err}");
+    assert!(
+        err.to_string().contains("2 rows but there are 1 classes"),
+        "{err}"
+    );
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -169,7 +182,9 @@ fn graph_without_negatives_and_per_view_cache() {
 type M64 = Vec<Vec<f64>>;
 
 fn m64(m: &Mat) -> M64 {
-    (0..m.rows).map(|i| m.row(i).iter().map(|&x| x as f64).collect()).collect()
+    (0..m.rows)
+        .map(|i| m.row(i).iter().map(|&x| x as f64).collect())
+        .collect()
 }
 
 fn mm(a: &M64, b: &M64) -> M64 {
@@ -295,7 +310,13 @@ fn ce(logits: &[f64], y: usize) -> f64 {
     lse - logits[y]
 }
 
-fn naive_loss(g: &HeteroGraph, h: &HeGraphHyper, w: &HeGraphWeights, z: &Mat, labels: &[usize]) -> f64 {
+fn naive_loss(
+    g: &HeteroGraph,
+    h: &HeGraphHyper,
+    w: &HeGraphWeights,
+    z: &Mat,
+    labels: &[usize],
+) -> f64 {
     let f = naive_forward(g, h, w);
     let pn = norm_rows(&f.p_prime);
     let xn = norm_rows(&f.x_prime);
@@ -330,7 +351,10 @@ fn random_problem(c: usize, d: usize, seed: u64) -> (HeteroGraph, Mat, Vec<usize
     let (q, _) = adapter::stack_queries(&task.train);
     let rows: Vec<usize> = (0..q.rows).step_by(2).collect();
     let z = q.select_rows(&rows);
-    let labels = rows.iter().map(|&r| task.train.labels[r % task.train.len()]).collect();
+    let labels = rows
+        .iter()
+        .map(|&r| task.train.labels[r % task.train.len()])
+        .collect();
     (g, z, labels)
 }
 
@@ -358,24 +382,40 @@ fn forward_pass_matches_the_spec_formulas() {
         let naive = naive_forward(&g, &hyper, &w);
         let out = forward_graph(&g, &hyper, &w).unwrap();
         let cmp = |got: &Mat, want: &M64, what: &str| {
-            for i in 0..got.rows {
-                for j in 0..got.cols {
-                    let e = (got.get(i, j) as f64 - want[i][j]).abs();
-                    assert!(e < 1e-5, "{what}[{i}][{j}]: {} vs {} ({act:?})", got.get(i, j), want[i][j]);
+            for (i, row) in want.iter().enumerate() {
+                for (j, &w) in row.iter().enumerate() {
+                    let e = (got.get(i, j) as f64 - w).abs();
+                    assert!(
+                        e < 1e-5,
+                        "{what}[{i}][{j}]: {} vs {w} ({act:?})",
+                        got.get(i, j)
+                    );
                 }
             }
         };
         cmp(&out.p_prime, &naive.p_prime, "P'");
-        cmp(out.n_prime.as_ref().unwrap(), naive.n_prime.as_ref().unwrap(), "N'");
+        cmp(
+            out.n_prime.as_ref().unwrap(),
+            naive.n_prime.as_ref().unwrap(),
+            "N'",
+        );
         cmp(&out.x_prime, &naive.x_prime, "X'");
         cmp(&out.b, &naive.b, "B");
 
         let want = naive_loss(&g, &hyper, &w, &z, &labels);
-        let got64 = loss_and_grads_f64(&g, &hyper, &w, &z, &labels).unwrap().loss;
+        let got64 = loss_and_grads_f64(&g, &hyper, &w, &z, &labels)
+            .unwrap()
+            .loss;
         let got32 = loss_and_grads(&g, &hyper, &w, &z, &labels).unwrap().loss;
         // The frozen inputs are computed in f32 in both backends, so f64 agrees to f32 rounding of those inputs.
-        assert!((got64 - want).abs() < 1e-6 * want.max(1.0), "f64 loss {got64} vs {want}");
-        assert!((got32 - want).abs() < 1e-3 * want.max(1.0), "f32 loss {got32} vs {want}");
+        assert!(
+            (got64 - want).abs() < 1e-6 * want.max(1.0),
+            "f64 loss {got64} vs {want}"
+        );
+        assert!(
+            (got32 - want).abs() < 1e-3 * want.max(1.0),
+            "f32 loss {got32} vs {want}"
+        );
     }
 }
 
@@ -401,28 +441,108 @@ fn gradients_match_central_finite_differences() {
                 };
                 m.data[idx] += sign * h;
                 let actual = m.data[idx];
-                (loss_and_grads_f64(&g, &hyper, &w2, &z, &labels).unwrap().loss, actual)
+                (
+                    loss_and_grads_f64(&g, &hyper, &w2, &z, &labels)
+                        .unwrap()
+                        .loss,
+                    actual,
+                )
             };
             let (lp, wp) = perturbed(1.0);
             let (lm, wm) = perturbed(-1.0);
             let fd = (lp - lm) / (wp as f64 - wm as f64);
             let (an, an32) = match which {
                 0 => (&analytic.w_p, &analytic32.w_p),
-                1 => (analytic.w_n.as_ref().unwrap(), analytic32.w_n.as_ref().unwrap()),
+                1 => (
+                    analytic.w_n.as_ref().unwrap(),
+                    analytic32.w_n.as_ref().unwrap(),
+                ),
                 _ => (&analytic.w_v, &analytic32.w_v),
             };
             let a = an.data[idx] as f64;
             let err = (fd - a).abs() / (fd.abs().max(a.abs()) + 1e-4);
             worst = worst.max(err);
-            assert!(err < 2e-3, "W{which}[{idx}]: finite difference {fd} vs analytic {a}");
+            assert!(
+                err < 2e-3,
+                "W{which}[{idx}]: finite difference {fd} vs analytic {a}"
+            );
             let e32 = (an32.data[idx] as f64 - a).abs() / (a.abs() + 1e-3);
-            assert!(e32 < 1e-2, "W{which}[{idx}]: f32 gradient {} vs f64 {a}", an32.data[idx]);
+            assert!(
+                e32 < 1e-2,
+                "W{which}[{idx}]: f32 gradient {} vs f64 {a}",
+                an32.data[idx]
+            );
         }
     }
     // The gradients are not trivially zero.
     let norm: f64 = analytic.w_p.data.iter().map(|x| (*x as f64).powi(2)).sum();
     assert!(norm > 1e-8, "W_P gradient is zero");
     println!("worst relative finite-difference error: {worst:.2e}");
+}
+
+#[test]
+fn the_cpu_backend_computes_the_reference_gradients() {
+    let d = 16;
+    for with_negative in [true, false] {
+        let (mut g, _, _) = random_problem(5, d, 17);
+        let task = bench::synthetic_task(5, 2, d, 3, 17);
+        if !with_negative {
+            let lv = LabelledViewsRef::from_split(&task.train);
+            g = HeteroGraph::build(
+                &task.classes,
+                &task.text,
+                None,
+                &lv,
+                &GraphOptions::default(),
+            )
+            .unwrap();
+        }
+        let (q, _) = adapter::stack_queries(&task.train);
+        let params = TrainParams::default();
+        let mut w = big_weights(d, 3);
+        if !with_negative {
+            w.w_n = None;
+        }
+        let mut state = HeGraphState::init(d, with_negative, 1);
+        state.p.w = w.w_p.clone();
+        state.v.w = w.w_v.clone();
+        if let (Some(n), Some(wn)) = (state.n.as_mut(), w.w_n.as_ref()) {
+            n.w = wn.clone();
+        }
+        let mut be = CpuBackend::new(&g, &q, &params, Some(state)).unwrap();
+        let rows: Vec<u32> = vec![0, 3, 7, 12, 20, 29, 11];
+        let labels: Vec<u32> = rows
+            .iter()
+            .map(|&r| task.train.labels[r as usize % 10] as u32)
+            .collect();
+        let got = be.batch_loss_and_grads(&rows, &labels).unwrap();
+        let z = q.select_rows(&rows.iter().map(|&r| r as usize).collect::<Vec<_>>());
+        let lab: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
+        let want = loss_and_grads_f64(&g, &HeGraphHyper::train(&params), &w, &z, &lab).unwrap();
+        assert!(
+            (got.loss - want.loss).abs() < 1e-4 * want.loss.abs().max(1.0),
+            "{} vs {}",
+            got.loss,
+            want.loss
+        );
+        let pairs = [
+            (Some(&got.w_p), Some(&want.w_p)),
+            (got.w_n.as_ref(), want.w_n.as_ref()),
+            (Some(&got.w_v), Some(&want.w_v)),
+        ];
+        for (k, (a, b)) in pairs.into_iter().enumerate() {
+            assert_eq!(a.is_some(), b.is_some(), "W{k} presence");
+            if let (Some(a), Some(b)) = (a, b) {
+                let scale = b.data.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                assert!(scale > 0.0, "W{k} gradient is zero");
+                assert!(
+                    a.max_abs_diff(b) < 1e-4 * scale,
+                    "W{k}: {} (scale {scale})",
+                    a.max_abs_diff(b)
+                );
+            }
+        }
+    }
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -438,8 +558,19 @@ fn synthetic_input(task: &bench::SyntheticTask) -> TrainInput<'_> {
     }
 }
 
-fn train_quiet(method: Method, params: &TrainParams, input: &TrainInput) -> Result<TrainedAdapter, AdapterError> {
-    adapter::train(method, params, input, BackendChoice::Cpu, &CancelToken::new(), &mut |_| {})
+fn train_quiet(
+    method: Method,
+    params: &TrainParams,
+    input: &TrainInput,
+) -> Result<TrainedAdapter, AdapterError> {
+    adapter::train(
+        method,
+        params,
+        input,
+        BackendChoice::Cpu,
+        &CancelToken::new(),
+        &mut |_| {},
+    )
 }
 
 #[test]
@@ -470,7 +601,9 @@ fn training_reduces_the_loss() {
     let g = a.graph().unwrap();
     let (q, _) = adapter::stack_queries(&task.train);
     let a_views = task.train.views.as_ref().unwrap().len();
-    let labels: Vec<usize> = (0..q.rows).map(|r| task.train.labels[r % (q.rows / a_views)]).collect();
+    let labels: Vec<usize> = (0..q.rows)
+        .map(|r| task.train.labels[r % (q.rows / a_views)])
+        .collect();
     let hyper = HeGraphHyper::train(&params);
     let init = init_weights(32, true, params.seed);
     let trained = HeGraphWeights {
@@ -479,7 +612,9 @@ fn training_reduces_the_loss() {
         w_v: a.tensors.w_v.clone().unwrap(),
     };
     let before = loss_and_grads(g, &hyper, &init, &q, &labels).unwrap().loss;
-    let after = loss_and_grads(g, &hyper, &trained, &q, &labels).unwrap().loss;
+    let after = loss_and_grads(g, &hyper, &trained, &q, &labels)
+        .unwrap()
+        .loss;
     assert!(after < 0.8 * before, "full-set loss {before} → {after}");
     let first: f32 = a.losses[..4].iter().map(|x| x.1).sum();
     let last: f32 = a.losses[a.losses.len() - 4..].iter().map(|x| x.1).sum();
@@ -491,7 +626,12 @@ fn training_reduces_the_loss() {
 fn nan_in_inputs_is_refused_with_the_row() {
     let mut task = bench::synthetic_task(3, 2, 16, 0, 2);
     task.train.features.data[16 * 3 + 5] = f32::NAN;
-    let err = train_quiet(Method::HeGraph, &TrainParams::default(), &synthetic_input(&task)).unwrap_err();
+    let err = train_quiet(
+        Method::HeGraph,
+        &TrainParams::default(),
+        &synthetic_input(&task),
+    )
+    .unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("row 3") && msg.contains("NaN"), "{msg}");
 }
@@ -507,11 +647,16 @@ fn divergence_stops_with_the_last_good_weights() {
     let err = train_quiet(Method::HeGraph, &params, &synthetic_input(&task)).unwrap_err();
     let msg = err.to_string();
     match err {
-        AdapterError::NonFinite { step, last_good, .. } => {
+        AdapterError::NonFinite {
+            step, last_good, ..
+        } => {
             assert_eq!(step, 0);
             let a = last_good.expect("the last good weights are returned");
             // Nothing was applied: the weights are the initial ones, and they still predict.
-            assert_eq!(a.tensors.w_p.as_ref().unwrap(), &init_weights(16, true, params.seed).w_p);
+            assert_eq!(
+                a.tensors.w_p.as_ref().unwrap(),
+                &init_weights(16, true, params.seed).w_p
+            );
             let p = a.predict(&task.train.features).unwrap();
             assert!(p.is_finite());
             assert!(msg.contains("NaN or infinite"), "{msg}");
@@ -538,7 +683,10 @@ fn needs_text_is_reported_and_cache_only_runs() {
         assert!(a.cache_only);
         assert!(a.title().ends_with("(cache only)"));
         let acc = a.accuracy(&task.train).unwrap();
-        assert!(acc > 0.9, "{m} cache only on its own training images: {acc}");
+        assert!(
+            acc > 0.9,
+            "{m} cache only on its own training images: {acc}"
+        );
     }
 }
 
@@ -556,7 +704,13 @@ impl HeGraphBackend for Flaky {
     fn name(&self) -> String {
         "flaky".into()
     }
-    fn step(&mut self, rows: &[u32], labels: &[u32], lr: f32, want: bool) -> Result<Option<f32>, AdapterError> {
+    fn step(
+        &mut self,
+        rows: &[u32],
+        labels: &[u32],
+        lr: f32,
+        want: bool,
+    ) -> Result<Option<f32>, AdapterError> {
         if self.inner.state()?.step == self.fail_at {
             return Err(AdapterError::DeviceLost("simulated".into()));
         }
@@ -697,7 +851,12 @@ fn save_load_gives_identical_predictions_for_every_method() {
 #[test]
 fn an_adapter_file_of_another_version_is_refused_clearly() {
     let task = bench::synthetic_task(3, 2, 8, 0, 3);
-    let a = train_quiet(Method::TipAdapter, &TrainParams::default(), &synthetic_input(&task)).unwrap();
+    let a = train_quiet(
+        Method::TipAdapter,
+        &TrainParams::default(),
+        &synthetic_input(&task),
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.hegraph");
     a.save(&path).unwrap();
@@ -719,7 +878,28 @@ fn an_adapter_file_of_another_version_is_refused_clearly() {
     let err = TrainedAdapter::load(&rewrite("0")).unwrap_err();
     assert!(err.to_string().contains("retrain"), "{err}");
     let err = TrainedAdapter::load(&shared("caltech101.safetensors")).unwrap_err();
-    assert!(err.to_string().contains("not a hegraph adapter file"), "{err}");
+    assert!(
+        err.to_string().contains("not a hegraph adapter file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn zero_shot_works_before_any_image_is_labelled() {
+    let task = bench::synthetic_task(4, 3, 16, 0, 12);
+    let empty = LabelledSplit::default();
+    let input = TrainInput {
+        train: &empty,
+        ..synthetic_input(&task)
+    };
+    let a = train_quiet(Method::ZeroShot, &TrainParams::default(), &input).unwrap();
+    let acc = a.accuracy(&task.train).unwrap();
+    assert!(
+        acc > 0.5,
+        "zero-shot on synthetic text-aligned features: {acc}"
+    );
+    let e = train_quiet(Method::HeGraph, &TrainParams::default(), &input).unwrap_err();
+    assert!(e.to_string().contains("at least one labelled image"), "{e}");
 }
 
 #[test]
@@ -766,9 +946,16 @@ fn evaluation_on_an_image_folder_splits_per_class() {
             }
         }
     }
-    assert!(r.notes.iter().any(|n| n.contains("8 shots")), "{:?}", r.notes);
+    assert!(
+        r.notes.iter().any(|n| n.contains("8 shots")),
+        "{:?}",
+        r.notes
+    );
     let md = r.to_markdown();
-    assert!(md.contains("| HeGraphAdapter |") && md.contains(" ± "), "{md}");
+    assert!(
+        md.contains("| HeGraphAdapter |") && md.contains(" ± "),
+        "{md}"
+    );
     let csv = r.to_csv();
     assert_eq!(csv.lines().count(), 1 + 4 * 2, "{csv}");
 }
@@ -811,8 +998,14 @@ fn real_features_oxford_pets25_16_shots() {
         val: Some(&val),
     };
     let params = TrainParams::default();
-    let zs = test_acc(&train_quiet(Method::ZeroShot, &params, &input).unwrap(), test);
-    let tip = test_acc(&train_quiet(Method::TipAdapter, &params, &input).unwrap(), test);
+    let zs = test_acc(
+        &train_quiet(Method::ZeroShot, &params, &input).unwrap(),
+        test,
+    );
+    let tip = test_acc(
+        &train_quiet(Method::TipAdapter, &params, &input).unwrap(),
+        test,
+    );
     let he = train_quiet(Method::HeGraph, &params, &input).unwrap();
     let he_acc = test_acc(&he, test);
     println!(
@@ -821,8 +1014,17 @@ fn real_features_oxford_pets25_16_shots() {
     );
     assert!(close(zs, 92.07, 0.5), "zero-shot {zs}");
     assert!(tip >= zs - 1.0, "Tip-Adapter {tip} vs zero-shot {zs}");
-    assert!(he_acc >= zs - 2.0, "HeGraphAdapter {he_acc} vs zero-shot {zs}");
-    assert!(he.notes.iter().any(|n| n.contains("without negative nodes")), "{:?}", he.notes);
+    assert!(
+        he_acc >= zs - 2.0,
+        "HeGraphAdapter {he_acc} vs zero-shot {zs}"
+    );
+    assert!(
+        he.notes
+            .iter()
+            .any(|n| n.contains("without negative nodes")),
+        "{:?}",
+        he.notes
+    );
     let (l0, l1) = (he.losses[0].1, he.losses[he.losses.len() - 1].1);
     assert!(l1 < l0, "loss {l0} → {l1}");
 }
@@ -842,7 +1044,15 @@ fn real_features_caltech101_cache_only() {
     // The README's figure: the cache alone with β = 5.5 gives 89.78 %.
     let lv = LabelledViewsRef::from_split(train);
     let (keys, kl) = hegraph::graph::build_cache(&lv, &GraphOptions::default());
-    let logits = adapter::tip_logits(&test.features, None, Some((&keys, &kl)), 100, 100.0, 1.0, 5.5);
+    let logits = adapter::tip_logits(
+        &test.features,
+        None,
+        Some((&keys, &kl)),
+        100,
+        100.0,
+        1.0,
+        5.5,
+    );
     let acc = 100.0 * adapter::accuracy_of(&logits, &test.labels);
     assert!(close(acc, 89.78, 0.15), "cache with β = 5.5: {acc}");
 
@@ -858,7 +1068,10 @@ fn real_features_caltech101_cache_only() {
     };
     let a = train_quiet(Method::TipAdapter, &TrainParams::default(), &input).unwrap();
     let tip = test_acc(&a, test);
-    println!("caltech101, 16 shots: Tip-Adapter (cache only) {tip:.2} with β = {:?}", a.beta);
+    println!(
+        "caltech101, 16 shots: Tip-Adapter (cache only) {tip:.2} with β = {:?}",
+        a.beta
+    );
     assert!((88.5..=91.0).contains(&tip), "cache-only Tip-Adapter {tip}");
 }
 
@@ -887,7 +1100,9 @@ fn real_features_evaluation_without_text_reports_needs_text() {
         ]
     );
     assert_eq!(r.row("HeGraphAdapter").unwrap().cells[&1], Cell::NeedsText);
-    let (m, _) = r.row("Tip-Adapter (cache only)").unwrap().cells[&1].mean_std().unwrap();
+    let (m, _) = r.row("Tip-Adapter (cache only)").unwrap().cells[&1]
+        .mean_std()
+        .unwrap();
     assert!(m > 40.0, "1-shot cache-only accuracy {m}");
     assert!(r.to_markdown().contains("needs text features"));
 }

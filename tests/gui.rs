@@ -127,11 +127,21 @@ fn settle(h: &mut Harness<'static, HeGraphApp>) {
     );
 }
 
+/// Where the screenshots go: `target/screenshots` (look at them there), or the README's `docs/screenshots` when
+/// `HEGRAPH_UPDATE_SCREENSHOTS=1`, so an ordinary test run leaves the work tree clean.
+fn screenshot_dir() -> std::path::PathBuf {
+    let dir = if std::env::var("HEGRAPH_UPDATE_SCREENSHOTS").is_ok_and(|v| v == "1") {
+        manifest().join("docs/screenshots")
+    } else {
+        manifest().join("target/screenshots")
+    };
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 fn screenshot(h: &mut Harness<'static, HeGraphApp>, name: &str) -> image::RgbaImage {
     let img = h.render().expect("render the UI with wgpu");
-    let dir = manifest().join("docs/screenshots");
-    std::fs::create_dir_all(&dir).unwrap();
-    img.save(dir.join(format!("{name}.png"))).unwrap();
+    img.save(screenshot_dir().join(format!("{name}.png"))).unwrap();
     assert_eq!((img.width(), img.height()), (1280, 800));
     img
 }
@@ -646,7 +656,7 @@ fn graph_view_draws_500_nodes_and_5000_edges_and_then_stops_repainting() {
     let repaint = h.ctx.has_requested_repaint();
     assert!(!repaint, "a settled graph keeps asking for frames");
     let img = h.render().expect("render");
-    img.save(manifest().join("docs/screenshots/graph-500-nodes.png"))
+    img.save(screenshot_dir().join("graph-500-nodes.png"))
         .unwrap();
     for t in [
         NodeType::PositiveText,
@@ -731,7 +741,7 @@ fn graph_of_real_clip_features_is_drawn() {
         "only {own}/25 text nodes keep the edge to their own images"
     );
     let img = h.render().expect("render");
-    img.save(manifest().join("docs/screenshots/graph-oxford-pets25.png"))
+    img.save(screenshot_dir().join("graph-oxford-pets25.png"))
         .unwrap();
     assert!(count_color(&img, node_color(NodeType::Visual), 6) > 200);
 }

@@ -33,14 +33,25 @@ fn noisy(rng: &mut Rng, base: &[f32], base_weight: f32, sigma: f32) -> Vec<f32> 
     v
 }
 
-pub fn synthetic_task(classes: usize, shots: usize, dim: usize, views: usize, seed: u64) -> SyntheticTask {
+pub fn synthetic_task(
+    classes: usize,
+    shots: usize,
+    dim: usize,
+    views: usize,
+    seed: u64,
+) -> SyntheticTask {
     let mut rng = Rng::derive(seed, &[0xBE7C]);
-    let centres: Vec<Vec<f32>> = (0..classes).map(|_| noisy(&mut rng, &vec![0.0; dim], 0.0, 1.0)).collect();
+    let centres: Vec<Vec<f32>> = (0..classes)
+        .map(|_| noisy(&mut rng, &vec![0.0; dim], 0.0, 1.0))
+        .collect();
     let mut text = Mat::zeros(classes, dim);
     let mut text_neg = Mat::zeros(classes, dim);
     for (c, mu) in centres.iter().enumerate() {
-        text.row_mut(c).copy_from_slice(&noisy(&mut rng, mu, 1.0, 1.5));
-        text_neg.row_mut(c).copy_from_slice(&noisy(&mut rng, mu, -0.2, 1.0));
+        text.row_mut(c)
+            .copy_from_slice(&noisy(&mut rng, mu, 1.0, 1.5));
+        text_neg
+            .row_mut(c)
+            .copy_from_slice(&noisy(&mut rng, mu, -0.2, 1.0));
     }
     let m = classes * shots;
     let mut features = Mat::zeros(m, dim);
@@ -51,7 +62,8 @@ pub fn synthetic_task(classes: usize, shots: usize, dim: usize, views: usize, se
         labels.push(c);
         let x = noisy(&mut rng, &centres[c], 1.0, 0.62);
         for v in view_mats.iter_mut() {
-            v.row_mut(i).copy_from_slice(&noisy(&mut rng, &x, 1.0, 0.33));
+            v.row_mut(i)
+                .copy_from_slice(&noisy(&mut rng, &x, 1.0, 0.33));
         }
         features.row_mut(i).copy_from_slice(&x);
     }
@@ -143,18 +155,25 @@ pub fn bench_train(
     let mut last = 0.0f64;
     let mut timed = 0usize;
     let mut total_steps = 0usize;
-    let result = train(Method::HeGraph, &params, &input, backend, &cancel, &mut |ev| {
-        if let TrainEvent::Step { step, total, .. } = ev {
-            let t = start.elapsed().as_secs_f64() * 1e3;
-            first.get_or_insert(t);
-            last = t;
-            timed = *step;
-            total_steps = *total;
-            if timed >= BENCH_MAX_STEPS {
-                cancel.cancel();
+    let result = train(
+        Method::HeGraph,
+        &params,
+        &input,
+        backend,
+        &cancel,
+        &mut |ev| {
+            if let TrainEvent::Step { step, total, .. } = ev {
+                let t = start.elapsed().as_secs_f64() * 1e3;
+                first.get_or_insert(t);
+                last = t;
+                timed = *step;
+                total_steps = *total;
+                if timed >= BENCH_MAX_STEPS {
+                    cancel.cancel();
+                }
             }
-        }
-    });
+        },
+    );
     let backend_name = match result {
         Ok(a) => a.backend.unwrap_or_default(),
         Err(AdapterError::Cancelled) => match backend {

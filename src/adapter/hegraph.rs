@@ -32,8 +32,8 @@
 //! and rounded to f32): `m ← (g − m)·(1−β1) + m`, `v ← v·β2 + g·g·(1−β2)`, `denom = √v · (1/√bc2) + ε`,
 //! `w ← w·(1 − lr·wd) − (m / denom)·(lr/bc1)`.
 
-use rayon::prelude::*;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, Var};
+use rayon::prelude::*;
 
 use super::schedule::{cosine_lr, epoch_batches, stack_queries, steps_per_epoch, Batch};
 use super::{
@@ -356,12 +356,18 @@ impl Frozen {
             c: f.num_classes,
             p: to_tensor(&f.p, dt, dev)?,
             n: opt_tensor(f.n.as_ref(), dt, dev)?,
-            h_p: Tensor::cat(&[to_tensor(&f.h_pp, dt, dev)?, to_tensor(&f.h_pv, dt, dev)?], 0)?,
+            h_p: Tensor::cat(
+                &[to_tensor(&f.h_pp, dt, dev)?, to_tensor(&f.h_pv, dt, dev)?],
+                0,
+            )?,
             h_vv: to_tensor(&f.h_vv, dt, dev)?,
             pn_self: opt_tensor(f.pn_self.as_ref(), dt, dev)?,
             a_pn: opt_tensor(f.a_pn.as_ref(), dt, dev)?,
             h_n: match (&f.h_np, &f.h_nv) {
-                (Some(a), Some(b)) => Some(Tensor::cat(&[to_tensor(a, dt, dev)?, to_tensor(b, dt, dev)?], 0)?),
+                (Some(a), Some(b)) => Some(Tensor::cat(
+                    &[to_tensor(a, dt, dev)?, to_tensor(b, dt, dev)?],
+                    0,
+                )?),
                 _ => None,
             },
             keys: to_tensor(&f.keys, dt, dev)?,
@@ -370,41 +376,47 @@ impl Frozen {
     }
 }
 
-/// `h · w` for a frozen `h`. candle's matmul backward would also compute the gradient of `h`, which nobody
-/// needs and which costs as much as the gradient of `w`; this op's backward computes only `hᵀ · grad`.
-struct ConstLeftMatmul {
-    h: Tensor,
+/// `x · w` for weights `w` held fixed inside the autodiff graph: the backward gives only `grad · wᵀ` (the
+/// gradient reaching `x`); the weights' own gradient is formed outside the graph (see [`CpuBackend`]).
+struct LinearConstW {
+    w: Tensor,
+    /// Where the backward leaves `xᵀ · grad` (this product's share of the weights' gradient), when asked.
+    wgrad: Option<std::sync::Arc<std::sync::Mutex<Option<Tensor>>>>,
 }
 
-impl CustomOp1 for ConstLeftMatmul {
+impl CustomOp1 for LinearConstW {
     fn name(&self) -> &'static str {
-        "const-left-matmul"
+        "linear-const-w"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = l.contiguous_offsets() else {
-            candle_core::bail!("const-left-matmul: the weights must be contiguous")
-        };
-        let w = match s {
-            CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu)?,
-            CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu)?,
-            _ => candle_core::bail!("const-left-matmul: only f32 and f64 are supported"),
-        };
-        let y = self.h.matmul(&w)?;
-        let (st, _) = y.storage_and_layout();
-        match &*st {
-            Storage::Cpu(cs) => Ok((cs.clone(), y.shape().clone())),
-            _ => candle_core::bail!("const-left-matmul runs on the CPU only"),
+        use candle_core::backend::BackendStorage;
+        let (m, k) = l.shape().dims2()?;
+        let (k2, n) = self.w.dims2()?;
+        if k != k2 {
+            candle_core::bail!("linear-const-w: {m}×{k} times {k2}×{n}")
+        }
+        let (ws, wl) = self.w.storage_and_layout();
+        match &*ws {
+            Storage::Cpu(ws) => Ok((s.matmul(ws, (1, m, n, k), l, wl)?, Shape::from((m, n)))),
+            _ => candle_core::bail!("linear-const-w runs on the CPU only"),
         }
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(self.h.t()?.matmul(grad_res)?))
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        if let Some(cell) = &self.wgrad {
+            let g = arg.detach().t()?.matmul(grad_res)?;
+            if let Ok(mut slot) = cell.lock() {
+                *slot = Some(g);
+            }
+        }
+        Ok(Some(grad_res.matmul(&self.w.t()?)?))
     }
-}
-
-fn const_left_matmul(h: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    w.apply_op1(ConstLeftMatmul { h: h.clone() })
 }
 
 struct WeightTensors {
@@ -420,65 +432,258 @@ fn act(h: &HeGraphHyper, x: Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// `(P', N', B)`.
+/// The products of the frozen inputs with the weights: `[H_NP; H_NV] W_N`, `[H_PP; H_PV] W_P`, `H_VV W_V`,
+/// and how to apply `W_P` to the one input that is not frozen, `PN_self + Â_PN N'`.
+struct Linear<'a> {
+    n: Option<Tensor>,
+    p: Tensor,
+    v: Tensor,
+    pn: &'a dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+}
+
+/// `(P', N', B, H_PN)` from the linear parts (module docs); `H_PN = PN_self + Â_PN N'` when there are
+/// negative nodes.
 fn graph_fwd(
     f: &Frozen,
-    w: &WeightTensors,
+    lin: &Linear,
     h: &HeGraphHyper,
-) -> candle_core::Result<(Tensor, Option<Tensor>, Tensor)> {
+) -> candle_core::Result<(Tensor, Option<Tensor>, Tensor, Option<Tensor>)> {
     let c = f.c;
-    let n_prime = match (&f.n, &f.h_n, &w.n) {
-        (Some(n), Some(h_n), Some(wn)) => {
-            let t = act(h, const_left_matmul(h_n, wn)?)?;
+    let n_prime = match (&f.n, &lin.n) {
+        (Some(n), Some(yn)) => {
+            let t = act(h, yn.clone())?;
             let a = t.narrow(0, 0, c)?.affine(h.beta_pn as f64, 0.0)?;
             let b = t.narrow(0, c, c)?.affine(h.beta_vn as f64, 0.0)?;
             Some(((n + a)? + b)?)
         }
         _ => None,
     };
-    let t = act(h, const_left_matmul(&f.h_p, &w.p)?)?;
+    let t = act(h, lin.p.clone())?;
     let m_pp = t.narrow(0, 0, c)?.affine(h.alpha_pp as f64, 0.0)?;
     let m_pv = t.narrow(0, c, c)?.affine(h.alpha_vp as f64, 0.0)?;
     let mut p_prime = ((&f.p + m_pp)? + m_pv)?;
+    let mut h_pn_out = None;
     if let (Some(np), Some(pn_self), Some(a_pn)) = (&n_prime, &f.pn_self, &f.a_pn) {
         let h_pn = (pn_self + a_pn.matmul(np)?)?;
-        let m_pn = act(h, h_pn.matmul(&w.p)?)?.affine(h.alpha_np as f64, 0.0)?;
+        let m_pn = act(h, (lin.pn)(&h_pn)?)?.affine(h.alpha_np as f64, 0.0)?;
         p_prime = (p_prime + m_pn)?;
+        h_pn_out = Some(h_pn);
     }
-    let b = act(h, const_left_matmul(&f.h_vv, &w.v)?)?;
+    let b = act(h, lin.v.clone())?;
+    Ok((p_prime, n_prime, b, h_pn_out))
+}
+
+/// The reference: every product inside candle's autodiff, gradients of the weights included.
+fn graph_fwd_reference(
+    f: &Frozen,
+    w: &WeightTensors,
+    h: &HeGraphHyper,
+) -> candle_core::Result<(Tensor, Option<Tensor>, Tensor)> {
+    let wp = w.p.clone();
+    let pn = move |x: &Tensor| x.matmul(&wp);
+    let lin = Linear {
+        n: match (&f.h_n, &w.n) {
+            (Some(h_n), Some(wn)) => Some(h_n.matmul(wn)?),
+            _ => None,
+        },
+        p: f.h_p.matmul(&w.p)?,
+        v: f.h_vv.matmul(&w.v)?,
+        pn: &pn,
+    };
+    let (p_prime, n_prime, b, _) = graph_fwd(f, &lin, h)?;
     Ok((p_prime, n_prime, b))
 }
 
-/// The training loss of a batch (module docs); `s_batch = z Xᵀ` is a constant of the step.
-fn loss_fwd(
+/// How the cache sums `Σ_{m: label(m) = c} exp(β_c (S[b, m] − 1))` (B×C) are formed from `γB` (module docs).
+type CacheFn<'a> = &'a dyn Fn(&Tensor) -> candle_core::Result<Tensor>;
+
+/// The reference cache sums: plain candle operations.
+fn cache_sums_reference(
     f: &Frozen,
-    p_prime: &Tensor,
-    b: &Tensor,
+    bg: &Tensor,
     z: &Tensor,
     s_batch: &Tensor,
-    y: &Tensor,
-    h: &HeGraphHyper,
+    beta_c: f32,
 ) -> candle_core::Result<Tensor> {
-    let s = h.logit_scale as f64;
-    let gamma = h.gamma as f64;
-    let pn = p_prime.broadcast_div(&p_prime.sqr()?.sum_keepdim(1)?.sqrt()?)?;
-    let lt = z.matmul(&pn.t()?)?.affine(s, 0.0)?;
-
-    // γ is applied to the C×D matrix B once, not to the M×D and B×M matrices derived from it.
-    let bg = b.affine(gamma, 0.0)?;
     let xp = (&f.keys + bg.index_select(&f.key_labels, 0)?)?;
     let inv_norm = xp.sqr()?.sum_keepdim(1)?.sqrt()?.recip()?.t()?;
     let zb = z.matmul(&bg.t()?)?;
     let raw = (s_batch + zb.index_select(&f.key_labels, 1)?)?;
     let sim = raw.broadcast_mul(&inv_norm)?;
-    let e = sim.affine(h.beta_c as f64, -(h.beta_c as f64))?.exp()?;
+    let e = sim.affine(beta_c as f64, -(beta_c as f64))?.exp()?;
     let bsz = z.dim(0)?;
-    let lc = Tensor::zeros((bsz, f.c), e.dtype(), e.device())?
-        .index_add(&f.key_labels, &e, 1)?
-        .affine(s, 0.0)?;
+    Tensor::zeros((bsz, f.c), e.dtype(), e.device())?.index_add(&f.key_labels, &e, 1)
+}
+
+/// The training loss of a batch (module docs).
+fn loss_fwd(
+    p_prime: &Tensor,
+    b: &Tensor,
+    z: &Tensor,
+    y: &Tensor,
+    h: &HeGraphHyper,
+    cache: CacheFn,
+) -> candle_core::Result<Tensor> {
+    let s = h.logit_scale as f64;
+    let pn = p_prime.broadcast_div(&p_prime.sqr()?.sum_keepdim(1)?.sqrt()?)?;
+    let lt = z.matmul(&pn.t()?)?.affine(s, 0.0)?;
+    // γ is applied to the C×D matrix B once, not to the M×D and B×M matrices derived from it.
+    let bg = b.affine(h.gamma as f64, 0.0)?;
+    let lc = cache(&bg)?.affine(s, 0.0)?;
     let ce_t = candle_nn::loss::cross_entropy(&lt, y)?;
     let ce_c = candle_nn::loss::cross_entropy(&lc, y)?;
     ce_t + ce_c.affine(h.lambda as f64, 0.0)?
+}
+
+/// The cache sums as one operation on `γB` with a hand-written backward: the reference builds a dozen B×M
+/// and M×D intermediate tensors (and gradients for the constant ones), which cost more than the rest of
+/// the step together. Equal to [`cache_sums_reference`] (tested).
+#[derive(Clone)]
+struct CacheSums {
+    /// Queries, B×D.
+    z: std::sync::Arc<Vec<f32>>,
+    /// `z Xᵀ`, B×M.
+    s_batch: std::sync::Arc<Vec<f32>>,
+    keys: std::sync::Arc<Mat>,
+    labels: std::sync::Arc<Vec<u32>>,
+    bsz: usize,
+    c: usize,
+    beta: f32,
+}
+
+/// Intermediate values of [`CacheSums`], recomputed in the backward.
+struct CacheParts {
+    /// `‖X_m + γB_label(m)‖`.
+    norms: Vec<f32>,
+    /// `S[b, m]`, B×M.
+    sim: Vec<f32>,
+    /// `exp(β (S − 1))`, B×M.
+    e: Vec<f32>,
+}
+
+impl CacheSums {
+    fn parts(&self, bg: &[f32]) -> CacheParts {
+        let (m, d, c, bsz) = (self.keys.rows, self.keys.cols, self.c, self.bsz);
+        let labels = &self.labels;
+        let norms: Vec<f32> = (0..m)
+            .into_par_iter()
+            .map(|k| {
+                let l = labels[k] as usize;
+                let x = self.keys.row(k);
+                let g = &bg[l * d..(l + 1) * d];
+                x.iter()
+                    .zip(g)
+                    .map(|(a, b)| (a + b) * (a + b))
+                    .sum::<f32>()
+                    .sqrt()
+            })
+            .collect();
+        let mut zb = vec![0.0f32; bsz * c];
+        zb.par_chunks_mut(c).enumerate().for_each(|(b, row)| {
+            let zr = &self.z[b * d..(b + 1) * d];
+            for (k, o) in row.iter_mut().enumerate() {
+                *o = crate::linalg::dot(zr, &bg[k * d..(k + 1) * d]);
+            }
+        });
+        let mut sim = vec![0.0f32; bsz * m];
+        let mut e = vec![0.0f32; bsz * m];
+        sim.par_chunks_mut(m)
+            .zip(e.par_chunks_mut(m))
+            .enumerate()
+            .for_each(|(b, (srow, erow))| {
+                let s_in = &self.s_batch[b * m..(b + 1) * m];
+                let zrow = &zb[b * c..(b + 1) * c];
+                for k in 0..m {
+                    let v = (s_in[k] + zrow[labels[k] as usize]) / norms[k];
+                    srow[k] = v;
+                    erow[k] = (self.beta * (v - 1.0)).exp();
+                }
+            });
+        CacheParts { norms, sim, e }
+    }
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{what}: expected a contiguous f32 tensor"),
+    }
+}
+
+impl CustomOp1 for CacheSums {
+    fn name(&self) -> &'static str {
+        "cache-sums"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let bg = f32_slice(s, l, "cache-sums")?;
+        let (m, c) = (self.keys.rows, self.c);
+        let p = self.parts(bg);
+        let mut out = vec![0.0f32; self.bsz * c];
+        out.par_chunks_mut(c).enumerate().for_each(|(b, row)| {
+            for (k, &ev) in p.e[b * m..(b + 1) * m].iter().enumerate() {
+                row[self.labels[k] as usize] += ev;
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((self.bsz, c))))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let bg = arg.flatten_all()?.to_vec1::<f32>()?;
+        let g = grad_res.flatten_all()?.to_vec1::<f32>()?;
+        let (m, d, c, bsz) = (self.keys.rows, self.keys.cols, self.c, self.bsz);
+        let labels = &self.labels;
+        let p = self.parts(&bg);
+        // dS[b, m] = β e[b, m] G[b, label(m)]; S = raw / n, raw = s_batch + zb[:, label].
+        let mut ds = vec![0.0f32; bsz * m];
+        let mut dzb = vec![0.0f32; bsz * c];
+        ds.par_chunks_mut(m)
+            .zip(dzb.par_chunks_mut(c))
+            .enumerate()
+            .for_each(|(b, (dsrow, dzrow))| {
+                for k in 0..m {
+                    let l = labels[k] as usize;
+                    let v = self.beta * p.e[b * m + k] * g[b * c + l];
+                    dsrow[k] = v;
+                    dzrow[l] += v / p.norms[k];
+                }
+            });
+        // dn[m] = −Σ_b dS[b, m] S[b, m] / n_m, summed over b in order (deterministic).
+        let dn: Vec<f32> = (0..m)
+            .into_par_iter()
+            .map(|k| {
+                let acc: f32 = (0..bsz).map(|b| ds[b * m + k] * p.sim[b * m + k]).sum();
+                -acc / p.norms[k]
+            })
+            .collect();
+        // dγB[c] = Σ_{m ∈ c} dn[m] (X_m + γB_c) / n_m + Σ_b dzb[b, c] z_b.
+        let mut dbg = vec![0.0f32; c * d];
+        dbg.par_chunks_mut(d).enumerate().for_each(|(cl, row)| {
+            for b in 0..bsz {
+                let w = dzb[b * c + cl];
+                if w != 0.0 {
+                    for (o, zv) in row.iter_mut().zip(&self.z[b * d..(b + 1) * d]) {
+                        *o += w * zv;
+                    }
+                }
+            }
+        });
+        for k in 0..m {
+            let l = labels[k] as usize;
+            let coef = dn[k] / p.norms[k];
+            let x = self.keys.row(k);
+            let row = &mut dbg[l * d..(l + 1) * d];
+            for ((o, xv), gv) in row.iter_mut().zip(x).zip(&bg[l * d..(l + 1) * d]) {
+                *o += coef * (xv + gv);
+            }
+        }
+        Ok(Some(Tensor::from_vec(dbg, (c, d), arg.device())?))
+    }
 }
 
 fn check_weights(graph_has_n: bool, d: usize, w: &HeGraphWeights) -> Result<(), AdapterError> {
@@ -533,7 +738,7 @@ pub fn forward_graph(
     let fi = FrozenInputs::new(graph)?;
     let f = Frozen::new(&fi, DType::F32, &dev)?;
     let w = weight_tensors(weights, graph.has_negative(), DType::F32, &dev)?;
-    let (p_prime, n_prime, b) = graph_fwd(&f, &w, hyper)?;
+    let (p_prime, n_prime, b) = graph_fwd_reference(&f, &w, hyper)?;
     let x_prime = (&f.keys
         + b.index_select(&f.key_labels, 0)?
             .affine(hyper.gamma as f64, 0.0)?)?;
@@ -611,8 +816,9 @@ fn loss_and_grads_in(
     let s_batch = zt.matmul(&f.keys.t()?)?;
     let y: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
     let y = Tensor::from_slice(&y, y.len(), &dev)?;
-    let (p_prime, _, b) = graph_fwd(&f, &w, hyper)?;
-    let loss = loss_fwd(&f, &p_prime, &b, &zt, &s_batch, &y, hyper)?;
+    let (p_prime, _, b) = graph_fwd_reference(&f, &w, hyper)?;
+    let cache = |bg: &Tensor| cache_sums_reference(&f, bg, &zt, &s_batch, hyper.beta_c);
+    let loss = loss_fwd(&p_prime, &b, &zt, &y, hyper, &cache)?;
     let grads = loss.backward()?;
     let grad = |v: &Var, name: &str| -> Result<Mat, AdapterError> {
         match grads.get(v.as_tensor()) {
@@ -651,6 +857,8 @@ pub struct CpuBackend {
     /// `z Xᵀ` of every query row seen so far (rows × M), when it fits in [`MEMO_LIMIT`]: each row costs a
     /// D×M product once instead of once per epoch.
     memo: Option<(Vec<f32>, Vec<bool>)>,
+    keys: std::sync::Arc<Mat>,
+    key_labels: std::sync::Arc<Vec<u32>>,
 }
 
 impl CpuBackend {
@@ -690,15 +898,20 @@ impl CpuBackend {
             scratch: state.clone(),
             state,
             memo,
+            keys: std::sync::Arc::new(fi.keys.clone()),
+            key_labels: std::sync::Arc::new(fi.key_labels.clone()),
             dev,
         })
     }
 
     /// `z Xᵀ` for the batch rows, from the memo where possible.
-    fn key_affinity(&mut self, rows: &[u32], z: &Tensor) -> Result<Tensor, AdapterError> {
+    fn key_affinity(&mut self, rows: &[u32], z: &Tensor) -> Result<Vec<f32>, AdapterError> {
         let m = self.frozen.keys.dim(0)?;
         let Some((memo, have)) = self.memo.as_mut() else {
-            return Ok(z.matmul(&self.frozen.keys.t()?)?);
+            return Ok(z
+                .matmul(&self.frozen.keys.t()?)?
+                .flatten_all()?
+                .to_vec1::<f32>()?);
         };
         let missing: Vec<usize> = {
             let mut v: Vec<usize> = rows
@@ -729,7 +942,140 @@ impl CpuBackend {
             let r = r as usize;
             out.extend_from_slice(&memo[r * m..(r + 1) * m]);
         }
-        Ok(Tensor::from_vec(out, (rows.len(), m), &self.dev)?)
+        Ok(out)
+    }
+}
+
+impl CpuBackend {
+    /// The loss of a batch and its gradients at the current weights (what [`HeGraphBackend::step`] uses;
+    /// public so that other backends can be compared with it step by step).
+    pub fn batch_loss_and_grads(
+        &mut self,
+        rows: &[u32],
+        labels: &[u32],
+    ) -> Result<LossAndGrads, AdapterError> {
+        self.check_batch(rows, labels)?;
+        let d = self.state.p.w.rows;
+        let (loss, gp, gn, gv) = self.forward_backward(rows, labels)?;
+        if !loss.is_finite() {
+            return Err(AdapterError::NonFinite {
+                step: self.state.step as usize,
+                what: "the loss".into(),
+                last_good: None,
+            });
+        }
+        Ok(LossAndGrads {
+            loss: loss as f64,
+            w_p: Mat::from_vec(d, d, gp),
+            w_n: gn.map(|g| Mat::from_vec(d, d, g)),
+            w_v: Mat::from_vec(d, d, gv),
+        })
+    }
+
+    fn check_batch(&self, rows: &[u32], labels: &[u32]) -> Result<(), AdapterError> {
+        let n_rows = self.queries.dim(0)?;
+        if rows.len() != labels.len() || rows.is_empty() {
+            return Err(AdapterError::Input(format!(
+                "a step needs as many labels as rows (got {} rows, {} labels)",
+                rows.len(),
+                labels.len()
+            )));
+        }
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= n_rows) {
+            return Err(AdapterError::Input(format!(
+                "query row {r} is out of range ({n_rows} rows)"
+            )));
+        }
+        let c = self.frozen.c as u32;
+        if let Some(&l) = labels.iter().find(|&&l| l >= c) {
+            return Err(AdapterError::Input(format!(
+                "label {l} is out of range ({c} classes)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Loss and flattened gradients `(W_P, W_N, W_V)`. The products of the frozen inputs with the weights
+    /// are computed outside candle's autodiff graph and enter it as leaves, so the graph holds no D×D
+    /// tensor; each weight's gradient is then `Hᵀ · ∂loss/∂(H W)`, one product per frozen block.
+    fn forward_backward(
+        &mut self,
+        rows: &[u32],
+        labels: &[u32],
+    ) -> Result<(f32, Vec<f32>, Option<Vec<f32>>, Vec<f32>), AdapterError> {
+        let idx = Tensor::from_slice(rows, rows.len(), &self.dev)?;
+        let z = self.queries.index_select(&idx, 0)?;
+        let y = Tensor::from_slice(labels, labels.len(), &self.dev)?;
+        let s_batch = self.key_affinity(rows, &z)?;
+
+        let d = self.state.p.w.rows;
+        let f = &self.frozen;
+        let wp = Tensor::from_slice(&self.state.p.w.data, (d, d), &self.dev)?;
+        let wn = self
+            .state
+            .n
+            .as_ref()
+            .map(|n| Tensor::from_slice(&n.w.data, (d, d), &self.dev))
+            .transpose()?;
+        let wv = Tensor::from_slice(&self.state.v.w.data, (d, d), &self.dev)?;
+        let yp = Var::from_tensor(&f.h_p.matmul(&wp)?)?;
+        let yn = match (&f.h_n, &wn) {
+            (Some(h), Some(w)) => Some(Var::from_tensor(&h.matmul(w)?)?),
+            _ => None,
+        };
+        let yv = Var::from_tensor(&f.h_vv.matmul(&wv)?)?;
+        let pn_grad = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let pn = |x: &Tensor| {
+            x.apply_op1(LinearConstW {
+                w: wp.clone(),
+                wgrad: Some(pn_grad.clone()),
+            })
+        };
+        let lin = Linear {
+            n: yn.as_ref().map(|v| v.as_tensor().clone()),
+            p: yp.as_tensor().clone(),
+            v: yv.as_tensor().clone(),
+            pn: &pn,
+        };
+        let (p_prime, _, b, _) = graph_fwd(f, &lin, &self.hyper)?;
+        let op = CacheSums {
+            z: std::sync::Arc::new(z.flatten_all()?.to_vec1::<f32>()?),
+            s_batch: std::sync::Arc::new(s_batch),
+            keys: self.keys.clone(),
+            labels: self.key_labels.clone(),
+            bsz: rows.len(),
+            c: f.c,
+            beta: self.hyper.beta_c,
+        };
+        let cache = move |bg: &Tensor| bg.apply_op1(op.clone());
+        let loss = loss_fwd(&p_prime, &b, &z, &y, &self.hyper, &cache)?;
+        let loss_value = loss.to_scalar::<f32>()?;
+        if !loss_value.is_finite() {
+            return Ok((loss_value, Vec::new(), None, Vec::new()));
+        }
+        let grads = loss.backward()?;
+        let wgrad = |h: &Tensor, v: &Var| -> candle_core::Result<Tensor> {
+            match grads.get(v.as_tensor()) {
+                Some(g) => h.t()?.matmul(g),
+                None => Tensor::zeros((d, d), DType::F32, &self.dev),
+            }
+        };
+        let mut gp = wgrad(&f.h_p, &yp)?;
+        let extra = pn_grad.lock().ok().and_then(|mut s| s.take());
+        if let Some(extra) = extra {
+            gp = (gp + extra)?;
+        }
+        let gn = match (&f.h_n, &yn) {
+            (Some(h), Some(v)) => Some(wgrad(h, v)?.flatten_all()?.to_vec1::<f32>()?),
+            _ => None,
+        };
+        let gv = wgrad(&f.h_vv, &yv)?;
+        Ok((
+            loss_value,
+            gp.flatten_all()?.to_vec1::<f32>()?,
+            gn,
+            gv.flatten_all()?.to_vec1::<f32>()?,
+        ))
     }
 }
 
@@ -745,65 +1091,17 @@ impl HeGraphBackend for CpuBackend {
         lr: f32,
         want_loss: bool,
     ) -> Result<Option<f32>, AdapterError> {
-        let n_rows = self.queries.dim(0)?;
-        if rows.len() != labels.len() || rows.is_empty() {
-            return Err(AdapterError::Input(format!(
-                "a step needs as many labels as rows (got {} rows, {} labels)",
-                rows.len(),
-                labels.len()
-            )));
-        }
-        if let Some(&r) = rows.iter().find(|&&r| r as usize >= n_rows) {
-            return Err(AdapterError::Input(format!(
-                "query row {r} is out of range ({n_rows} rows)"
-            )));
-        }
-        let t0 = std::time::Instant::now();
-        let idx = Tensor::from_slice(rows, rows.len(), &self.dev)?;
-        let z = self.queries.index_select(&idx, 0)?;
-        let y = Tensor::from_slice(labels, labels.len(), &self.dev)?;
-        let s_batch = self.key_affinity(rows, &z)?;
-
-        let d = self.state.p.w.rows;
-        let wp = Var::from_slice(&self.state.p.w.data, (d, d), &self.dev)?;
-        let wn = self
-            .state
-            .n
-            .as_ref()
-            .map(|n| Var::from_slice(&n.w.data, (d, d), &self.dev))
-            .transpose()?;
-        let wv = Var::from_slice(&self.state.v.w.data, (d, d), &self.dev)?;
-        let w = WeightTensors {
-            p: wp.as_tensor().clone(),
-            n: wn.as_ref().map(|v| v.as_tensor().clone()),
-            v: wv.as_tensor().clone(),
-        };
-        let t1 = t0.elapsed().as_secs_f64()*1e3;
-        let (p_prime, _, b) = graph_fwd(&self.frozen, &w, &self.hyper)?;
-        let t2 = t0.elapsed().as_secs_f64()*1e3;
-        let loss = loss_fwd(&self.frozen, &p_prime, &b, &z, &s_batch, &y, &self.hyper)?;
-        let loss_value = loss.to_scalar::<f32>()?;
-        let t3 = t0.elapsed().as_secs_f64()*1e3;
+        self.check_batch(rows, labels)?;
         let step = self.state.step as usize;
         let non_finite = |what: &str| AdapterError::NonFinite {
             step,
             what: what.into(),
             last_good: None,
         };
+        let (loss_value, gp, gn, gv) = self.forward_backward(rows, labels)?;
         if !loss_value.is_finite() {
             return Err(non_finite("the training loss"));
         }
-        let grads = loss.backward()?;
-        let flat = |v: &Var| -> Result<Vec<f32>, AdapterError> {
-            match grads.get(v.as_tensor()) {
-                Some(g) => Ok(g.flatten_all()?.to_vec1::<f32>()?),
-                None => Ok(vec![0.0; d * d]),
-            }
-        };
-        let gp = flat(&wp)?;
-        let gn = wn.as_ref().map(flat).transpose()?;
-        let gv = flat(&wv)?;
-        let t4 = t0.elapsed().as_secs_f64()*1e3;
         let h = AdamStep {
             lr,
             beta1: self.params.adam_betas.0,
@@ -827,7 +1125,6 @@ impl HeGraphBackend for CpuBackend {
         std::mem::swap(&mut self.state.v, &mut sc.v);
         std::mem::swap(&mut self.state.n, &mut sc.n);
         self.state.step += 1;
-        eprintln!("prep {t1:.1} graph {:.1} loss {:.1} bwd {:.1} adam {:.1}", t2-t1, t3-t2, t4-t3, t0.elapsed().as_secs_f64()*1e3-t4);
         Ok(want_loss.then_some(loss_value))
     }
 
@@ -975,12 +1272,16 @@ pub(crate) fn train_hegraph(
         };
         let batch = &batches[step % spe];
         let lr = cosine_lr(params.lr, step, total);
-        let want = (params.loss_every > 0 && step % params.loss_every == 0) || step + 1 == total;
+        let want =
+            (params.loss_every > 0 && step.is_multiple_of(params.loss_every)) || step + 1 == total;
 
         let result = be
             .step(&batch.rows, &batch.labels, lr, want)
             .and_then(|loss| {
-                if custom && params.snapshot_every > 0 && (step + 1) % params.snapshot_every == 0 {
+                if custom
+                    && params.snapshot_every > 0
+                    && (step + 1).is_multiple_of(params.snapshot_every)
+                {
                     snapshot = Some(be.state()?);
                 }
                 Ok(loss)
@@ -1082,7 +1383,9 @@ fn search_fusion_weight(
         let mut hits = 0usize;
         let mut nll = 0.0f64;
         for (r, &y) in val.labels.iter().enumerate() {
-            let f: Vec<f32> = (0..c).map(|k| (pt.get(r, k) + w * pc.get(r, k)) / (1.0 + w)).collect();
+            let f: Vec<f32> = (0..c)
+                .map(|k| (pt.get(r, k) + w * pc.get(r, k)) / (1.0 + w))
+                .collect();
             if crate::linalg::argmax(&f) == y {
                 hits += 1;
             }

@@ -558,7 +558,9 @@ impl TrainedAdapter {
     pub fn hegraph_branches(&self, z: &Mat) -> Result<(Mat, Mat), AdapterError> {
         let d = self.derived()?;
         let (Some(tc), Some(keys)) = (&d.text_cls, &d.keys) else {
-            return Err(AdapterError::Predict("the adapter has no HeGraphAdapter classifier tensors".into()));
+            return Err(AdapterError::Predict(
+                "the adapter has no HeGraphAdapter classifier tensors".into(),
+            ));
         };
         let c = self.classes.len();
         let s = self.params.logit_scale;
@@ -639,7 +641,12 @@ fn validate_input(params: &TrainParams, input: &TrainInput) -> Result<(), Adapte
         return Err(AdapterError::Input("there are no classes".into()));
     }
     let tr = input.train;
-    let d = tr.features.cols;
+    // With no labelled image yet (zero-shot on a fresh project) the text decides the dimension.
+    let d = if tr.is_empty() {
+        input.text.map(|t| t.cols).unwrap_or(tr.features.cols)
+    } else {
+        tr.features.cols
+    };
     let check = |name: &str, m: &Mat, rows: Option<usize>| -> Result<(), AdapterError> {
         if m.cols != d {
             return Err(AdapterError::Input(format!(
@@ -662,8 +669,10 @@ fn validate_input(params: &TrainParams, input: &TrainInput) -> Result<(), Adapte
         }
         Ok(())
     };
-    check("training features", &tr.features, Some(tr.labels.len()))?;
-    if let Some(views) = &tr.views {
+    if !tr.is_empty() {
+        check("training features", &tr.features, Some(tr.labels.len()))?;
+    }
+    if let Some(views) = tr.views.as_ref().filter(|_| !tr.is_empty()) {
         for (a, v) in views.iter().enumerate() {
             check(
                 &format!("training view {a} features"),

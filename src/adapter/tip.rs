@@ -79,6 +79,7 @@ pub fn tip_logits(
 }
 
 /// Tip-Adapter's grid search (β outer, α inner, first best kept). Without text only β matters.
+#[allow(clippy::too_many_arguments)] // the operands of one formula, named as in the paper
 fn search(
     val: &Mat,
     val_labels: &[usize],
