@@ -141,7 +141,8 @@ fn screenshot_dir() -> std::path::PathBuf {
 
 fn screenshot(h: &mut Harness<'static, HeGraphApp>, name: &str) -> image::RgbaImage {
     let img = h.render().expect("render the UI with wgpu");
-    img.save(screenshot_dir().join(format!("{name}.png"))).unwrap();
+    img.save(screenshot_dir().join(format!("{name}.png")))
+        .unwrap();
     assert_eq!((img.width(), img.height()), (1280, 800));
     img
 }
