@@ -685,7 +685,10 @@ fn cmd_demo(a: DemoArgs) -> Result<()> {
         .context("the demo folder has no unlabelled images")?;
     let probs = trained.predict(&unl.features)?;
     let truth = read_truth(&folder.join("truth.csv"));
-    println!("\n{:<36} {:<12} {:>10}  truth", "image", "predicted", "confidence");
+    println!(
+        "\n{:<36} {:<12} {:>10}  truth",
+        "image", "predicted", "confidence"
+    );
     let mut right = 0;
     let mut known = 0;
     for (i, path) in unl.paths.iter().enumerate() {
