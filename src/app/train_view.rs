@@ -60,22 +60,7 @@ impl HeGraphApp {
         let p = &mut st.train;
         match st.method {
             Method::ZeroShot => {}
-            Method::TipAdapter => param_group(ui, "Cache", |ui| {
-                param(
-                    ui,
-                    &mut p.tip_alpha,
-                    "α (cache weight)",
-                    0.01,
-                    "weight of the cache logits",
-                );
-                param(
-                    ui,
-                    &mut p.tip_beta,
-                    "β (sharpness)",
-                    0.01,
-                    "sharpness of the cache affinities",
-                );
-            }),
+            Method::TipAdapter => param_group(ui, "Cache", |ui| tip_cache_params(ui, p)),
             Method::TipAdapterF => param_group(ui, "Fine-tuning", |ui| {
                 param(
                     ui,
@@ -91,20 +76,7 @@ impl HeGraphApp {
                     0.0001,
                     "AdamW learning rate",
                 );
-                param(
-                    ui,
-                    &mut p.tip_alpha,
-                    "α (cache weight)",
-                    0.01,
-                    "weight of the cache logits",
-                );
-                param(
-                    ui,
-                    &mut p.tip_beta,
-                    "β (sharpness)",
-                    0.01,
-                    "sharpness of the cache affinities",
-                );
+                tip_cache_params(ui, p);
             }),
             Method::HeGraph => {
                 param_group(ui, "Optimisation", |ui| {
@@ -393,4 +365,22 @@ impl HeGraphApp {
                 }
             });
     }
+}
+
+/// Tip-Adapter's cache weight and sharpness, shared by the training-free and fine-tuned methods.
+fn tip_cache_params(ui: &mut egui::Ui, p: &mut crate::adapter::TrainParams) {
+    param(
+        ui,
+        &mut p.tip_alpha,
+        "α (cache weight)",
+        0.01,
+        "weight of the cache logits",
+    );
+    param(
+        ui,
+        &mut p.tip_beta,
+        "β (sharpness)",
+        0.01,
+        "sharpness of the cache affinities",
+    );
 }
