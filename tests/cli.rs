@@ -13,10 +13,11 @@ fn manifest() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Runs the binary with a private user cache, so tests never touch the real one.
+/// Runs the binary in `home` with a private user cache, so tests never touch the real one or the work tree.
 fn run(home: &Path, args: &[&str]) -> Output {
     let out = bin()
         .args(args)
+        .current_dir(home)
         .env("XDG_CACHE_HOME", home.join("cache"))
         .env("HOME", home)
         .env_remove("HEGRAPH_MODEL_DIR")
@@ -134,7 +135,16 @@ fn a_folder_with_bad_files_finishes_and_names_each_one() {
 
     let o = run(
         tmp.path(),
-        &["extract", root.to_str().unwrap(), "--test-checkpoint"],
+        &[
+            "extract",
+            root.to_str().unwrap(),
+            "--test-checkpoint",
+            "-o",
+            tmp.path()
+                .join("photos.features.safetensors")
+                .to_str()
+                .unwrap(),
+        ],
     );
     assert!(o.status.success(), "one bad file never stops the run");
     let text = all_output(&o);
