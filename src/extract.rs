@@ -399,51 +399,63 @@ pub fn extract_dataset(
     progress: &dyn Progress,
     cancel: &CancelToken,
 ) -> Result<(FeatureSet, ExtractReport), ExtractError> {
-    let paths: Vec<PathBuf> = ds.images.iter().map(|e| e.path.clone()).collect();
-    let (centre, mut stats) = embedder.embed_images(&paths, &[0], progress, cancel)?;
-    let labelled_idx: Vec<usize> = (0..ds.images.len())
-        .filter(|&i| ds.images[i].label.is_some() && centre.ok[i])
-        .collect();
-    let a = embedder.options().views;
-    let view_ids: Vec<u32> = (1..=a as u32).collect();
-    let views = if a > 0 && !labelled_idx.is_empty() {
-        let lpaths: Vec<PathBuf> = labelled_idx.iter().map(|&i| paths[i].clone()).collect();
-        progress.set_stage("embedding augmented views of labelled images");
-        let (v, s) = embedder.embed_images(&lpaths, &view_ids, progress, cancel)?;
+    let a = embedder.options().views as u32;
+    let (lab, unl): (Vec<usize>, Vec<usize>) =
+        (0..ds.images.len()).partition(|&i| ds.images[i].label.is_some());
+    let mut stats = EmbedStats::default();
+    // Each image is hashed and decoded once: labelled images get their centre crop and all `A` views in one
+    // pass, unlabelled images only the centre crop. Returns the rows that could be read and their features.
+    let mut embed = |idx: &[usize],
+                     views: &[u32],
+                     stage: &str|
+     -> Result<(Vec<usize>, Vec<Mat>), ExtractError> {
+        if idx.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        progress.set_stage(stage);
+        let paths: Vec<PathBuf> = idx.iter().map(|&i| ds.images[i].path.clone()).collect();
+        let (f, s) = embedder.embed_images(&paths, views, progress, cancel)?;
+        stats.images += s.images;
         stats.features_from_cache += s.features_from_cache;
         stats.features_computed += s.features_computed;
         stats.seconds += s.seconds;
         stats.problems.extend(s.problems);
-        Some(v.per_view)
-    } else {
-        None
+        let keep: Vec<usize> = (0..idx.len()).filter(|&j| f.ok[j]).collect();
+        let mats = f.per_view.iter().map(|m| m.select_rows(&keep)).collect();
+        Ok((keep.iter().map(|&j| idx[j]).collect(), mats))
     };
-    let centre_mat = &centre.per_view[0];
-    let unl_idx: Vec<usize> = (0..ds.images.len())
-        .filter(|&i| ds.images[i].label.is_none() && centre.ok[i])
-        .collect();
+    let lab_views: Vec<u32> = (0..=a).collect();
+    let (labelled_idx, mut lab_mats) = embed(
+        &lab,
+        &lab_views,
+        "embedding labelled images and their views",
+    )?;
+    let (unl_idx, mut unl_mats) = embed(&unl, &[0], "embedding unlabelled images")?;
     if labelled_idx.is_empty() && unl_idx.is_empty() {
         return Err(ExtractError::NothingReadable(ds.root.display().to_string()));
     }
     progress.set_stage("embedding class prompts");
     let (text, text_neg) = embedder.embed_prompts(&ds.classes, templates)?;
     let info = embedder.model().info();
-    let train = (!labelled_idx.is_empty()).then(|| LabelledSplit {
-        features: centre_mat.select_rows(&labelled_idx),
-        labels: labelled_idx
-            .iter()
-            .map(|&i| ds.images[i].label.unwrap_or(0))
-            .collect(),
-        views: views.clone(),
-        paths: Some(
-            labelled_idx
+    let train = (!labelled_idx.is_empty()).then(|| {
+        let features = lab_mats.remove(0);
+        LabelledSplit {
+            features,
+            labels: labelled_idx
                 .iter()
-                .map(|&i| ds.images[i].rel.clone())
+                .map(|&i| ds.images[i].label.unwrap_or(0))
                 .collect(),
-        ),
+            views: (a > 0).then_some(lab_mats),
+            paths: Some(
+                labelled_idx
+                    .iter()
+                    .map(|&i| ds.images[i].rel.clone())
+                    .collect(),
+            ),
+        }
     });
     let unlabelled = (!unl_idx.is_empty()).then(|| UnlabelledSplit {
-        features: centre_mat.select_rows(&unl_idx),
+        features: unl_mats.remove(0),
         paths: unl_idx.iter().map(|&i| ds.images[i].rel.clone()).collect(),
     });
     let fs = FeatureSet {
