@@ -82,9 +82,9 @@ fn fixture() -> Fixture {
     }
 }
 
-/// A harness at 1280×800 on wgpu, or `None` (with the reason printed) where no wgpu adapter exists.
-fn harness(app: HeGraphApp) -> Option<Harness<'static, HeGraphApp>> {
-    let wgpu_ok = std::panic::catch_unwind(|| {
+/// Whether a wgpu adapter exists; says why the caller's test is skipped when not.
+fn wgpu_available() -> bool {
+    let ok = std::panic::catch_unwind(|| {
         let instance = eframe::wgpu::Instance::new(
             eframe::wgpu::InstanceDescriptor::new_without_display_handle_from_env(),
         );
@@ -94,8 +94,15 @@ fn harness(app: HeGraphApp) -> Option<Harness<'static, HeGraphApp>> {
         .is_ok()
     })
     .unwrap_or(false);
-    if !wgpu_ok {
+    if !ok {
         println!("skipped: no wgpu adapter (install mesa-vulkan-drivers libvulkan1 for lavapipe)");
+    }
+    ok
+}
+
+/// A harness at 1280×800 on wgpu, or `None` (with the reason printed) where no wgpu adapter exists.
+fn harness(app: HeGraphApp) -> Option<Harness<'static, HeGraphApp>> {
+    if !wgpu_available() {
         return None;
     }
     Some(
@@ -537,19 +544,7 @@ struct GraphPage {
 }
 
 fn graph_harness(page: GraphPage) -> Option<Harness<'static, GraphPage>> {
-    // Reuse the adapter probe of `harness`.
-    let probe = std::panic::catch_unwind(|| {
-        let instance = eframe::wgpu::Instance::new(
-            eframe::wgpu::InstanceDescriptor::new_without_display_handle_from_env(),
-        );
-        pollster::block_on(
-            instance.request_adapter(&eframe::wgpu::RequestAdapterOptions::default()),
-        )
-        .is_ok()
-    })
-    .unwrap_or(false);
-    if !probe {
-        println!("skipped: no wgpu adapter (install mesa-vulkan-drivers libvulkan1 for lavapipe)");
+    if !wgpu_available() {
         return None;
     }
     Some(
@@ -749,18 +744,7 @@ fn graph_of_real_clip_features_is_drawn() {
 
 #[test]
 fn the_engine_gets_the_window_device_with_the_adapters_limits() {
-    let probe = std::panic::catch_unwind(|| {
-        let instance = eframe::wgpu::Instance::new(
-            eframe::wgpu::InstanceDescriptor::new_without_display_handle_from_env(),
-        );
-        pollster::block_on(
-            instance.request_adapter(&eframe::wgpu::RequestAdapterOptions::default()),
-        )
-        .is_ok()
-    })
-    .unwrap_or(false);
-    if !probe {
-        println!("skipped: no wgpu adapter (install mesa-vulkan-drivers libvulkan1 for lavapipe)");
+    if !wgpu_available() {
         return;
     }
     // The render state eframe would build from the app's wgpu configuration (without a window).
@@ -784,18 +768,7 @@ fn the_engine_gets_the_window_device_with_the_adapters_limits() {
 
 #[test]
 fn training_runs_on_the_window_device_when_asked() {
-    let probe = std::panic::catch_unwind(|| {
-        let instance = eframe::wgpu::Instance::new(
-            eframe::wgpu::InstanceDescriptor::new_without_display_handle_from_env(),
-        );
-        pollster::block_on(
-            instance.request_adapter(&eframe::wgpu::RequestAdapterOptions::default()),
-        )
-        .is_ok()
-    })
-    .unwrap_or(false);
-    if !probe {
-        println!("skipped: no wgpu adapter (install mesa-vulkan-drivers libvulkan1 for lavapipe)");
+    if !wgpu_available() {
         return;
     }
     let f = fixture();
