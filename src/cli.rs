@@ -183,14 +183,24 @@ pub struct EvalArgs {
     pub csv: Option<PathBuf>,
 }
 
-#[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
 pub enum BenchWhat {
     /// CLIP image encoding at batch 1 and 32, and text encoding per 1,000 prompts.
     Clip,
     /// Adapter training: ms per step and total time, C ∈ {10, 100, 1000}, K = 16, D = 512, both backends.
-    Train,
+    Train(BenchTrainArgs),
     /// WGSL matmul against the CPU matmul.
     Kernels,
+}
+
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct BenchTrainArgs {
+    /// Class counts to time, comma-separated (default: 10,100,1000).
+    #[arg(long, value_delimiter = ',')]
+    pub classes: Option<Vec<usize>>,
+    /// Epochs (default: the training default).
+    #[arg(long)]
+    pub epochs: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -639,7 +649,12 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
 fn cmd_bench(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchWhat::Clip => hegraph::bench::bench_clip_cli(),
-        BenchWhat::Train => hegraph::bench::bench_train_cli(),
+        BenchWhat::Train(t) => hegraph::bench::bench_train_cli(
+            t.classes
+                .as_deref()
+                .unwrap_or(&hegraph::adapter::bench::BENCH_CLASSES),
+            t.epochs,
+        ),
         BenchWhat::Kernels => hegraph::bench::bench_kernels_cli(),
     }
     .map_err(Into::into)

@@ -543,7 +543,7 @@ impl TrainedAdapter {
                     keys.map(|k| (k, self.tensors.key_labels.as_slice())),
                     c,
                     s,
-                    if self.cache_only { 1.0 } else { alpha },
+                    alpha,
                     beta,
                 );
                 for r in 0..z.rows {
