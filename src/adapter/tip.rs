@@ -140,17 +140,13 @@ fn search(
         .map(|&beta| {
             let cs = cache_scores(&aff, key_labels, c, 0.0f32.max(beta));
             if cache_only {
+                // The temperature is searched below, for the β of top accuracy only.
                 let hits = val_labels
                     .iter()
                     .enumerate()
                     .filter(|&(r, &l)| argmax(cs.row(r)) == l)
                     .count();
-                let (ai, nll) = alphas
-                    .iter()
-                    .enumerate()
-                    .map(|(ai, &a)| (ai, mean_xent(&cs, val_labels, a)))
-                    .fold((0, f64::INFINITY), |b, x| if x.1 < b.1 { x } else { b });
-                return (ai, hits, nll);
+                return (0, hits, f64::INFINITY);
             }
             let mut best = (0usize, 0usize, 0.0f64);
             let mut row = vec![0.0f32; c];
@@ -172,6 +168,24 @@ fn search(
             best
         })
         .collect();
+    let mut per_beta = per_beta;
+    if cache_only {
+        let top = per_beta.iter().map(|p| p.1).max().unwrap_or(0);
+        per_beta
+            .par_iter_mut()
+            .zip(betas.par_iter())
+            .filter(|(p, _)| p.1 == top)
+            .for_each(|(p, &beta)| {
+                let cs = cache_scores(&aff, key_labels, c, 0.0f32.max(beta));
+                let (ai, nll) = alphas
+                    .iter()
+                    .enumerate()
+                    .map(|(ai, &a)| (ai, mean_xent(&cs, val_labels, a)))
+                    .fold((0, f64::INFINITY), |b, x| if x.1 < b.1 { x } else { b });
+                p.0 = ai;
+                p.2 = nll;
+            });
+    }
     let mut best = SearchResult {
         alpha: alphas[0],
         beta: betas[0],
