@@ -254,3 +254,67 @@ fn gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         o[p.off_o + e] = a[p.off_a + (s - p.r0) * p.cols + col];
     }
 }
+
+// Class segments of a cache sorted by class: `idx` holds the C + 1 offsets, class c owning entries
+// [idx[c], idx[c + 1]). These replace products with the one-hot label matrix (M×C), whose cost grows with C·M.
+
+// o[r, c] = s0 * sum_{m in segment c} a[r, m] + s1 * o[r, c] for the rows of this dispatch; `cols` = C (the
+// output row length), `total` = M (the input row length). The cache logits' class sums.
+@compute @workgroup_size(64)
+fn seg_sum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let e = row_of(wid, nwg) * WG + li;
+    if (e >= p.n) {
+        return;
+    }
+    let r = e / p.cols;
+    let cc = e % p.cols;
+    let m0 = idx[p.off_i + cc];
+    let m1 = idx[p.off_i + cc + 1u];
+    var acc = 0.0;
+    for (var m = m0; m < m1; m = m + 1u) {
+        acc = acc + a[p.off_a + r * p.total + m];
+    }
+    let at = p.off_o + e;
+    o[at] = p.s0 * acc + kept(at, p.s1);
+}
+
+// o[r, m] = s0 * a[r, idx[m]] + s1 * o[r, m]; `cols` = M, `total` = C (the input row length); `idx` holds the
+// class of each entry, and a class >= C writes NaN. The transpose of seg_sum: spreads a per-class gradient back
+// to the entries of the class.
+@compute @workgroup_size(64)
+fn seg_expand(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let e = row_of(wid, nwg) * WG + li;
+    if (e >= p.n) {
+        return;
+    }
+    let r = e / p.cols;
+    let m = e % p.cols;
+    let l = idx[p.off_i + m];
+    let at = p.off_o + e;
+    if (l >= p.total) {
+        o[at] = p.nan;
+    } else {
+        o[at] = p.s0 * a[p.off_a + r * p.total + l] + kept(at, p.s1);
+    }
+}
+
+// o[c, j] = s0 * sum_{m in segment c} a[m - r0, j] + s1 * o[c, j] for the classes of this dispatch (`idx` bound
+// from the first of them, `a` from its first entry r0); `cols` = D. The gradient of gathering a class row into
+// every entry of the class.
+@compute @workgroup_size(64)
+fn seg_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let e = row_of(wid, nwg) * WG + li;
+    if (e >= p.n) {
+        return;
+    }
+    let cc = e / p.cols;
+    let j = e % p.cols;
+    let m0 = idx[p.off_i + cc];
+    let m1 = idx[p.off_i + cc + 1u];
+    var acc = 0.0;
+    for (var m = m0; m < m1; m = m + 1u) {
+        acc = acc + a[p.off_a + (m - p.r0) * p.cols + j];
+    }
+    let at = p.off_o + e;
+    o[at] = p.s0 * acc + kept(at, p.s1);
+}

@@ -98,6 +98,8 @@ pub struct ExtractArgs {
 pub enum BackendArg {
     Auto,
     Cpu,
+    /// The CPU with candle's autodiff (slower; a cross-check of the hand-written CPU step).
+    Candle,
     Wgpu,
 }
 
@@ -476,6 +478,7 @@ impl From<BackendArg> for hegraph::gpu::BackendRequest {
         match b {
             BackendArg::Auto => Self::Auto,
             BackendArg::Cpu => Self::Cpu,
+            BackendArg::Candle => Self::Candle,
             BackendArg::Wgpu => Self::Wgpu,
         }
     }

@@ -161,6 +161,84 @@ impl Mat {
     }
 }
 
+/// Whether a [`gemm`] operand is used as stored or transposed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tr {
+    N,
+    T,
+}
+
+/// `out = beta·out + alpha·op(a)·op(b)` for row-major `out` (`m×n`), `op(a)` `m×k`, `op(b)` `k×n`, where
+/// `a` is stored `m×k` (`Tr::N`) or `k×m` (`Tr::T`) and likewise `b`. The transposes are strides, never
+/// copies. Runs the `gemm` crate's kernels (the ones candle's CPU backend uses) on rayon's pool; the
+/// hand-written CPU training step is a sequence of these on buffers it owns, with none of a tensor
+/// library's per-operation allocation. With `beta == 0` the old contents of `out` are not read (NaN in them
+/// does not leak through).
+///
+/// Panics when a slice is shorter than its shape says (a programming error: the caller sized the buffers).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    out: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    ta: Tr,
+    b: &[f32],
+    tb: Tr,
+    alpha: f32,
+    beta: f32,
+) {
+    assert!(
+        out.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+        "gemm: buffers shorter than {m}x{k} · {k}x{n}"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        let o = &mut out[..m * n];
+        if beta == 0.0 {
+            o.fill(0.0);
+        } else {
+            o.iter_mut().for_each(|x| *x *= beta);
+        }
+        return;
+    }
+    let (lhs_rs, lhs_cs) = match ta {
+        Tr::N => (k as isize, 1),
+        Tr::T => (1, m as isize),
+    };
+    let (rhs_rs, rhs_cs) = match tb {
+        Tr::N => (n as isize, 1),
+        Tr::T => (1, k as isize),
+    };
+    // SAFETY: the assertion above bounds every index `gemm` forms from these shapes and strides (row-major
+    // `m×n` output, `m×k` and `k×n` operands read through the strides of their stored layouts), and `out`
+    // is borrowed mutably, so it aliases neither operand.
+    unsafe {
+        ::gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            beta != 0.0,
+            a.as_ptr(),
+            lhs_cs,
+            lhs_rs,
+            b.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            ::gemm::Parallelism::Rayon(0),
+        );
+    }
+}
+
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight accumulators let the loop vectorise without `-ffast-math`-style reassociation.
     let mut acc = [0.0f32; 8];
@@ -244,6 +322,67 @@ mod tests {
             let want = naive(&a, &b);
             assert!(a.matmul(&b).max_abs_diff(&want) < 1e-4);
             assert!(a.matmul_t(&b.transpose()).max_abs_diff(&want) < 1e-4);
+        }
+    }
+
+    #[test]
+    fn gemm_matches_naive_with_every_transpose_and_scale() {
+        let mut rng = Rng::new(12);
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (7, 7, 7),
+            (17, 16, 16),
+            (3, 0, 5),
+            (134, 242, 250),
+        ] {
+            let a = Mat::from_vec(m, k, rng.normal_vec(m * k));
+            let b = Mat::from_vec(k, n, rng.normal_vec(k * n));
+            let c0 = Mat::from_vec(m, n, rng.normal_vec(m * n));
+            let prod = naive(&a, &b);
+            for (ta, tb) in [
+                (Tr::N, Tr::N),
+                (Tr::T, Tr::N),
+                (Tr::N, Tr::T),
+                (Tr::T, Tr::T),
+            ] {
+                let aa = if ta == Tr::T {
+                    a.transpose()
+                } else {
+                    a.clone()
+                };
+                let bb = if tb == Tr::T {
+                    b.transpose()
+                } else {
+                    b.clone()
+                };
+                for (alpha, beta) in [(1.0f32, 0.0f32), (-0.5, 2.0)] {
+                    let mut out = c0.clone();
+                    if beta == 0.0 {
+                        out.data.fill(f32::NAN);
+                    }
+                    gemm(
+                        &mut out.data,
+                        (m, n, k),
+                        &aa.data,
+                        ta,
+                        &bb.data,
+                        tb,
+                        alpha,
+                        beta,
+                    );
+                    let mut want = c0.clone();
+                    for (w, p) in want.data.iter_mut().zip(&prod.data) {
+                        *w = if beta == 0.0 {
+                            alpha * p
+                        } else {
+                            beta * *w + alpha * p
+                        };
+                    }
+                    let scale = want.data.iter().fold(1.0f32, |s, x| s.max(x.abs()));
+                    let err = out.max_abs_diff(&want);
+                    assert!(err <= 1e-5 * scale, "{m}x{k}x{n} {ta:?}{tb:?}: {err}");
+                }
+            }
         }
     }
 

@@ -687,6 +687,119 @@ fn gather_rows_matches_reference() {
     }
 }
 
+/// Class segment offsets for `c` classes of 0..=`most` entries each (empty classes included).
+fn random_offsets(rng: &mut Rng, c: usize, most: usize) -> Vec<u32> {
+    let mut off = vec![0u32];
+    for _ in 0..c {
+        let last = off.last().copied().unwrap_or(0);
+        off.push(last + rng.below(most + 1) as u32);
+    }
+    off
+}
+
+/// The label of every entry under `offsets`.
+fn segment_labels(offsets: &[u32]) -> Vec<u32> {
+    let mut l = Vec::new();
+    for (c, w) in offsets.windows(2).enumerate() {
+        l.extend(std::iter::repeat_n(c as u32, (w[1] - w[0]) as usize));
+    }
+    l
+}
+
+/// The three class-segment kernels (the cache's one-hot products) against one-hot matmuls.
+fn check_segments(
+    g: &Gpu,
+    k: &Kernels,
+    rng: &mut Rng,
+    (r, c, d): (usize, usize, usize),
+    most: usize,
+) {
+    let off = random_offsets(rng, c, most);
+    let m = *off.last().unwrap_or(&0) as usize;
+    let tag = |op: &str| format!("{op} r={r} C={c} M={m} D={d}");
+    let labels = segment_labels(&off);
+    let g_off = up_u32(g, c + 1, 1, &off);
+    for (alpha, beta) in [(1.0f32, 0.0f32), (-0.7, 1.5)] {
+        // segment_sums: R×M → R×C
+        let x = randn(rng, r, m.max(1));
+        let x = Mat::from_vec(r, m, x.data[..r * m].to_vec());
+        let old = randn(rng, r, c);
+        let out = if beta == 0.0 {
+            poisoned(g, r, c)
+        } else {
+            up(g, &old)
+        };
+        run(g, |e| {
+            k.segment_sums(e, &out, &up(g, &x), &g_off, alpha, beta)
+        });
+        let mut want = old.clone();
+        cpu::segment_sums(&mut want, &x, &off, alpha, beta);
+        assert_close(&tag("segment_sums"), &down(g, &out).data, &want.data);
+
+        // segment_expand: R×C → R×M
+        if m > 0 {
+            let y = randn(rng, r, c);
+            let old = randn(rng, r, m);
+            let mut lab = labels.clone();
+            if m > 2 {
+                lab[m / 2] = c as u32; // out of range: a NaN column
+            }
+            let out = if beta == 0.0 {
+                poisoned(g, r, m)
+            } else {
+                up(g, &old)
+            };
+            let g_lab = up_u32(g, m, 1, &lab);
+            run(g, |e| {
+                k.segment_expand(e, &out, &up(g, &y), &g_lab, alpha, beta)
+            });
+            let mut want = old.clone();
+            cpu::segment_expand(&mut want, &y, &lab, alpha, beta);
+            assert_close(&tag("segment_expand"), &down(g, &out).data, &want.data);
+        }
+
+        // segment_row_sums: M×D → C×D
+        let xr = randn(rng, m.max(1), d);
+        let xr = Mat::from_vec(m, d, xr.data[..m * d].to_vec());
+        let old = randn(rng, c, d);
+        let out = if beta == 0.0 {
+            poisoned(g, c, d)
+        } else {
+            up(g, &old)
+        };
+        let g_xr = if m > 0 { up(g, &xr) } else { poisoned(g, 0, d) };
+        run(g, |e| {
+            k.segment_row_sums(e, &out, &g_xr, &g_off, &off, alpha, beta)
+        });
+        let mut want = old.clone();
+        cpu::segment_row_sums(&mut want, &xr, &off, alpha, beta);
+        assert_close(&tag("segment_row_sums"), &down(g, &out).data, &want.data);
+    }
+}
+
+#[test]
+fn segment_kernels_match_one_hot_products() {
+    let Some(g) = gpu() else { return };
+    let mut rng = rng_for("segments");
+    for (shape, most) in [
+        ((1, 1, 1), 1),
+        ((7, 7, 7), 3),
+        ((17, 16, 16), 4),
+        ((134, 61, 250), 5),
+        ((3, 5, 9), 0),
+    ] {
+        check_segments(g, &g.reg, &mut rng, shape, most);
+    }
+    // Offsets that do not end at M are refused.
+    let (out, x) = (poisoned(g, 2, 3), poisoned(g, 5, 3));
+    let off = [0u32, 2, 4];
+    let mut enc = g.ctx.encoder("bad offsets");
+    let err = g
+        .reg
+        .segment_row_sums(&mut enc, &out, &x, &up_u32(g, 3, 1, &off), &off, 1.0, 0.0);
+    assert!(matches!(err, Err(GpuError::Shape { .. })), "{err:?}");
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // Finite differences (tiny shapes, f64 reference forwards)
 
@@ -934,6 +1047,14 @@ fn ops_split_matrices_above_an_artificially_small_binding_limit() {
         "blocked gather",
         &down(g, &gathered).data,
         &cpu::gather_rows(&x, &idx).data,
+    );
+
+    // The segment kernels walk rows (and, for the row sums, whole classes) in blocks.
+    let before = k.dispatches();
+    check_segments(g, &k, &mut rng, (23, 9, 7), 4);
+    assert!(
+        k.dispatches() - before > 12,
+        "segment ops were not split into blocks"
     );
 
     let hp = AdamW::default();

@@ -180,7 +180,7 @@ pub fn bench_train(
     let backend_name = match result {
         Ok(a) => a.backend.unwrap_or_default(),
         Err(AdapterError::Cancelled) => match backend {
-            BackendChoice::Cpu => "cpu (candle)".to_string(),
+            BackendChoice::Cpu => "cpu".to_string(),
             BackendChoice::Custom(f) => f.name(),
         },
         Err(e) => return Err(e),

@@ -30,12 +30,14 @@
 //! # Reference and backend
 //!
 //! [`forward_graph`] and [`loss_and_grads`] are the reference: plain candle operations and candle's autodiff
-//! through `Var` weights, nothing hand-derived. [`CpuBackend`] computes the same numbers faster (tested
-//! against the reference): the products `H W` of the frozen inputs with the weights are taken out of the
-//! autodiff graph (they enter it as leaves and each weight's gradient is `Hᵀ ∂loss/∂(H W)`), and the cache
-//! sums are one candle custom op with a hand-written backward. Measured on this project's 2-core machine
-//! (release build, 50 classes × 16 shots × 10 views, batch 256): about 50 ms per step, of which half is
-//! matrix products (the SPEC's D×D weights cost `13·C·D²` multiply-adds per step however it is written).
+//! through `Var` weights, nothing hand-derived. [`CandleBackend`] trains with candle's autodiff and computes
+//! the same numbers faster than the reference (tested against it): the products `H W` of the frozen inputs
+//! with the weights are taken out of the autodiff graph (they enter it as leaves and each weight's gradient
+//! is `Hᵀ ∂loss/∂(H W)`), and the cache sums are one candle custom op with a hand-written backward. It
+//! takes about 37 ms per step on this project's 2-core machine (release build, 50 classes × 16 shots × 10
+//! views, batch 256), most of it candle's per-operation overhead rather than arithmetic; the default CPU
+//! backend is therefore the hand-written step of [`super::CpuBackend`], and this one stays selectable
+//! (`--backend candle`, [`CandleFactory`]) as the autodiff cross-check of a whole training run.
 //!
 //! AdamW ([`adamw_into`]) follows PyTorch's single-tensor code, evaluated in f32 in this order (`t` = the
 //! step number after the update; `bc1 = 1 − β1^t`, `bc2 = 1 − β2^t`, `lr/bc1` and `1/√bc2` computed in f64
@@ -696,7 +698,11 @@ impl CustomOp1 for CacheSums {
     }
 }
 
-fn check_weights(graph_has_n: bool, d: usize, w: &HeGraphWeights) -> Result<(), AdapterError> {
+pub(crate) fn check_weights(
+    graph_has_n: bool,
+    d: usize,
+    w: &HeGraphWeights,
+) -> Result<(), AdapterError> {
     let ok = |m: &Mat| m.rows == d && m.cols == d;
     if !ok(&w.w_p) || !ok(&w.w_v) || w.w_n.as_ref().is_some_and(|m| !ok(m)) {
         return Err(AdapterError::Input(format!(
@@ -856,9 +862,8 @@ type FlatGrads = (f32, Vec<f32>, Option<Vec<f32>>, Vec<f32>);
 /// Above this many floats the `z Xᵀ` rows of all training queries are not memoised (128 MiB).
 const MEMO_LIMIT: usize = 32 << 20;
 
-/// The candle CPU backend: the reference numerics, fast enough for interactive retraining of a few hundred
-/// classes.
-pub struct CpuBackend {
+/// The candle CPU backend: the reference numerics with candle's autodiff (module docs).
+pub struct CandleBackend {
     dev: Device,
     frozen: Frozen,
     queries: Tensor,
@@ -874,7 +879,7 @@ pub struct CpuBackend {
     key_labels: std::sync::Arc<Vec<u32>>,
 }
 
-impl CpuBackend {
+impl CandleBackend {
     /// `queries`: the normalised stacked training views (view-major). `state`: where to start (e.g. a snapshot
     /// of another backend); `None` draws the initial weights from the seed.
     pub fn new(
@@ -959,7 +964,7 @@ impl CpuBackend {
     }
 }
 
-impl CpuBackend {
+impl CandleBackend {
     /// The loss of a batch and its gradients at the current weights (what [`HeGraphBackend::step`] uses;
     /// public so that other backends can be compared with it step by step).
     pub fn batch_loss_and_grads(
@@ -1093,7 +1098,32 @@ impl CpuBackend {
     }
 }
 
-impl HeGraphBackend for CpuBackend {
+/// Builds [`CandleBackend`]s, so that a run can be asked to train with candle's autodiff.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CandleFactory;
+
+impl super::BackendFactory for CandleFactory {
+    fn name(&self) -> String {
+        "cpu (candle)".into()
+    }
+
+    fn create(
+        &self,
+        graph: &HeteroGraph,
+        queries: &Mat,
+        params: &TrainParams,
+        state: HeGraphState,
+    ) -> Result<Box<dyn HeGraphBackend>, AdapterError> {
+        Ok(Box::new(CandleBackend::new(
+            graph,
+            queries,
+            params,
+            Some(state),
+        )?))
+    }
+}
+
+impl HeGraphBackend for CandleBackend {
     fn name(&self) -> String {
         "cpu (candle)".into()
     }
@@ -1242,7 +1272,7 @@ pub(crate) fn train_hegraph(
     let init = HeGraphState::init(graph.dim(), graph.has_negative(), params.seed);
 
     let cpu = |state: HeGraphState| -> Result<Box<dyn HeGraphBackend>, AdapterError> {
-        Ok(Box::new(CpuBackend::new(
+        Ok(Box::new(super::CpuBackend::new(
             &graph,
             &queries,
             params,

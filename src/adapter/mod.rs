@@ -24,6 +24,7 @@
 //!   images `w` stays at `fusion_weight`.
 
 pub mod bench;
+mod cpu;
 mod file;
 pub mod hegraph;
 mod schedule;
@@ -41,9 +42,11 @@ use crate::graph::{CacheKeys, GraphError, GraphOptions, HeteroGraph};
 use crate::linalg::{softmax, Mat};
 use crate::progress::CancelToken;
 
+pub use cpu::CpuBackend;
 pub use hegraph::{
-    forward_graph, init_weights, loss_and_grads, loss_and_grads_f64, CpuBackend, FrozenInputs,
-    GraphOutputs, HeGraphHyper, HeGraphState, HeGraphWeights, LossAndGrads, ParamState,
+    forward_graph, init_weights, loss_and_grads, loss_and_grads_f64, CandleBackend, CandleFactory,
+    FrozenInputs, GraphOutputs, HeGraphHyper, HeGraphState, HeGraphWeights, LossAndGrads,
+    ParamState,
 };
 pub use schedule::{cosine_lr, epoch_batches, stack_queries, Batch};
 pub use tip::{search_grid, tip_logits, SearchResult};

@@ -10,7 +10,9 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use crate::adapter::{self, Method, TrainEvent, TrainInput, TrainParams, TrainedAdapter};
+use crate::adapter::{
+    self, CandleFactory, Method, TrainEvent, TrainInput, TrainParams, TrainedAdapter,
+};
 use crate::clip::{ClipModel, ModelInfo};
 use crate::extract::{EmbedOptions, EmbedStats, Embedder};
 use crate::features::LabelledSplit;
@@ -360,6 +362,9 @@ fn cpu_reason(req: BackendRequest, gpu: Option<&GpuContext>) -> Option<Option<St
 /// with `HEGRAPH_BACKEND=wgpu`), else the CPU reference. This is the one place that decides it. Baselines
 /// always run on the CPU.
 pub fn compute_backend(req: BackendRequest, gpu: Option<&GpuContext>) -> ComputeBackend {
+    if req == BackendRequest::Candle {
+        return ComputeBackend::Candle(CandleFactory);
+    }
     if let Some(reason) = cpu_reason(req, gpu) {
         return ComputeBackend::Cpu { reason };
     }
@@ -375,6 +380,9 @@ pub fn compute_backend(req: BackendRequest, gpu: Option<&GpuContext>) -> Compute
 /// What [`compute_backend`] will pick, for the status line before the first training (without building
 /// kernels).
 pub fn planned_backend(req: BackendRequest, gpu: Option<&GpuContext>) -> String {
+    if req == BackendRequest::Candle {
+        return "CPU (candle autodiff)".into();
+    }
     match (cpu_reason(req, gpu), gpu) {
         (Some(None), _) => "CPU".into(),
         (Some(Some(r)), _) => format!("CPU ({r})"),

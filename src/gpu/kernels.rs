@@ -195,6 +195,9 @@ struct Pipes {
     col_sum: wgpu::ComputePipeline,
     sum_all: wgpu::ComputePipeline,
     gather: wgpu::ComputePipeline,
+    seg_sum: wgpu::ComputePipeline,
+    seg_expand: wgpu::ComputePipeline,
+    seg_rows: wgpu::ComputePipeline,
 }
 
 /// The shader sources, by file name, as compiled into the binary.
@@ -300,6 +303,9 @@ impl Kernels {
                 col_sum: pipe(2, "col_sum"),
                 sum_all: pipe(2, "sum_all"),
                 gather: pipe(2, "gather"),
+                seg_sum: pipe(2, "seg_sum"),
+                seg_expand: pipe(2, "seg_expand"),
+                seg_rows: pipe(2, "seg_rows"),
             };
             let dummy = |label: &str| {
                 device.create_buffer(&wgpu::BufferDescriptor {
@@ -1305,6 +1311,181 @@ impl Kernels {
                 if s0 >= total {
                     break;
                 }
+            }
+            Ok(())
+        })
+    }
+
+    // ---------------------------------------------------------------------------------------------------------
+    // Class segments
+    //
+    // A cache sorted by class is described by `offsets` (C + 1 values, class c owning entries
+    // `[offsets[c], offsets[c + 1])`). These ops are the products with the one-hot `M×C` label matrix written
+    // as the sums and gathers they are: `O(B·M)` and `O(M·D)` work instead of `O(B·M·C)` and `O(M·C·D)`.
+
+    fn check_offsets(
+        op: &'static str,
+        offsets: &GpuTensor<u32>,
+        classes: usize,
+    ) -> Result<(), GpuError> {
+        Self::same_shape(op, (classes + 1, 1), &[("offsets", (offsets.len(), 1))])
+    }
+
+    /// `out[r, c] = alpha · Σ_{m ∈ segment c} x[r, m] + beta · out[r, c]` (`out` R×C, `x` R×M): the cache
+    /// logits' class sums. `offsets` must be non-decreasing and end at M (the caller builds them).
+    #[allow(clippy::too_many_arguments)]
+    pub fn segment_sums(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        out: &GpuTensor,
+        x: &GpuTensor,
+        offsets: &GpuTensor<u32>,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "segment_sums";
+        let (rows, m) = x.shape();
+        let c = out.cols();
+        Self::same_shape(OP, (rows, c), &[("out", out.shape())])?;
+        Self::check_offsets(OP, offsets, c)?;
+        Self::check_alias(OP, &[out.buffer()], &[x.buffer(), offsets.buffer()])?;
+        if rows == 0 || c == 0 {
+            return self.ctx.check_lost();
+        }
+        let ops = [
+            op(A, x, Part::Rows(m)),
+            op(IDX, offsets, Part::Whole(c + 1)),
+            op(O, out, Part::Rows(c)),
+        ];
+        self.record(OP, || {
+            self.by_rows(enc, OP, &self.pipes.seg_sum, rows, &ops, |r0, r1| {
+                let mut p = Params::new();
+                p.n = ((r1 - r0) * c) as u32;
+                p.cols = c as u32;
+                p.total = m as u32;
+                p.s[0] = alpha;
+                p.s[1] = beta;
+                (p, Self::flat_groups((r1 - r0) * c))
+            })
+        })
+    }
+
+    /// `out[r, m] = alpha · x[r, labels[m]] + beta · out[r, m]` (`out` R×M, `x` R×C, `labels` M values): the
+    /// transpose of [`Kernels::segment_sums`]. A label `>= C` writes NaN.
+    #[allow(clippy::too_many_arguments)]
+    pub fn segment_expand(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        out: &GpuTensor,
+        x: &GpuTensor,
+        labels: &GpuTensor<u32>,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "segment_expand";
+        let (rows, c) = x.shape();
+        let m = out.cols();
+        Self::same_shape(OP, (rows, m), &[("out", out.shape())])?;
+        Self::same_shape(OP, (m, 1), &[("labels", (labels.len(), 1))])?;
+        Self::check_alias(OP, &[out.buffer()], &[x.buffer(), labels.buffer()])?;
+        if rows == 0 || m == 0 {
+            return self.ctx.check_lost();
+        }
+        let ops = [
+            op(A, x, Part::Rows(c.max(1))),
+            op(IDX, labels, Part::Whole(m)),
+            op(O, out, Part::Rows(m)),
+        ];
+        self.record(OP, || {
+            self.by_rows(enc, OP, &self.pipes.seg_expand, rows, &ops, |r0, r1| {
+                let mut p = Params::new();
+                p.n = ((r1 - r0) * m) as u32;
+                p.cols = m as u32;
+                p.total = c as u32;
+                p.s[0] = alpha;
+                p.s[1] = beta;
+                (p, Self::flat_groups((r1 - r0) * m))
+            })
+        })
+    }
+
+    /// `out[c, :] = alpha · Σ_{m ∈ segment c} x[m, :] + beta · out[c, :]` (`out` C×D, `x` M×D): the gradient
+    /// of giving every cache entry its class's row. `host_offsets` are the values of `offsets` (the host
+    /// needs them to cut the classes into blocks whose entries fit one binding); a single class whose
+    /// entries exceed the binding limit is refused.
+    #[allow(clippy::too_many_arguments)]
+    pub fn segment_row_sums(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        out: &GpuTensor,
+        x: &GpuTensor,
+        offsets: &GpuTensor<u32>,
+        host_offsets: &[u32],
+        alpha: f32,
+        beta: f32,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "segment_row_sums";
+        let (c, d) = out.shape();
+        let m = x.rows();
+        Self::same_shape(OP, (m, d), &[("x", x.shape())])?;
+        Self::check_offsets(OP, offsets, c)?;
+        Self::same_shape(OP, (c + 1, 1), &[("host offsets", (host_offsets.len(), 1))])?;
+        let monotone = host_offsets.windows(2).all(|w| w[0] <= w[1]);
+        if !monotone || host_offsets.first() != Some(&0) || host_offsets.last() != Some(&(m as u32))
+        {
+            return Err(GpuError::Shape {
+                op: OP,
+                detail: format!("offsets must rise from 0 to {m}"),
+            });
+        }
+        Self::check_alias(OP, &[out.buffer()], &[x.buffer(), offsets.buffer()])?;
+        if c == 0 || d == 0 {
+            return self.ctx.check_lost();
+        }
+        let max = self.max_elems();
+        let off = |i: usize| host_offsets[i] as usize;
+        self.record(OP, || {
+            let mut c0 = 0;
+            while c0 < c {
+                // The longest run of classes whose outputs, entries and offsets each fit one binding.
+                let mut c1 = c0 + 1;
+                if (off(c1) - off(c0)) * d > max || d > max {
+                    return Err(GpuError::TooLarge {
+                        what: format!(
+                            "{OP}: class {c0} with {} entries of {d} values",
+                            off(c1) - off(c0)
+                        ),
+                        bytes: ((off(c1) - off(c0)) * d * 4) as u64,
+                        limit: self.ctx.binding_limit(),
+                        kind: "storage binding",
+                    });
+                }
+                while c1 < c
+                    && (off(c1 + 1) - off(c0)) * d <= max
+                    && (c1 + 1 - c0) * d <= max
+                    && c1 + 2 - c0 <= max
+                {
+                    c1 += 1;
+                }
+                let mut binds: [Option<Range<'_>>; SLOTS] = [None; SLOTS];
+                let mut p = Params::new();
+                for (slot, buffer, e0, e1) in [
+                    (A, x.buffer(), off(c0) * d, off(c1) * d),
+                    (IDX, offsets.buffer(), c0, c1 + 1),
+                    (O, out.buffer(), c0 * d, c1 * d),
+                ] {
+                    let (range, o) = self.range(buffer, e0, e1);
+                    binds[slot] = Some(range);
+                    p.off[slot - 1] = o;
+                }
+                p.n = ((c1 - c0) * d) as u32;
+                p.cols = d as u32;
+                p.r0 = off(c0) as u32;
+                p.s[0] = alpha;
+                p.s[1] = beta;
+                let grid = self.grid(OP, Self::flat_groups((c1 - c0) * d))?;
+                self.dispatch(enc, &self.pipes.seg_rows, OP, &p, &binds, grid)?;
+                c0 = c1;
             }
             Ok(())
         })

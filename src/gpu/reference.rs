@@ -283,3 +283,61 @@ pub fn gather_rows(src: &Mat, idx: &[u32]) -> Mat {
     }
     out
 }
+
+/// The one-hot `M×C` matrix of class segments (`offsets`: C + 1 values, class c owning rows
+/// `[offsets[c], offsets[c + 1])`): what the segment kernels multiply by without forming it.
+pub fn segment_onehot(offsets: &[u32]) -> Mat {
+    let c = offsets.len().saturating_sub(1);
+    let m = offsets.last().copied().unwrap_or(0) as usize;
+    let mut l = Mat::zeros(m, c);
+    for k in 0..c {
+        for r in offsets[k]..offsets[k + 1] {
+            l.set(r as usize, k, 1.0);
+        }
+    }
+    l
+}
+
+/// `out = alpha · x · L + beta · out` with `L` the one-hot segment matrix.
+pub fn segment_sums(out: &mut Mat, x: &Mat, offsets: &[u32], alpha: f32, beta: f32) {
+    matmul(
+        out,
+        x,
+        Trans::N,
+        &segment_onehot(offsets),
+        Trans::N,
+        alpha,
+        beta,
+    );
+}
+
+/// `out = alpha · x · Lᵀ + beta · out` with `L[m, labels[m]] = 1`; a label `>= C` gives a NaN column.
+pub fn segment_expand(out: &mut Mat, x: &Mat, labels: &[u32], alpha: f32, beta: f32) {
+    let mut l = Mat::zeros(labels.len(), x.cols);
+    for (m, &c) in labels.iter().enumerate() {
+        if (c as usize) < x.cols {
+            l.set(m, c as usize, 1.0);
+        }
+    }
+    matmul(out, x, Trans::N, &l, Trans::T, alpha, beta);
+    for (m, &c) in labels.iter().enumerate() {
+        if c as usize >= x.cols {
+            for r in 0..out.rows {
+                out.set(r, m, f32::NAN);
+            }
+        }
+    }
+}
+
+/// `out = alpha · Lᵀ · x + beta · out` with `L` the one-hot segment matrix.
+pub fn segment_row_sums(out: &mut Mat, x: &Mat, offsets: &[u32], alpha: f32, beta: f32) {
+    matmul(
+        out,
+        &segment_onehot(offsets),
+        Trans::T,
+        x,
+        Trans::N,
+        alpha,
+        beta,
+    );
+}

@@ -1,0 +1,749 @@
+//! The CPU training backend: one hand-written forward and backward pass per step on buffers allocated once.
+//!
+//! It computes the same numbers as the candle reference of [`super::hegraph`] (the module docs there give
+//! the formulas; tests compare the loss and all three gradients with candle's autodiff to 1e-4) and follows
+//! the same kernel sequence as the wgpu step ([`crate::gpu::adapter`]), with two differences that only a CPU
+//! gains from:
+//!
+//! - the products with a shared weight are stacked: `[H_PP; H_PV; H_PN] W_P` is one `3C×D·D×D` product and
+//!   `∂W_P = [H_PP; H_PV; H_PN]ᵀ [α_pp G₁; α_vp G₂; α_np G₃]` one more (likewise for `W_N`), so the thirteen
+//!   `C×D×D` products of a step run as eight larger ones;
+//! - the cache logits are class sums over gathered entries (`Σ_{m ∈ c}`), never a product with the one-hot
+//!   `M×C` label matrix, and `z Xᵀ` of each training query is computed once per training run (memoised) as
+//!   it does not depend on the weights.
+//!
+//! Why not candle: its per-operation allocation, layout checks and thread hand-offs cost more than the
+//! arithmetic at these sizes (50 classes: about 37 ms per step on two cores against about 10 ms here), and
+//! the interactive retrain of a few hundred labelled images is meant to take well under a second.
+//! [`super::hegraph::CandleBackend`] remains selectable (`--backend candle`) as the autodiff oracle.
+
+use rayon::prelude::*;
+
+use super::hegraph::{adamw_into, check_weights, AdamStep, FrozenInputs, HeGraphHyper};
+use super::{Activation, AdapterError, HeGraphBackend, HeGraphState, LossAndGrads, TrainParams};
+use crate::graph::HeteroGraph;
+use crate::linalg::{gemm, Mat, Tr};
+
+/// Above this many floats the `z Xᵀ` rows of all training queries are not memoised (128 MiB).
+const MEMO_LIMIT: usize = 32 << 20;
+
+/// Frozen parts of the negative branch.
+struct NegFrozen {
+    n: Mat,
+    /// `[H_NP; H_NV]`, 2C×D.
+    h_n: Vec<f32>,
+    pn_self: Mat,
+    a_pn: Mat,
+}
+
+/// Work buffers of one step (sized once; the batch-sized ones grow to the largest batch seen).
+#[derive(Default)]
+struct Work {
+    // graph, C×D unless noted
+    pre_p: Vec<f32>,
+    /// act(pre_p): `[u1; u2; u3]`, kC×D.
+    u_p: Vec<f32>,
+    pre_n: Vec<f32>,
+    /// act(pre_n): `[t1; t2]`, 2C×D.
+    u_n: Vec<f32>,
+    n_prime: Vec<f32>,
+    p_prime: Vec<f32>,
+    p_norm: Vec<f32>,
+    p_len: Vec<f32>,
+    b: Vec<f32>,
+    bg: Vec<f32>,
+    /// `‖X_m + γB_label(m)‖`, M.
+    x_len: Vec<f32>,
+    // batch
+    z: Vec<f32>,
+    sx: Vec<f32>,
+    zb: Vec<f32>,
+    lt: Vec<f32>,
+    sim: Vec<f32>,
+    /// `exp(β_c (S − 1))`, B×M, overwritten in place by `dS`.
+    ds: Vec<f32>,
+    /// The cache sums, B×C, overwritten in place by their gradient `G`.
+    lc: Vec<f32>,
+    dzb: Vec<f32>,
+    d_lt: Vec<f32>,
+    row_loss: Vec<f32>,
+    // backward
+    dn: Vec<f32>,
+    dbg: Vec<f32>,
+    g_v: Vec<f32>,
+    d_pn: Vec<f32>,
+    d_pp: Vec<f32>,
+    g_p: Vec<f32>,
+    d_hpn: Vec<f32>,
+    d_nprime: Vec<f32>,
+    g_n: Vec<f32>,
+    grad_p: Vec<f32>,
+    grad_n: Vec<f32>,
+    grad_v: Vec<f32>,
+}
+
+fn resize(v: &mut Vec<f32>, n: usize) {
+    if v.len() != n {
+        v.resize(n, 0.0);
+    }
+}
+
+/// The hand-written CPU backend (module docs).
+pub struct CpuBackend {
+    hyper: HeGraphHyper,
+    params: TrainParams,
+    c: usize,
+    d: usize,
+    p: Mat,
+    /// `[H_PP; H_PV; H_PN]` (3C×D, the last block rewritten every step from `N'`) or `[H_PP; H_PV]`.
+    h_p: Vec<f32>,
+    h_vv: Mat,
+    neg: Option<NegFrozen>,
+    keys: Mat,
+    key_labels: Vec<u32>,
+    /// Cache rows grouped by class: `members[class_start[c]..class_start[c + 1]]`.
+    class_start: Vec<usize>,
+    members: Vec<usize>,
+    queries: Mat,
+    /// `z Xᵀ` of every query row seen so far (rows × M), when it fits in [`MEMO_LIMIT`].
+    memo: Option<(Vec<f32>, Vec<bool>)>,
+    state: HeGraphState,
+    /// Where an update is written before it is accepted (same shapes as `state`).
+    scratch: HeGraphState,
+    w: Work,
+}
+
+impl CpuBackend {
+    /// `queries`: the normalised stacked training views (view-major). `state`: where to start (e.g. a snapshot
+    /// of another backend); `None` draws the initial weights from the seed.
+    pub fn new(
+        graph: &HeteroGraph,
+        queries: &Mat,
+        params: &TrainParams,
+        state: Option<HeGraphState>,
+    ) -> Result<Self, AdapterError> {
+        let d = graph.dim();
+        if queries.cols != d {
+            return Err(AdapterError::Input(format!(
+                "queries have dimension {} but the graph has {d}",
+                queries.cols
+            )));
+        }
+        let state =
+            state.unwrap_or_else(|| HeGraphState::init(d, graph.has_negative(), params.seed));
+        check_weights(graph.has_negative(), d, &state.weights())?;
+        if graph.has_negative() != state.n.is_some() {
+            return Err(AdapterError::Input(
+                "the training state and the graph disagree on negative nodes".into(),
+            ));
+        }
+        let f = FrozenInputs::new(graph)?;
+        let c = f.num_classes;
+        let neg = match (f.n, f.h_np, f.h_nv, f.pn_self, f.a_pn) {
+            (Some(n), Some(h_np), Some(h_nv), Some(pn_self), Some(a_pn)) => Some(NegFrozen {
+                n,
+                h_n: [h_np.data, h_nv.data].concat(),
+                pn_self,
+                a_pn,
+            }),
+            _ => None,
+        };
+        let mut h_p = [f.h_pp.data, f.h_pv.data].concat();
+        if neg.is_some() {
+            h_p.resize(3 * c * d, 0.0);
+        }
+        let m = f.keys.rows;
+        if let Some(&l) = f.key_labels.iter().find(|&&l| l as usize >= c) {
+            return Err(AdapterError::Input(format!(
+                "a cache key has label {l} of {c} classes"
+            )));
+        }
+        let mut class_start = vec![0usize; c + 1];
+        for &l in &f.key_labels {
+            class_start[l as usize + 1] += 1;
+        }
+        for i in 0..c {
+            class_start[i + 1] += class_start[i];
+        }
+        let mut fill = class_start.clone();
+        let mut members = vec![0usize; m];
+        for (k, &l) in f.key_labels.iter().enumerate() {
+            members[fill[l as usize]] = k;
+            fill[l as usize] += 1;
+        }
+        let memo = (queries.rows.saturating_mul(m) <= MEMO_LIMIT)
+            .then(|| (vec![0.0f32; queries.rows * m], vec![false; queries.rows]));
+        Ok(Self {
+            hyper: HeGraphHyper::train(params),
+            params: params.clone(),
+            c,
+            d,
+            p: f.p,
+            h_p,
+            h_vv: f.h_vv,
+            neg,
+            keys: f.keys,
+            key_labels: f.key_labels,
+            class_start,
+            members,
+            queries: queries.clone(),
+            memo,
+            scratch: state.clone(),
+            state,
+            w: Work::default(),
+        })
+    }
+
+    fn check_batch(&self, rows: &[u32], labels: &[u32]) -> Result<(), AdapterError> {
+        let n_rows = self.queries.rows;
+        if rows.len() != labels.len() || rows.is_empty() {
+            return Err(AdapterError::Input(format!(
+                "a step needs as many labels as rows (got {} rows, {} labels)",
+                rows.len(),
+                labels.len()
+            )));
+        }
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= n_rows) {
+            return Err(AdapterError::Input(format!(
+                "query row {r} is out of range ({n_rows} rows)"
+            )));
+        }
+        if let Some(&l) = labels.iter().find(|&&l| l as usize >= self.c) {
+            return Err(AdapterError::Input(format!(
+                "label {l} is out of range ({} classes)",
+                self.c
+            )));
+        }
+        Ok(())
+    }
+
+    /// The loss of a batch and its gradients at the current weights (what [`HeGraphBackend::step`] uses;
+    /// public so that other backends can be compared with it step by step).
+    pub fn batch_loss_and_grads(
+        &mut self,
+        rows: &[u32],
+        labels: &[u32],
+    ) -> Result<LossAndGrads, AdapterError> {
+        self.check_batch(rows, labels)?;
+        let loss = self.forward_backward(rows, labels);
+        if !loss.is_finite() {
+            return Err(AdapterError::NonFinite {
+                step: self.state.step as usize,
+                what: "the loss".into(),
+                last_good: None,
+            });
+        }
+        let d = self.d;
+        Ok(LossAndGrads {
+            loss: loss as f64,
+            w_p: Mat::from_vec(d, d, self.w.grad_p.clone()),
+            w_n: self
+                .neg
+                .as_ref()
+                .map(|_| Mat::from_vec(d, d, self.w.grad_n.clone())),
+            w_v: Mat::from_vec(d, d, self.w.grad_v.clone()),
+        })
+    }
+
+    /// Fills `w.sx` with `z Xᵀ` of the batch rows (memoised per query row where it fits).
+    fn key_affinity(&mut self, rows: &[u32]) {
+        let (m, d, bsz) = (self.keys.rows, self.d, rows.len());
+        resize(&mut self.w.sx, bsz * m);
+        let Some((memo, have)) = self.memo.as_mut() else {
+            gemm(
+                &mut self.w.sx,
+                (bsz, m, d),
+                &self.w.z,
+                Tr::N,
+                &self.keys.data,
+                Tr::T,
+                1.0,
+                0.0,
+            );
+            return;
+        };
+        let mut missing: Vec<usize> = rows
+            .iter()
+            .map(|&r| r as usize)
+            .filter(|&r| !have[r])
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if !missing.is_empty() {
+            let q = self.queries.select_rows(&missing);
+            let mut s = vec![0.0f32; missing.len() * m];
+            gemm(
+                &mut s,
+                (missing.len(), m, d),
+                &q.data,
+                Tr::N,
+                &self.keys.data,
+                Tr::T,
+                1.0,
+                0.0,
+            );
+            for (k, &r) in missing.iter().enumerate() {
+                memo[r * m..(r + 1) * m].copy_from_slice(&s[k * m..(k + 1) * m]);
+                have[r] = true;
+            }
+        }
+        for (out, &r) in self.w.sx.chunks_mut(m).zip(rows) {
+            let r = r as usize;
+            out.copy_from_slice(&memo[r * m..(r + 1) * m]);
+        }
+    }
+
+    /// One forward and backward pass: returns the loss and leaves the three gradients in `w.grad_*`.
+    fn forward_backward(&mut self, rows: &[u32], labels: &[u32]) -> f32 {
+        let (c, d, m, bsz) = (self.c, self.d, self.keys.rows, rows.len());
+        let h = self.hyper;
+        let tanh = matches!(h.activation, Activation::Tanh);
+        let kp = if self.neg.is_some() { 3 } else { 2 };
+        let cd = c * d;
+        let dd = d * d;
+        {
+            let w = &mut self.w;
+            for (v, n) in [
+                (&mut w.pre_p, kp * cd),
+                (&mut w.u_p, kp * cd),
+                (&mut w.p_prime, cd),
+                (&mut w.p_norm, cd),
+                (&mut w.p_len, c),
+                (&mut w.b, cd),
+                (&mut w.bg, cd),
+                (&mut w.x_len, m),
+                (&mut w.z, bsz * d),
+                (&mut w.zb, bsz * c),
+                (&mut w.lt, bsz * c),
+                (&mut w.sim, bsz * m),
+                (&mut w.ds, bsz * m),
+                (&mut w.lc, bsz * c),
+                (&mut w.dzb, bsz * c),
+                (&mut w.d_lt, bsz * c),
+                (&mut w.row_loss, bsz),
+                (&mut w.dn, m),
+                (&mut w.dbg, cd),
+                (&mut w.g_v, cd),
+                (&mut w.d_pn, cd),
+                (&mut w.d_pp, cd),
+                (&mut w.g_p, kp * cd),
+                (&mut w.grad_p, dd),
+                (&mut w.grad_v, dd),
+            ] {
+                resize(v, n);
+            }
+            if self.neg.is_some() {
+                for (v, n) in [
+                    (&mut w.pre_n, 2 * cd),
+                    (&mut w.u_n, 2 * cd),
+                    (&mut w.n_prime, cd),
+                    (&mut w.d_hpn, cd),
+                    (&mut w.d_nprime, cd),
+                    (&mut w.g_n, 2 * cd),
+                    (&mut w.grad_n, dd),
+                ] {
+                    resize(v, n);
+                }
+            }
+        }
+
+        // ---- graph forward
+        if let (Some(ng), Some(wn)) = (&self.neg, &self.state.n) {
+            let w = &mut self.w;
+            gemm(
+                &mut w.pre_n,
+                (2 * c, d, d),
+                &ng.h_n,
+                Tr::N,
+                &wn.w.data,
+                Tr::N,
+                1.0,
+                0.0,
+            );
+            act(&w.pre_n, &mut w.u_n, tanh);
+            let (t1, t2) = w.u_n.split_at(cd);
+            for (((o, &n0), &a), &b) in w.n_prime.iter_mut().zip(&ng.n.data).zip(t1).zip(t2) {
+                *o = n0 + h.beta_pn * a + h.beta_vn * b;
+            }
+            let h_pn = &mut self.h_p[2 * cd..3 * cd];
+            h_pn.copy_from_slice(&ng.pn_self.data);
+            gemm(
+                h_pn,
+                (c, d, c),
+                &ng.a_pn.data,
+                Tr::N,
+                &w.n_prime,
+                Tr::N,
+                1.0,
+                1.0,
+            );
+        }
+        let w = &mut self.w;
+        gemm(
+            &mut w.pre_p,
+            (kp * c, d, d),
+            &self.h_p,
+            Tr::N,
+            &self.state.p.w.data,
+            Tr::N,
+            1.0,
+            0.0,
+        );
+        act(&w.pre_p, &mut w.u_p, tanh);
+        let coef_p = [h.alpha_pp, h.alpha_vp, h.alpha_np];
+        w.p_prime.copy_from_slice(&self.p.data);
+        for (k, &a) in coef_p.iter().enumerate().take(kp) {
+            for (o, &u) in w.p_prime.iter_mut().zip(&w.u_p[k * cd..(k + 1) * cd]) {
+                *o += a * u;
+            }
+        }
+        gemm(
+            &mut w.b,
+            (c, d, d),
+            &self.h_vv.data,
+            Tr::N,
+            &self.state.v.w.data,
+            Tr::N,
+            1.0,
+            0.0,
+        );
+        if tanh {
+            w.b.par_chunks_mut(4096)
+                .for_each(|ch| ch.iter_mut().for_each(|x| *x = x.tanh()));
+        }
+        for (o, &b) in w.bg.iter_mut().zip(&w.b) {
+            *o = h.gamma * b;
+        }
+        let (keys, labels_m) = (&self.keys, &self.key_labels);
+        let bg = &w.bg;
+        w.x_len.par_iter_mut().enumerate().for_each(|(k, o)| {
+            let l = labels_m[k] as usize;
+            let g = &bg[l * d..(l + 1) * d];
+            *o = keys
+                .row(k)
+                .iter()
+                .zip(g)
+                .map(|(a, b)| (a + b) * (a + b))
+                .sum::<f32>()
+                .sqrt();
+        });
+        for ((row, out), len) in w
+            .p_prime
+            .chunks(d)
+            .zip(w.p_norm.chunks_mut(d))
+            .zip(w.p_len.iter_mut())
+        {
+            let n = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+            *len = n;
+            for (o, x) in out.iter_mut().zip(row) {
+                *o = x / n;
+            }
+        }
+
+        // ---- batch forward
+        for (out, &r) in w.z.chunks_mut(d).zip(rows) {
+            out.copy_from_slice(self.queries.row(r as usize));
+        }
+        self.key_affinity(rows);
+        let w = &mut self.w;
+        let s = h.logit_scale;
+        gemm(
+            &mut w.lt,
+            (bsz, c, d),
+            &w.z,
+            Tr::N,
+            &w.p_norm,
+            Tr::T,
+            s,
+            0.0,
+        );
+        gemm(&mut w.zb, (bsz, c, d), &w.z, Tr::N, &w.bg, Tr::T, 1.0, 0.0);
+        let inv_b = 1.0 / bsz as f32;
+        let (beta, lambda) = (h.beta_c, h.lambda);
+        let x_len = &w.x_len;
+        let key_labels = &self.key_labels;
+        (
+            w.sim.par_chunks_mut(m),
+            w.ds.par_chunks_mut(m),
+            w.sx.par_chunks(m),
+            w.zb.par_chunks(c),
+            w.lt.par_chunks(c),
+            w.d_lt.par_chunks_mut(c),
+            w.lc.par_chunks_mut(c),
+            w.dzb.par_chunks_mut(c),
+            w.row_loss.par_iter_mut(),
+            labels.par_iter(),
+        )
+            .into_par_iter()
+            .for_each(|(sim, ds, sx, zb, lt, d_lt, lc, dzb, loss, &y)| {
+                let y = y as usize;
+                // Cache sums Σ_{m ∈ c} exp(β (S − 1)), the exponentials kept in `ds` for the backward.
+                lc.fill(0.0);
+                for k in 0..m {
+                    let l = key_labels[k] as usize;
+                    let v = (sx[k] + zb[l]) / x_len[k];
+                    sim[k] = v;
+                    let e = (beta * (v - 1.0)).exp();
+                    ds[k] = e;
+                    lc[l] += e;
+                }
+                // Text cross-entropy and ∂loss/∂ℓ_t (1/B folded in).
+                let ce_t = softmax_xent(lt, y, d_lt, inv_b);
+                // Cache cross-entropy of ℓ_c = s · sums; `lc` becomes G = ∂loss/∂sums = s λ/B (softmax − onehot).
+                lc.iter_mut().for_each(|x| *x *= s);
+                let ce_c = softmax_xent_in_place(lc, y, s * lambda * inv_b);
+                *loss = ce_t + lambda * ce_c;
+                // dS[b, m] = β e G[b, label(m)]; ∂(zb)[b, c] = Σ_{m ∈ c} dS / n_m.
+                dzb.fill(0.0);
+                for k in 0..m {
+                    let l = key_labels[k] as usize;
+                    let v = beta * ds[k] * lc[l];
+                    ds[k] = v;
+                    dzb[l] += v / x_len[k];
+                }
+            });
+        let loss = (w.row_loss.iter().map(|&x| x as f64).sum::<f64>() / bsz as f64) as f32;
+        if !loss.is_finite() {
+            return loss;
+        }
+
+        // ---- backward: cache branch
+        let (sim, ds) = (&w.sim, &w.ds);
+        w.dn.par_iter_mut().enumerate().for_each(|(k, o)| {
+            let acc: f32 = (0..bsz).map(|b| ds[b * m + k] * sim[b * m + k]).sum();
+            *o = -acc / x_len[k];
+        });
+        gemm(
+            &mut w.dbg,
+            (c, d, bsz),
+            &w.dzb,
+            Tr::T,
+            &w.z,
+            Tr::N,
+            1.0,
+            0.0,
+        );
+        let (dn, bg, keys) = (&w.dn, &w.bg, &self.keys);
+        let (members, class_start) = (&self.members, &self.class_start);
+        w.dbg.par_chunks_mut(d).enumerate().for_each(|(cls, row)| {
+            let g = &bg[cls * d..(cls + 1) * d];
+            for &k in &members[class_start[cls]..class_start[cls + 1]] {
+                let coef = dn[k] / x_len[k];
+                for ((o, xv), gv) in row.iter_mut().zip(keys.row(k)).zip(g) {
+                    *o += coef * (xv + gv);
+                }
+            }
+        });
+        // ∂B = γ ∂(γB); through the activation into W_V.
+        for ((o, &g), &b) in w.g_v.iter_mut().zip(&w.dbg).zip(&w.b) {
+            *o = h.gamma * g * act_grad(b, tanh);
+        }
+        gemm(
+            &mut w.grad_v,
+            (d, d, c),
+            &self.h_vv.data,
+            Tr::T,
+            &w.g_v,
+            Tr::N,
+            1.0,
+            0.0,
+        );
+
+        // ---- backward: text branch
+        gemm(
+            &mut w.d_pn,
+            (c, d, bsz),
+            &w.d_lt,
+            Tr::T,
+            &w.z,
+            Tr::N,
+            s,
+            0.0,
+        );
+        for (((dp, g), pn), &len) in w
+            .d_pp
+            .chunks_mut(d)
+            .zip(w.d_pn.chunks(d))
+            .zip(w.p_norm.chunks(d))
+            .zip(&w.p_len)
+        {
+            let proj: f32 = g.iter().zip(pn).map(|(a, b)| a * b).sum();
+            for ((o, &gv), &pv) in dp.iter_mut().zip(g).zip(pn) {
+                *o = (gv - pv * proj) / len;
+            }
+        }
+        for (k, &a) in coef_p.iter().enumerate().take(kp) {
+            let u = &w.u_p[k * cd..(k + 1) * cd];
+            for ((o, &g), &uv) in w.g_p[k * cd..(k + 1) * cd].iter_mut().zip(&w.d_pp).zip(u) {
+                *o = a * g * act_grad(uv, tanh);
+            }
+        }
+        gemm(
+            &mut w.grad_p,
+            (d, d, kp * c),
+            &self.h_p,
+            Tr::T,
+            &w.g_p,
+            Tr::N,
+            1.0,
+            0.0,
+        );
+        if let Some(ng) = &self.neg {
+            // Through N' (W_P before its update): ∂H_PN = α_np G₃ W_Pᵀ, ∂N' = Â_PNᵀ ∂H_PN.
+            gemm(
+                &mut w.d_hpn,
+                (c, d, d),
+                &w.g_p[2 * cd..3 * cd],
+                Tr::N,
+                &self.state.p.w.data,
+                Tr::T,
+                1.0,
+                0.0,
+            );
+            gemm(
+                &mut w.d_nprime,
+                (c, d, c),
+                &ng.a_pn.data,
+                Tr::T,
+                &w.d_hpn,
+                Tr::N,
+                1.0,
+                0.0,
+            );
+            let (t1, t2) = w.u_n.split_at(cd);
+            let (g1, g2) = w.g_n.split_at_mut(cd);
+            for ((((o1, o2), &g), &a), &b) in g1
+                .iter_mut()
+                .zip(g2.iter_mut())
+                .zip(&w.d_nprime)
+                .zip(t1)
+                .zip(t2)
+            {
+                *o1 = h.beta_pn * g * act_grad(a, tanh);
+                *o2 = h.beta_vn * g * act_grad(b, tanh);
+            }
+            gemm(
+                &mut w.grad_n,
+                (d, d, 2 * c),
+                &ng.h_n,
+                Tr::T,
+                &w.g_n,
+                Tr::N,
+                1.0,
+                0.0,
+            );
+        }
+        loss
+    }
+}
+
+/// `out = act(x)`.
+fn act(x: &[f32], out: &mut [f32], tanh: bool) {
+    if tanh {
+        out.par_chunks_mut(4096)
+            .zip(x.par_chunks(4096))
+            .for_each(|(o, x)| {
+                for (o, x) in o.iter_mut().zip(x) {
+                    *o = x.tanh();
+                }
+            });
+    } else {
+        out.copy_from_slice(x);
+    }
+}
+
+/// The derivative of the activation at output `y`.
+fn act_grad(y: f32, tanh: bool) -> f32 {
+    if tanh {
+        1.0 - y * y
+    } else {
+        1.0
+    }
+}
+
+/// Cross-entropy of logits `row` at class `y`; writes `gscale · (softmax − onehot)` to `grad`.
+fn softmax_xent(row: &[f32], y: usize, grad: &mut [f32], gscale: f32) -> f32 {
+    let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = 0.0f32;
+    for (g, &x) in grad.iter_mut().zip(row) {
+        let e = (x - mx).exp();
+        *g = e;
+        sum += e;
+    }
+    for g in grad.iter_mut() {
+        *g *= gscale / sum;
+    }
+    grad[y] -= gscale;
+    sum.ln() + mx - row[y]
+}
+
+/// As [`softmax_xent`] with the gradient written over the logits.
+fn softmax_xent_in_place(row: &mut [f32], y: usize, gscale: f32) -> f32 {
+    let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let ly = row[y];
+    let mut sum = 0.0f32;
+    for x in row.iter_mut() {
+        let e = (*x - mx).exp();
+        *x = e;
+        sum += e;
+    }
+    for x in row.iter_mut() {
+        *x *= gscale / sum;
+    }
+    row[y] -= gscale;
+    sum.ln() + mx - ly
+}
+
+impl HeGraphBackend for CpuBackend {
+    fn name(&self) -> String {
+        "cpu".into()
+    }
+
+    fn step(
+        &mut self,
+        rows: &[u32],
+        labels: &[u32],
+        lr: f32,
+        want_loss: bool,
+    ) -> Result<Option<f32>, AdapterError> {
+        self.check_batch(rows, labels)?;
+        let step = self.state.step as usize;
+        let non_finite = |what: &str| AdapterError::NonFinite {
+            step,
+            what: what.into(),
+            last_good: None,
+        };
+        let loss = self.forward_backward(rows, labels);
+        if !loss.is_finite() {
+            return Err(non_finite("the training loss"));
+        }
+        let h = AdamStep {
+            lr,
+            beta1: self.params.adam_betas.0,
+            beta2: self.params.adam_betas.1,
+            eps: self.params.adam_eps,
+            weight_decay: self.params.weight_decay,
+            t: self.state.step + 1,
+        };
+        // All or nothing: the new values go to scratch space and are swapped in only when all are finite, so
+        // a diverging step leaves the last good weights in place.
+        let sc = &mut self.scratch;
+        let mut ok = adamw_into(&self.state.p, &self.w.grad_p, &h, &mut sc.p);
+        ok &= adamw_into(&self.state.v, &self.w.grad_v, &h, &mut sc.v);
+        if let (Some(n), Some(out)) = (self.state.n.as_ref(), sc.n.as_mut()) {
+            ok &= adamw_into(n, &self.w.grad_n, &h, out);
+        }
+        if !ok {
+            return Err(non_finite("the weights"));
+        }
+        std::mem::swap(&mut self.state.p, &mut sc.p);
+        std::mem::swap(&mut self.state.v, &mut sc.v);
+        std::mem::swap(&mut self.state.n, &mut sc.n);
+        self.state.step += 1;
+        Ok(want_loss.then_some(loss))
+    }
+
+    fn state(&mut self) -> Result<HeGraphState, AdapterError> {
+        Ok(self.state.clone())
+    }
+}
