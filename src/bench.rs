@@ -100,7 +100,16 @@ pub fn bench_train_cli(classes: &[usize], epochs: Option<usize>) -> Result<(), B
     let gpu = gpu_backend();
     let views = 10;
     let run = |c: usize, choice: BackendChoice| -> Result<BenchResult, BenchError> {
-        Ok(bench_train(c, 16, 512, views, epochs, choice)?)
+        // The interactive retrain is timed in full, not projected.
+        Ok(bench_train(
+            c,
+            16,
+            512,
+            views,
+            epochs,
+            choice,
+            c == RETRAIN_CLASSES,
+        )?)
     };
     let epochs_text = epochs.map_or("default epochs".to_string(), |e| format!("{e} epochs"));
     println!("HeGraphAdapter training, K = 16, D = 512, {views} views per image, {epochs_text}");

@@ -451,3 +451,97 @@ pub(crate) fn train_tip_adapter_f(
     }
     Ok(adapter)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::linalg::normalize;
+    use crate::rng::Rng;
+
+    /// Unit rows scattered around `centres` (one per label).
+    fn around(rng: &mut Rng, centres: &Mat, labels: &[usize], noise: f32) -> Mat {
+        let d = centres.cols;
+        let mut m = Mat::zeros(labels.len(), d);
+        for (r, &l) in labels.iter().enumerate() {
+            let row = m.row_mut(r);
+            for (o, (&c, n)) in row
+                .iter_mut()
+                .zip(centres.row(l).iter().zip(rng.normal_vec(d)))
+            {
+                *o = c + noise * n;
+            }
+            normalize(row);
+        }
+        m
+    }
+
+    /// A validation set every β classifies perfectly: β is then decided by cross-entropy alone, and α is the
+    /// temperature of least cross-entropy. The search must find the pair a brute-force scan finds, and its
+    /// softmax must be sharp (a flat one is what left Tip-Adapter-F untrained on oxford_flowers).
+    #[test]
+    fn cache_only_search_picks_a_temperature_and_breaks_beta_ties_by_cross_entropy() {
+        let (c, d, shots) = (5, 16, 3);
+        let mut rng = Rng::new(5);
+        let mut centres = Mat::from_vec(c, d, rng.normal_vec(c * d));
+        centres.l2_normalize_rows();
+        let key_labels: Vec<usize> = (0..c * shots).map(|i| i / shots).collect();
+        let val_labels: Vec<usize> = (0..c * 4).map(|i| i / 4).collect();
+        let keys = around(&mut rng, &centres, &key_labels, 0.05);
+        let val = around(&mut rng, &centres, &val_labels, 0.05);
+        let grid = SearchGrid::default();
+        let got = search(&val, &val_labels, None, &keys, &key_labels, c, 100.0, &grid);
+        assert_eq!(got.accuracy, 1.0);
+
+        let (betas, _) = search_grid(&grid);
+        let alphas = cache_only_alpha_grid();
+        let aff = val.matmul_t(&keys);
+        let mut best = (f64::INFINITY, 0.0f32, 0.0f32);
+        for &beta in &betas {
+            let cs = cache_scores(&aff, &key_labels, c, beta);
+            for &alpha in &alphas {
+                let nll = mean_xent(&cs, &val_labels, alpha);
+                if nll < best.0 {
+                    best = (nll, beta, alpha);
+                }
+            }
+        }
+        assert_eq!(
+            (got.beta, got.alpha),
+            (best.1, best.2),
+            "cross-entropy {}",
+            best.0
+        );
+        assert!(
+            best.0 < 0.5,
+            "the chosen temperature leaves a flat softmax: {}",
+            best.0
+        );
+    }
+
+    /// With text the grid is Tip-Adapter's: α from its list, the first (β, α) of top accuracy.
+    #[test]
+    fn search_with_text_keeps_tip_adapters_grid() {
+        let (c, d, shots) = (4, 12, 2);
+        let mut rng = Rng::new(6);
+        let mut centres = Mat::from_vec(c, d, rng.normal_vec(c * d));
+        centres.l2_normalize_rows();
+        let key_labels: Vec<usize> = (0..c * shots).map(|i| i / shots).collect();
+        let val_labels: Vec<usize> = (0..c * 3).map(|i| i / 3).collect();
+        let keys = around(&mut rng, &centres, &key_labels, 0.3);
+        let val = around(&mut rng, &centres, &val_labels, 0.3);
+        let grid = SearchGrid::default();
+        let got = search(
+            &val,
+            &val_labels,
+            Some(&centres),
+            &keys,
+            &key_labels,
+            c,
+            100.0,
+            &grid,
+        );
+        let (betas, alphas) = search_grid(&grid);
+        assert!(alphas.contains(&got.alpha) && betas.contains(&got.beta));
+        assert!(got.accuracy > 0.5, "{got:?}");
+    }
+}

@@ -97,18 +97,26 @@ pub fn select_backend(req: BackendRequest) -> Result<ComputeBackend, GpuError> {
             let ctx = GpuContext::new_headless(&GpuOptions::default())?;
             Ok(ComputeBackend::Wgpu(GpuHeGraphFactory::new(Arc::new(ctx))?))
         }
-        BackendRequest::Auto => match GpuContext::new_headless(&GpuOptions::default()) {
-            Ok(ctx) if ctx.is_software() => Ok(ComputeBackend::Cpu {
-                reason: Some(format!(
-                    "the only GPU adapter, {}, is a software one",
-                    ctx.adapter_name()
-                )),
-            }),
-            Ok(ctx) => Ok(ComputeBackend::Wgpu(GpuHeGraphFactory::new(Arc::new(ctx))?)),
-            Err(e) => Ok(ComputeBackend::Cpu {
+        BackendRequest::Auto => {
+            let opts = GpuOptions::default();
+            let no_gpu = |e: GpuError| ComputeBackend::Cpu {
                 reason: Some(format!("no GPU: {e}")),
-            }),
-        },
+            };
+            // The adapter's type decides; a device is opened only when it will be used.
+            match GpuContext::probe_headless(&opts) {
+                Ok(info) if info.device_type == wgpu::DeviceType::Cpu => Ok(ComputeBackend::Cpu {
+                    reason: Some(format!(
+                        "the only GPU adapter, {}, is a software one",
+                        info.name
+                    )),
+                }),
+                Ok(_) => match GpuContext::new_headless(&opts) {
+                    Ok(ctx) => Ok(ComputeBackend::Wgpu(GpuHeGraphFactory::new(Arc::new(ctx))?)),
+                    Err(e) => Ok(no_gpu(e)),
+                },
+                Err(e) => Ok(no_gpu(e)),
+            }
+        }
     }
 }
 

@@ -122,21 +122,31 @@ pub struct GpuContext {
 }
 
 impl GpuContext {
-    /// Opens the best adapter with no window. The device gets the adapter's own limits, not wgpu's
-    /// conservative defaults, so that large feature matrices fit in one buffer where the hardware allows.
-    pub fn new_headless(opts: &GpuOptions) -> Result<GpuContext, GpuError> {
+    fn request_adapter(opts: &GpuOptions) -> Result<wgpu::Adapter, GpuError> {
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
         if let Some(b) = opts.backends.or_else(GpuOptions::backends_from_env) {
             desc.backends = b;
         }
         let instance = wgpu::Instance::new(desc);
-        let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+        pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
             power_preference: opts.power_preference,
             force_fallback_adapter: opts.force_fallback_adapter,
             compatible_surface: None,
             apply_limit_buckets: false,
         }))
-        .map_err(|e| GpuError::NoAdapter(e.to_string()))?;
+        .map_err(|e| GpuError::NoAdapter(e.to_string()))
+    }
+
+    /// The adapter [`GpuContext::new_headless`] would open, without opening a device: enough to decide
+    /// between the backends (a software adapter means the CPU) without paying for a device that goes unused.
+    pub fn probe_headless(opts: &GpuOptions) -> Result<wgpu::AdapterInfo, GpuError> {
+        Ok(Self::request_adapter(opts)?.get_info())
+    }
+
+    /// Opens the best adapter with no window. The device gets the adapter's own limits, not wgpu's
+    /// conservative defaults, so that large feature matrices fit in one buffer where the hardware allows.
+    pub fn new_headless(opts: &GpuOptions) -> Result<GpuContext, GpuError> {
+        let adapter = Self::request_adapter(opts)?;
         let info = adapter.get_info();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("hegraph compute"),
