@@ -264,6 +264,65 @@ fn train_and_predict_on_a_folder_write_an_adapter_and_per_class_confidences() {
     }
 }
 
+/// `--backend cpu` (the hand-written step) and `--backend candle` (candle's autodiff) train the same adapter:
+/// the same seed gives the same per-class confidences.
+#[test]
+fn the_cpu_and_candle_backends_train_the_same_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = demo_copy(tmp.path());
+    let mut probs = Vec::new();
+    for backend in ["cpu", "candle"] {
+        let adapter = tmp.path().join(format!("{backend}.hegraph"));
+        let o = run(
+            tmp.path(),
+            &[
+                "train",
+                demo.join("images").to_str().unwrap(),
+                "--classes",
+                demo.join("classes.txt").to_str().unwrap(),
+                "--labels",
+                demo.join("labels.csv").to_str().unwrap(),
+                "--test-checkpoint",
+                "--epochs",
+                "5",
+                "--backend",
+                backend,
+                "-o",
+                adapter.to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "{}", all_output(&o));
+        if backend == "candle" {
+            assert!(all_output(&o).contains("candle"), "{}", all_output(&o));
+        }
+        let o = run(
+            tmp.path(),
+            &[
+                "predict",
+                "--adapter",
+                adapter.to_str().unwrap(),
+                "--test-checkpoint",
+                "--format",
+                "json",
+                demo.join("images/crow.png").to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "{}", all_output(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let p: Vec<f64> = v["predictions"][0]["probabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        probs.push(p);
+    }
+    assert_eq!(probs[0].len(), probs[1].len());
+    for (a, b) in probs[0].iter().zip(&probs[1]) {
+        assert!((a - b).abs() < 2e-3, "{:?} vs {:?}", probs[0], probs[1]);
+    }
+}
+
 /// The whole image-folder path on Debian's Tux Paint photo cut-outs (composited on white), ten or more classes.
 /// Runs when the package is installed (CI installs it); otherwise says why it is skipped.
 #[test]

@@ -34,7 +34,7 @@
 //! the same numbers faster than the reference (tested against it): the products `H W` of the frozen inputs
 //! with the weights are taken out of the autodiff graph (they enter it as leaves and each weight's gradient
 //! is `Hᵀ ∂loss/∂(H W)`), and the cache sums are one candle custom op with a hand-written backward. It
-//! takes about 37 ms per step on this project's 2-core machine (release build, 50 classes × 16 shots × 10
+//! takes about 21 ms per step on this project's 2-core machine (release build, 50 classes × 16 shots × 10
 //! views, batch 256), most of it candle's per-operation overhead rather than arithmetic; the default CPU
 //! backend is therefore the hand-written step of [`super::CpuBackend`], and this one stays selectable
 //! (`--backend candle`, [`CandleFactory`]) as the autodiff cross-check of a whole training run.

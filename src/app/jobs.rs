@@ -359,7 +359,7 @@ fn cpu_reason(req: BackendRequest, gpu: Option<&GpuContext>) -> Option<Option<St
 }
 
 /// The backend HeGraphAdapter trains on: the UI's own wgpu device when it is a real GPU (or when asked for
-/// with `HEGRAPH_BACKEND=wgpu`), else the CPU reference. This is the one place that decides it. Baselines
+/// with `HEGRAPH_BACKEND=wgpu`), else the CPU backend. This is the one place that decides it. Baselines
 /// always run on the CPU.
 pub fn compute_backend(req: BackendRequest, gpu: Option<&GpuContext>) -> ComputeBackend {
     if req == BackendRequest::Candle {

@@ -119,7 +119,7 @@ pub struct AppOptions {
     pub auto_embed: bool,
     pub thumb_threads: usize,
     pub thumb_capacity: usize,
-    /// Where HeGraphAdapter trains (`HEGRAPH_BACKEND=auto|cpu|wgpu`, default auto: the window's GPU unless it
+    /// Where HeGraphAdapter trains (`HEGRAPH_BACKEND=auto|cpu|candle|wgpu`, default auto: the window's GPU unless it
     /// is a software adapter).
     pub backend: crate::gpu::BackendRequest,
 }
