@@ -211,27 +211,34 @@ fn the_demo_runs_end_to_end_offline_on_the_test_checkpoint() {
     assert!(text.contains("TEST CHECKPOINT"));
 }
 
+/// `hegraph train` on the demo folder (test checkpoint, 5 epochs) into `adapter`, with `extra` arguments.
+fn train_demo(home: &Path, demo: &Path, adapter: &Path, extra: &[&str]) -> Output {
+    let images = demo.join("images");
+    let classes = demo.join("classes.txt");
+    let labels = demo.join("labels.csv");
+    let mut args = vec![
+        "train",
+        images.to_str().unwrap(),
+        "--classes",
+        classes.to_str().unwrap(),
+        "--labels",
+        labels.to_str().unwrap(),
+        "--test-checkpoint",
+        "--epochs",
+        "5",
+        "-o",
+        adapter.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run(home, &args)
+}
+
 #[test]
 fn train_and_predict_on_a_folder_write_an_adapter_and_per_class_confidences() {
     let tmp = tempfile::tempdir().unwrap();
     let demo = demo_copy(tmp.path());
     let adapter = tmp.path().join("demo.hegraph");
-    let o = run(
-        tmp.path(),
-        &[
-            "train",
-            demo.join("images").to_str().unwrap(),
-            "--classes",
-            demo.join("classes.txt").to_str().unwrap(),
-            "--labels",
-            demo.join("labels.csv").to_str().unwrap(),
-            "--test-checkpoint",
-            "--epochs",
-            "5",
-            "-o",
-            adapter.to_str().unwrap(),
-        ],
-    );
+    let o = train_demo(tmp.path(), &demo, &adapter, &[]);
     assert!(o.status.success());
     assert!(adapter.is_file());
     let o = run(
@@ -273,24 +280,7 @@ fn the_cpu_and_candle_backends_train_the_same_adapter() {
     let mut probs = Vec::new();
     for backend in ["cpu", "candle"] {
         let adapter = tmp.path().join(format!("{backend}.hegraph"));
-        let o = run(
-            tmp.path(),
-            &[
-                "train",
-                demo.join("images").to_str().unwrap(),
-                "--classes",
-                demo.join("classes.txt").to_str().unwrap(),
-                "--labels",
-                demo.join("labels.csv").to_str().unwrap(),
-                "--test-checkpoint",
-                "--epochs",
-                "5",
-                "--backend",
-                backend,
-                "-o",
-                adapter.to_str().unwrap(),
-            ],
-        );
+        let o = train_demo(tmp.path(), &demo, &adapter, &["--backend", backend]);
         assert!(o.status.success(), "{}", all_output(&o));
         if backend == "candle" {
             assert!(all_output(&o).contains("candle"), "{}", all_output(&o));

@@ -20,7 +20,7 @@
 
 use rayon::prelude::*;
 
-use super::hegraph::{adamw_into, check_weights, AdamStep, FrozenInputs, HeGraphHyper};
+use super::hegraph::{check_batch, commit_adamw, starting_state, FrozenInputs, HeGraphHyper};
 use super::{Activation, AdapterError, HeGraphBackend, HeGraphState, LossAndGrads, TrainParams};
 use crate::graph::HeteroGraph;
 use crate::linalg::{fast_exp, fast_tanh, gemm, Mat, Tr};
@@ -126,20 +126,7 @@ impl CpuBackend {
         state: Option<HeGraphState>,
     ) -> Result<Self, AdapterError> {
         let d = graph.dim();
-        if queries.cols != d {
-            return Err(AdapterError::Input(format!(
-                "queries have dimension {} but the graph has {d}",
-                queries.cols
-            )));
-        }
-        let state =
-            state.unwrap_or_else(|| HeGraphState::init(d, graph.has_negative(), params.seed));
-        check_weights(graph.has_negative(), d, &state.weights())?;
-        if graph.has_negative() != state.n.is_some() {
-            return Err(AdapterError::Input(
-                "the training state and the graph disagree on negative nodes".into(),
-            ));
-        }
+        let state = starting_state(graph, queries, params, state)?;
         let f = FrozenInputs::new(graph)?;
         let c = f.num_classes;
         let neg = match (f.n, f.h_np, f.h_nv, f.pn_self, f.a_pn) {
@@ -218,26 +205,7 @@ impl CpuBackend {
     }
 
     fn check_batch(&self, rows: &[u32], labels: &[u32]) -> Result<(), AdapterError> {
-        let n_rows = self.queries.rows;
-        if rows.len() != labels.len() || rows.is_empty() {
-            return Err(AdapterError::Input(format!(
-                "a step needs as many labels as rows (got {} rows, {} labels)",
-                rows.len(),
-                labels.len()
-            )));
-        }
-        if let Some(&r) = rows.iter().find(|&&r| r as usize >= n_rows) {
-            return Err(AdapterError::Input(format!(
-                "query row {r} is out of range ({n_rows} rows)"
-            )));
-        }
-        if let Some(&l) = labels.iter().find(|&&l| l as usize >= self.c) {
-            return Err(AdapterError::Input(format!(
-                "label {l} is out of range ({} classes)",
-                self.c
-            )));
-        }
-        Ok(())
+        check_batch(rows, labels, self.queries.rows, self.c)
     }
 
     /// The loss of a batch and its gradients at the current weights (what [`HeGraphBackend::step`] uses;
@@ -742,39 +710,21 @@ impl HeGraphBackend for CpuBackend {
         want_loss: bool,
     ) -> Result<Option<f32>, AdapterError> {
         self.check_batch(rows, labels)?;
-        let step = self.state.step as usize;
-        let non_finite = |what: &str| AdapterError::NonFinite {
-            step,
-            what: what.into(),
-            last_good: None,
-        };
         let loss = self.forward_backward(rows, labels);
         if !loss.is_finite() {
-            return Err(non_finite("the training loss"));
+            return Err(AdapterError::NonFinite {
+                step: self.state.step as usize,
+                what: "the training loss".into(),
+                last_good: None,
+            });
         }
-        let h = AdamStep {
-            lr,
-            beta1: self.params.adam_betas.0,
-            beta2: self.params.adam_betas.1,
-            eps: self.params.adam_eps,
-            weight_decay: self.params.weight_decay,
-            t: self.state.step + 1,
-        };
-        // All or nothing: the new values go to scratch space and are swapped in only when all are finite, so
-        // a diverging step leaves the last good weights in place.
-        let sc = &mut self.scratch;
-        let mut ok = adamw_into(&self.state.p, &self.w.grad_p, &h, &mut sc.p);
-        ok &= adamw_into(&self.state.v, &self.w.grad_v, &h, &mut sc.v);
-        if let (Some(n), Some(out)) = (self.state.n.as_ref(), sc.n.as_mut()) {
-            ok &= adamw_into(n, &self.w.grad_n, &h, out);
-        }
-        if !ok {
-            return Err(non_finite("the weights"));
-        }
-        std::mem::swap(&mut self.state.p, &mut sc.p);
-        std::mem::swap(&mut self.state.v, &mut sc.v);
-        std::mem::swap(&mut self.state.n, &mut sc.n);
-        self.state.step += 1;
+        let w = &self.w;
+        let grads = (
+            w.grad_p.as_slice(),
+            self.neg.as_ref().map(|_| w.grad_n.as_slice()),
+            w.grad_v.as_slice(),
+        );
+        commit_adamw(&mut self.state, &mut self.scratch, grads, &self.params, lr)?;
         Ok(want_loss.then_some(loss))
     }
 

@@ -854,6 +854,97 @@ fn loss_and_grads_in(
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// What the CPU backends share
+
+/// The state a CPU backend starts from (`None`: drawn from the seed), checked against the graph and queries.
+pub(crate) fn starting_state(
+    graph: &HeteroGraph,
+    queries: &Mat,
+    params: &TrainParams,
+    state: Option<HeGraphState>,
+) -> Result<HeGraphState, AdapterError> {
+    let d = graph.dim();
+    if queries.cols != d {
+        return Err(AdapterError::Input(format!(
+            "queries have dimension {} but the graph has {d}",
+            queries.cols
+        )));
+    }
+    let state = state.unwrap_or_else(|| HeGraphState::init(d, graph.has_negative(), params.seed));
+    check_weights(graph.has_negative(), d, &state.weights())?;
+    if graph.has_negative() != state.n.is_some() {
+        return Err(AdapterError::Input(
+            "the training state and the graph disagree on negative nodes".into(),
+        ));
+    }
+    Ok(state)
+}
+
+/// A batch's rows index `n_rows` stacked queries and its labels `classes` classes.
+pub(crate) fn check_batch(
+    rows: &[u32],
+    labels: &[u32],
+    n_rows: usize,
+    classes: usize,
+) -> Result<(), AdapterError> {
+    if rows.len() != labels.len() || rows.is_empty() {
+        return Err(AdapterError::Input(format!(
+            "a step needs as many labels as rows (got {} rows, {} labels)",
+            rows.len(),
+            labels.len()
+        )));
+    }
+    if let Some(&r) = rows.iter().find(|&&r| r as usize >= n_rows) {
+        return Err(AdapterError::Input(format!(
+            "query row {r} is out of range ({n_rows} rows)"
+        )));
+    }
+    if let Some(&l) = labels.iter().find(|&&l| l as usize >= classes) {
+        return Err(AdapterError::Input(format!(
+            "label {l} is out of range ({classes} classes)"
+        )));
+    }
+    Ok(())
+}
+
+/// One AdamW update of all three weights from gradients `(W_P, W_N, W_V)`, all or nothing: the new values
+/// go to `scratch` and are swapped in only when every one is finite, so a diverging step leaves the last good
+/// weights in place (and says so).
+pub(crate) fn commit_adamw(
+    state: &mut HeGraphState,
+    scratch: &mut HeGraphState,
+    (gp, gn, gv): (&[f32], Option<&[f32]>, &[f32]),
+    params: &TrainParams,
+    lr: f32,
+) -> Result<(), AdapterError> {
+    let h = AdamStep {
+        lr,
+        beta1: params.adam_betas.0,
+        beta2: params.adam_betas.1,
+        eps: params.adam_eps,
+        weight_decay: params.weight_decay,
+        t: state.step + 1,
+    };
+    let mut ok = adamw_into(&state.p, gp, &h, &mut scratch.p);
+    ok &= adamw_into(&state.v, gv, &h, &mut scratch.v);
+    if let (Some(n), Some(g), Some(out)) = (state.n.as_ref(), gn, scratch.n.as_mut()) {
+        ok &= adamw_into(n, g, &h, out);
+    }
+    if !ok {
+        return Err(AdapterError::NonFinite {
+            step: state.step as usize,
+            what: "the weights".into(),
+            last_good: None,
+        });
+    }
+    std::mem::swap(&mut state.p, &mut scratch.p);
+    std::mem::swap(&mut state.v, &mut scratch.v);
+    std::mem::swap(&mut state.n, &mut scratch.n);
+    state.step += 1;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // CPU backend
 
 /// A batch loss and the flattened gradients of `W_P`, `W_N` (with negatives) and `W_V`.
@@ -888,21 +979,7 @@ impl CandleBackend {
         params: &TrainParams,
         state: Option<HeGraphState>,
     ) -> Result<Self, AdapterError> {
-        let d = graph.dim();
-        if queries.cols != d {
-            return Err(AdapterError::Input(format!(
-                "queries have dimension {} but the graph has {d}",
-                queries.cols
-            )));
-        }
-        let state =
-            state.unwrap_or_else(|| HeGraphState::init(d, graph.has_negative(), params.seed));
-        check_weights(graph.has_negative(), d, &state.weights())?;
-        if graph.has_negative() != state.n.is_some() {
-            return Err(AdapterError::Input(
-                "the training state and the graph disagree on negative nodes".into(),
-            ));
-        }
+        let state = starting_state(graph, queries, params, state)?;
         let dev = Device::Cpu;
         let fi = FrozenInputs::new(graph)?;
         let m = fi.keys.rows;
@@ -991,26 +1068,7 @@ impl CandleBackend {
     }
 
     fn check_batch(&self, rows: &[u32], labels: &[u32]) -> Result<(), AdapterError> {
-        let n_rows = self.queries.dim(0)?;
-        if rows.len() != labels.len() || rows.is_empty() {
-            return Err(AdapterError::Input(format!(
-                "a step needs as many labels as rows (got {} rows, {} labels)",
-                rows.len(),
-                labels.len()
-            )));
-        }
-        if let Some(&r) = rows.iter().find(|&&r| r as usize >= n_rows) {
-            return Err(AdapterError::Input(format!(
-                "query row {r} is out of range ({n_rows} rows)"
-            )));
-        }
-        let c = self.frozen.c as u32;
-        if let Some(&l) = labels.iter().find(|&&l| l >= c) {
-            return Err(AdapterError::Input(format!(
-                "label {l} is out of range ({c} classes)"
-            )));
-        }
-        Ok(())
+        check_batch(rows, labels, self.queries.dim(0)?, self.frozen.c)
     }
 
     /// Loss and flattened gradients `(W_P, W_N, W_V)`. The products of the frozen inputs with the weights
@@ -1136,39 +1194,16 @@ impl HeGraphBackend for CandleBackend {
         want_loss: bool,
     ) -> Result<Option<f32>, AdapterError> {
         self.check_batch(rows, labels)?;
-        let step = self.state.step as usize;
-        let non_finite = |what: &str| AdapterError::NonFinite {
-            step,
-            what: what.into(),
-            last_good: None,
-        };
         let (loss_value, gp, gn, gv) = self.forward_backward(rows, labels)?;
         if !loss_value.is_finite() {
-            return Err(non_finite("the training loss"));
+            return Err(AdapterError::NonFinite {
+                step: self.state.step as usize,
+                what: "the training loss".into(),
+                last_good: None,
+            });
         }
-        let h = AdamStep {
-            lr,
-            beta1: self.params.adam_betas.0,
-            beta2: self.params.adam_betas.1,
-            eps: self.params.adam_eps,
-            weight_decay: self.params.weight_decay,
-            t: self.state.step + 1,
-        };
-        // All or nothing: the new values go to scratch space and are swapped in only when all are finite, so
-        // a diverging step leaves the last good weights in place.
-        let sc = &mut self.scratch;
-        let mut ok = adamw_into(&self.state.p, &gp, &h, &mut sc.p);
-        ok &= adamw_into(&self.state.v, &gv, &h, &mut sc.v);
-        if let (Some(n), Some(g), Some(out)) = (self.state.n.as_ref(), gn.as_ref(), sc.n.as_mut()) {
-            ok &= adamw_into(n, g, &h, out);
-        }
-        if !ok {
-            return Err(non_finite("the weights"));
-        }
-        std::mem::swap(&mut self.state.p, &mut sc.p);
-        std::mem::swap(&mut self.state.v, &mut sc.v);
-        std::mem::swap(&mut self.state.n, &mut sc.n);
-        self.state.step += 1;
+        let grads = (gp.as_slice(), gn.as_deref(), gv.as_slice());
+        commit_adamw(&mut self.state, &mut self.scratch, grads, &self.params, lr)?;
         Ok(want_loss.then_some(loss_value))
     }
 
