@@ -233,6 +233,22 @@ fn train_demo(home: &Path, demo: &Path, adapter: &Path, extra: &[&str]) -> Outpu
     run(home, &args)
 }
 
+/// `hegraph predict --format json` of `images` with `adapter` (test checkpoint), parsed.
+fn predict_json(home: &Path, adapter: &Path, images: &[PathBuf]) -> serde_json::Value {
+    let mut args = vec![
+        "predict",
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--test-checkpoint",
+        "--format",
+        "json",
+    ];
+    args.extend(images.iter().map(|p| p.to_str().unwrap()));
+    let o = run(home, &args);
+    assert!(o.status.success(), "{}", all_output(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
 #[test]
 fn train_and_predict_on_a_folder_write_an_adapter_and_per_class_confidences() {
     let tmp = tempfile::tempdir().unwrap();
@@ -241,21 +257,11 @@ fn train_and_predict_on_a_folder_write_an_adapter_and_per_class_confidences() {
     let o = train_demo(tmp.path(), &demo, &adapter, &[]);
     assert!(o.status.success());
     assert!(adapter.is_file());
-    let o = run(
+    let v = predict_json(
         tmp.path(),
-        &[
-            "predict",
-            "--adapter",
-            adapter.to_str().unwrap(),
-            "--test-checkpoint",
-            "--format",
-            "json",
-            demo.join("images/crow.png").to_str().unwrap(),
-            demo.join("images/carrot.png").to_str().unwrap(),
-        ],
+        &adapter,
+        &[demo.join("images/crow.png"), demo.join("images/carrot.png")],
     );
-    assert!(o.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["test_checkpoint"], true);
     let preds = v["predictions"].as_array().unwrap();
     assert_eq!(preds.len(), 2);
@@ -285,20 +291,7 @@ fn the_cpu_and_candle_backends_train_the_same_adapter() {
         if backend == "candle" {
             assert!(all_output(&o).contains("candle"), "{}", all_output(&o));
         }
-        let o = run(
-            tmp.path(),
-            &[
-                "predict",
-                "--adapter",
-                adapter.to_str().unwrap(),
-                "--test-checkpoint",
-                "--format",
-                "json",
-                demo.join("images/crow.png").to_str().unwrap(),
-            ],
-        );
-        assert!(o.status.success(), "{}", all_output(&o));
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let v = predict_json(tmp.path(), &adapter, &[demo.join("images/crow.png")]);
         let p: Vec<f64> = v["predictions"][0]["probabilities"]
             .as_array()
             .unwrap()
