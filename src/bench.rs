@@ -199,3 +199,78 @@ pub fn bench_kernels_cli() -> Result<(), BenchError> {
     }
     Ok(())
 }
+
+/// One wgpu training step with each dispatch timed on the GPU (timestamp queries), grouped by kernel and
+/// shape, for a synthetic task of `classes` × 16 shots × 10 views, D = 512, batch 256: where a step's time
+/// goes. The wall time of a whole step (submission to loss readback) is printed beside the GPU total, so the
+/// host-side cost of recording shows too.
+pub fn bench_step_cli(classes: usize) -> Result<(), BenchError> {
+    use crate::adapter::bench::synthetic_task;
+    use crate::adapter::HeGraphBackend;
+    use crate::adapter::{epoch_batches, stack_queries, FrozenInputs, HeGraphState, TrainParams};
+    use crate::graph::{HeteroGraph, LabelledViewsRef};
+
+    let ctx = std::sync::Arc::new(gpu::GpuContext::new_headless(&gpu::GpuOptions::default())?);
+    println!("adapter: {}", ctx.describe());
+    let kernels = std::sync::Arc::new(gpu::Kernels::new(&ctx)?);
+    let (shots, dim, views) = (16, 512, 10);
+    let task = synthetic_task(classes, shots, dim, views, 7);
+    let params = TrainParams::default();
+    let labelled = LabelledViewsRef::from_split(&task.train);
+    let graph = HeteroGraph::build(
+        &task.classes,
+        &task.text,
+        Some(&task.text_neg),
+        &labelled,
+        &params.graph_options(),
+    )
+    .map_err(AdapterError::from)?;
+    let (queries, a) = stack_queries(&task.train);
+    let frozen = FrozenInputs::new(&graph)?;
+    let state = HeGraphState::init(dim, true, params.seed);
+    let mut be = gpu::adapter::GpuHeGraph::new(kernels, &frozen, &queries, &params, state)?;
+    let batches = epoch_batches(params.seed, 0, &task.train.labels, a, params.batch_size);
+    let Some(batch) = batches.first() else {
+        return Err(AdapterError::Input("the synthetic task has no batch".into()).into());
+    };
+    println!(
+        "one step: {classes} classes × {shots} shots × {views} views, D = {dim}, batch {}",
+        batch.rows.len()
+    );
+    for _ in 0..3 {
+        be.step(&batch.rows, &batch.labels, params.lr, true)?;
+    }
+    let reps = 10;
+    let start = Instant::now();
+    for _ in 0..reps {
+        be.step(&batch.rows, &batch.labels, params.lr, true)?;
+    }
+    let wall_ms = start.elapsed().as_secs_f64() * 1e3 / reps as f64;
+    let Some(timings) = be.profile_step(&batch.rows, &batch.labels, params.lr)? else {
+        println!("wall {wall_ms:.2} ms per step (with a loss readback); this device has no timestamp queries");
+        return Ok(());
+    };
+    let gpu_ms: f64 = timings.iter().map(|t| t.1).sum();
+    let mut by_label: Vec<(String, usize, f64)> = Vec::new();
+    for (label, ms) in timings.iter() {
+        match by_label.iter_mut().find(|e| &e.0 == label) {
+            Some(e) => {
+                e.1 += 1;
+                e.2 += ms;
+            }
+            None => by_label.push((label.clone(), 1, *ms)),
+        }
+    }
+    by_label.sort_by(|a, b| b.2.total_cmp(&a.2));
+    println!(
+        "wall {wall_ms:.2} ms per step (with a loss readback); {} dispatches, {gpu_ms:.2} ms of GPU time inside them",
+        timings.len()
+    );
+    for (label, count, ms) in &by_label {
+        println!(
+            "  {ms:8.3} ms {:5.1}%  {count:3}×  {label}",
+            100.0 * ms / gpu_ms.max(1e-12)
+        );
+    }
+    Ok(())
+}

@@ -193,6 +193,15 @@ pub enum BenchWhat {
     Train(BenchTrainArgs),
     /// WGSL matmul against the CPU matmul.
     Kernels,
+    /// One wgpu training step with every kernel timed on the GPU (timestamp queries): where the time goes.
+    Step(BenchStepArgs),
+}
+
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct BenchStepArgs {
+    /// Classes of the synthetic task (K = 16, D = 512, 10 views, batch 256).
+    #[arg(long, default_value_t = 1000)]
+    pub classes: usize,
 }
 
 #[derive(Args, Debug, Clone, PartialEq, Eq)]
@@ -659,6 +668,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             t.epochs,
         ),
         BenchWhat::Kernels => hegraph::bench::bench_kernels_cli(),
+        BenchWhat::Step(s) => hegraph::bench::bench_step_cli(s.classes),
     }
     .map_err(Into::into)
 }

@@ -800,6 +800,49 @@ fn segment_kernels_match_one_hot_products() {
     assert!(matches!(err, Err(GpuError::Shape { .. })), "{err:?}");
 }
 
+#[test]
+fn profiling_times_each_dispatch_on_the_gpu() {
+    let Some(g) = gpu() else { return };
+    let k = Kernels::new(&g.ctx).expect("kernels");
+    let has = g
+        .ctx
+        .device
+        .features()
+        .contains(wgpu::Features::TIMESTAMP_QUERY);
+    if !k.start_profiling(8) {
+        assert!(
+            !has,
+            "the device has timestamp queries but profiling did not start"
+        );
+        eprintln!("no timestamp queries on this device: nothing to time");
+        return;
+    }
+    let mut rng = rng_for("profile");
+    let (a, b) = (randn(&mut rng, 7, 5), randn(&mut rng, 5, 3));
+    let out = poisoned(g, 7, 3);
+    let th = poisoned(g, 7, 3);
+    run(g, |e| {
+        k.matmul(
+            e,
+            &out,
+            &up(g, &a),
+            Trans::N,
+            &up(g, &b),
+            Trans::N,
+            1.0,
+            0.0,
+        )?;
+        k.tanh(e, &th, &out)
+    });
+    let t = k.finish_profiling().expect("timestamps");
+    let labels: Vec<&str> = t.iter().map(|x| x.0.as_str()).collect();
+    assert_eq!(labels, ["matmul 7×5·5×3 NN", "tanh"]);
+    assert!(t.iter().all(|x| x.1.is_finite() && x.1 >= 0.0), "{t:?}");
+    // Profiling ends with finish: later work is not timed.
+    run(g, |e| k.tanh(e, &out, &th));
+    assert!(k.finish_profiling().expect("nothing").is_empty());
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // Finite differences (tiny shapes, f64 reference forwards)
 

@@ -669,6 +669,25 @@ impl GpuHeGraph {
     }
 }
 
+impl GpuHeGraph {
+    /// One training step with every dispatch timed on the GPU: `(label, ms)` in recording order, or `None`
+    /// when the device has no timestamp queries. For `hegraph bench step`.
+    pub fn profile_step(
+        &mut self,
+        rows: &[u32],
+        labels: &[u32],
+        lr: f32,
+    ) -> Result<Option<Vec<(String, f64)>>, AdapterError> {
+        if !self.k.start_profiling(512) {
+            return Ok(None);
+        }
+        let stepped = self.step(rows, labels, lr, true);
+        let timings = self.k.finish_profiling().map_err(gpu_err)?;
+        stepped?;
+        Ok(Some(timings))
+    }
+}
+
 impl HeGraphBackend for GpuHeGraph {
     fn name(&self) -> String {
         format!("wgpu ({})", self.k.context().describe())

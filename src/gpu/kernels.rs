@@ -210,6 +210,13 @@ pub const SHADERS: [(&str, &str); 3] = [
     ("rows.wgsl", include_str!("../../shaders/rows.wgsl")),
 ];
 
+/// GPU timestamps around each dispatch, while [`Kernels::start_profiling`] is in effect.
+struct Profiler {
+    set: wgpu::QuerySet,
+    capacity: u32,
+    labels: Vec<String>,
+}
+
 /// Compiled pipelines plus the context they run on. Cheap to share by reference; build one per device.
 pub struct Kernels {
     ctx: GpuContext,
@@ -219,6 +226,7 @@ pub struct Kernels {
     dummy_rw: [wgpu::Buffer; 3],
     matmul_kernel: MatmulKernel,
     dispatches: AtomicU64,
+    profiler: std::sync::Mutex<Option<Profiler>>,
 }
 
 impl Kernels {
@@ -332,6 +340,7 @@ impl Kernels {
             dummy_rw,
             matmul_kernel: MatmulKernel::Auto,
             dispatches: AtomicU64::new(0),
+            profiler: std::sync::Mutex::new(None),
         })
     }
 
@@ -343,6 +352,81 @@ impl Kernels {
     /// a training step pays.
     pub fn dispatches(&self) -> u64 {
         self.dispatches.load(Ordering::Relaxed)
+    }
+
+    fn profiler(&self) -> std::sync::MutexGuard<'_, Option<Profiler>> {
+        match self.profiler.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Times each of the next `max_dispatches` dispatches on the GPU itself (timestamp queries around each
+    /// compute pass), for `hegraph bench step`. Returns false, and times nothing, when the device was opened
+    /// without [`wgpu::Features::TIMESTAMP_QUERY`].
+    pub fn start_profiling(&self, max_dispatches: u32) -> bool {
+        if !self
+            .ctx
+            .device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+            || max_dispatches == 0
+        {
+            return false;
+        }
+        let set = self.ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("hegraph profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2 * max_dispatches,
+        });
+        *self.profiler() = Some(Profiler {
+            set,
+            capacity: max_dispatches,
+            labels: Vec::new(),
+        });
+        true
+    }
+
+    fn is_profiling(&self) -> bool {
+        self.profiler().is_some()
+    }
+
+    /// Stops profiling and returns each timed dispatch's label and GPU milliseconds, in recording order.
+    /// Waits for the GPU.
+    pub fn finish_profiling(&self) -> Result<Vec<(String, f64)>, GpuError> {
+        let Some(p) = self.profiler().take() else {
+            return Ok(Vec::new());
+        };
+        let n = p.labels.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let bytes = 16 * n as u64;
+        let resolved = self.ctx.scoped("reading GPU timestamps", || {
+            let resolve = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("hegraph timestamps"),
+                size: bytes,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let out = GpuTensor::<u32>::zeros(&self.ctx, 2 * n, 2)?;
+            let mut enc = self.ctx.encoder("hegraph timestamps");
+            enc.resolve_query_set(&p.set, 0..2 * n as u32, &resolve, 0);
+            enc.copy_buffer_to_buffer(&resolve, 0, out.buffer(), 0, bytes);
+            self.ctx.queue.submit(Some(enc.finish()));
+            Ok::<_, GpuError>(out)
+        })??;
+        let words = resolved.download_vec(&self.ctx)?;
+        let tick_ns = f64::from(self.ctx.queue.get_timestamp_period());
+        let stamp = |i: usize| u64::from(words[2 * i]) | (u64::from(words[2 * i + 1]) << 32);
+        Ok(p.labels
+            .into_iter()
+            .enumerate()
+            .map(|(i, label)| {
+                let ticks = stamp(2 * i + 1).saturating_sub(stamp(2 * i));
+                (label, ticks as f64 * tick_ns * 1e-6)
+            })
+            .collect())
     }
 
     pub fn set_matmul_kernel(&mut self, kernel: MatmulKernel) {
@@ -444,9 +528,21 @@ impl Kernels {
             layout: &self.layout,
             entries: &entries,
         });
+        let mut profiler = self.profiler();
+        let timestamp_writes = profiler.as_mut().and_then(|p| {
+            let i = p.labels.len() as u32;
+            (i < p.capacity).then(|| {
+                p.labels.push(label.to_string());
+                wgpu::ComputePassTimestampWrites {
+                    query_set: &p.set,
+                    beginning_of_pass_write_index: Some(2 * i),
+                    end_of_pass_write_index: Some(2 * i + 1),
+                }
+            })
+        });
         let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some(label),
-            timestamp_writes: None,
+            timestamp_writes,
         });
         pass.set_pipeline(pipe);
         pass.set_bind_group(0, &bind_group, &[]);
@@ -591,6 +687,12 @@ impl Kernels {
         if m == 0 || n == 0 {
             return self.ctx.check_lost();
         }
+        // Profiles tell the products apart by shape.
+        let label: std::borrow::Cow<'_, str> = if self.is_profiling() {
+            format!("matmul {m}×{k}·{k}×{n} {ta:?}{tb:?}").into()
+        } else {
+            OP.into()
+        };
         let (pipe, tile) = match self.matmul_kernel() {
             MatmulKernel::Tiled => (&self.pipes.matmul_tiled, 64usize),
             _ => (&self.pipes.matmul_reg, 32usize),
@@ -671,7 +773,7 @@ impl Kernels {
                         (p.c_off, p.c_rs) = (off + n0 as u32, n as u32);
                         let groups_x = (n1 - n0).div_ceil(tile) as u32;
                         let groups_y = (m1 - m0).div_ceil(tile) as u32;
-                        self.dispatch(enc, pipe, OP, &p, &binds, (groups_x, groups_y))?;
+                        self.dispatch(enc, pipe, &label, &p, &binds, (groups_x, groups_y))?;
                         k0 = k1;
                         if k0 >= k {
                             break;

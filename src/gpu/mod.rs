@@ -150,7 +150,8 @@ impl GpuContext {
         let info = adapter.get_info();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("hegraph compute"),
-            required_features: wgpu::Features::empty(),
+            // Timestamps only serve `hegraph bench step`; asked for where the adapter has them.
+            required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY,
             required_limits: adapter.limits(),
             ..Default::default()
         }))
