@@ -129,6 +129,7 @@ impl CpuBackend {
         let state = starting_state(graph, queries, params, state)?;
         let f = FrozenInputs::new(graph)?;
         let c = f.num_classes;
+        let sorted = f.cache_by_class()?;
         let neg = match (f.n, f.h_np, f.h_nv, f.pn_self, f.a_pn) {
             (Some(n), Some(h_np), Some(h_nv), Some(pn_self), Some(a_pn)) => Some(NegFrozen {
                 n,
@@ -142,25 +143,9 @@ impl CpuBackend {
         if neg.is_some() {
             h_p.resize(3 * c * d, 0.0);
         }
-        let m = f.keys.rows;
-        if let Some(&l) = f.key_labels.iter().find(|&&l| l as usize >= c) {
-            return Err(AdapterError::Input(format!(
-                "a cache key has label {l} of {c} classes"
-            )));
-        }
-        // The cache sorted by class (its sums do not depend on the order): each class's entries are then one
-        // contiguous segment, and the per-class sums and gathers run over slices.
-        let mut order: Vec<usize> = (0..m).collect();
-        order.sort_by_key(|&k| f.key_labels[k]);
-        let keys = f.keys.select_rows(&order);
-        let key_labels: Vec<u32> = order.iter().map(|&k| f.key_labels[k]).collect();
-        let mut class_start = vec![0usize; c + 1];
-        for &l in &f.key_labels {
-            class_start[l as usize + 1] += 1;
-        }
-        for i in 0..c {
-            class_start[i + 1] += class_start[i];
-        }
+        let (keys, key_labels) = (sorted.keys, sorted.labels);
+        let class_start: Vec<usize> = sorted.offsets.iter().map(|&o| o as usize).collect();
+        let m = keys.rows;
         // `z Xᵀ` of every training query in one product: it does not depend on the weights, and one large
         // product runs at about twice the rate of the per-batch ones it replaces.
         let memo = (queries.rows.saturating_mul(m) <= MEMO_LIMIT).then(|| {

@@ -185,6 +185,45 @@ impl FrozenInputs {
     }
 }
 
+/// The cache sorted by class ([`FrozenInputs::cache_by_class`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CacheByClass {
+    pub keys: Mat,
+    /// The class of each sorted key.
+    pub labels: Vec<u32>,
+    /// Class `c` owns sorted keys `offsets[c]..offsets[c + 1]` (C + 1 values).
+    pub offsets: Vec<u32>,
+}
+
+impl FrozenInputs {
+    /// The cache keys sorted by class (stably): sums over the cache do not depend on its order, and sorted,
+    /// each class's entries are one contiguous segment. Both training backends keep the cache this way so
+    /// that the cache logits are segment sums rather than products with the one-hot `M×C` label matrix.
+    pub fn cache_by_class(&self) -> Result<CacheByClass, AdapterError> {
+        let c = self.num_classes;
+        if let Some(&l) = self.key_labels.iter().find(|&&l| l as usize >= c) {
+            return Err(AdapterError::Input(format!(
+                "a cache key has label {l} of {c} classes"
+            )));
+        }
+        let mut order: Vec<usize> = (0..self.keys.rows).collect();
+        order.sort_by_key(|&k| self.key_labels[k]);
+        let labels: Vec<u32> = order.iter().map(|&k| self.key_labels[k]).collect();
+        let mut offsets = vec![0u32; c + 1];
+        for &l in &labels {
+            offsets[l as usize + 1] += 1;
+        }
+        for i in 0..c {
+            offsets[i + 1] += offsets[i];
+        }
+        Ok(CacheByClass {
+            keys: self.keys.select_rows(&order),
+            labels,
+            offsets,
+        })
+    }
+}
+
 /// The three trainable matrices (`w_n` only with negative nodes).
 #[derive(Clone, Debug, PartialEq)]
 pub struct HeGraphWeights {

@@ -44,9 +44,9 @@ use crate::progress::CancelToken;
 
 pub use cpu::CpuBackend;
 pub use hegraph::{
-    forward_graph, init_weights, loss_and_grads, loss_and_grads_f64, CandleBackend, CandleFactory,
-    FrozenInputs, GraphOutputs, HeGraphHyper, HeGraphState, HeGraphWeights, LossAndGrads,
-    ParamState,
+    forward_graph, init_weights, loss_and_grads, loss_and_grads_f64, CacheByClass, CandleBackend,
+    CandleFactory, FrozenInputs, GraphOutputs, HeGraphHyper, HeGraphState, HeGraphWeights,
+    LossAndGrads, ParamState,
 };
 pub use schedule::{cosine_lr, epoch_batches, stack_queries, Batch};
 pub use tip::{search_grid, tip_logits, SearchResult};

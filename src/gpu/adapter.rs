@@ -283,23 +283,10 @@ impl GpuHeGraph {
     ) -> Result<Self, GpuError> {
         let ctx = k.context();
         let (c, d, m) = (f.num_classes, f.dim, f.keys.rows);
-        if let Some(&l) = f.key_labels.iter().find(|&&l| l as usize >= c) {
-            return Err(GpuError::Shape {
-                op: "hegraph",
-                detail: format!("a cache key has label {l} of {c} classes"),
-            });
-        }
-        let mut order: Vec<usize> = (0..m).collect();
-        order.sort_by_key(|&k| f.key_labels[k]);
-        let sorted_keys = f.keys.select_rows(&order);
-        let sorted_labels: Vec<u32> = order.iter().map(|&k| f.key_labels[k]).collect();
-        let mut host_offsets = vec![0u32; c + 1];
-        for &l in &sorted_labels {
-            host_offsets[l as usize + 1] += 1;
-        }
-        for i in 0..c {
-            host_offsets[i + 1] += host_offsets[i];
-        }
+        let sorted = f.cache_by_class().map_err(|e| GpuError::Shape {
+            op: "hegraph",
+            detail: e.to_string(),
+        })?;
         let zeros = |r: usize, cc: usize| GpuTensor::zeros(ctx, r, cc);
         let neg = match (
             &f.n,
@@ -345,10 +332,10 @@ impl GpuHeGraph {
             h_pp: GpuTensor::upload(ctx, &f.h_pp)?,
             h_pv: GpuTensor::upload(ctx, &f.h_pv)?,
             h_vv: GpuTensor::upload(ctx, &f.h_vv)?,
-            keys: GpuTensor::upload(ctx, &sorted_keys)?,
-            key_labels: GpuTensor::from_slice(ctx, m, 1, &sorted_labels)?,
-            offsets: GpuTensor::from_slice(ctx, c + 1, 1, &host_offsets)?,
-            host_offsets,
+            keys: GpuTensor::upload(ctx, &sorted.keys)?,
+            key_labels: GpuTensor::from_slice(ctx, m, 1, &sorted.labels)?,
+            offsets: GpuTensor::from_slice(ctx, c + 1, 1, &sorted.offsets)?,
+            host_offsets: sorted.offsets,
             queries: GpuTensor::upload(ctx, queries)?,
             neg,
             w_p: Param::new(ctx, &state.p)?,
