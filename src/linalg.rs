@@ -1,8 +1,10 @@
 //! A plain row-major `f32` matrix, the currency between the feature cache, the graph, the GPU runtime and the
 //! GUI.
 //!
-//! candle tensors are the CPU training backend; this type exists so that the parts that only move, draw or
-//! upload matrices do not need a candle device, and so that the WGSL kernels have a dependency-free reference.
+//! This type exists so that the parts that only move, draw or upload matrices do not need a candle device, and
+//! so that the WGSL kernels have a dependency-free reference. The CPU training backend works on plain slices
+//! with [`gemm`] and the vectorisable [`fast_exp`] / [`fast_tanh`] defined here; candle tensors serve the
+//! autodiff reference.
 
 use rayon::prelude::*;
 

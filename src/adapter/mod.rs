@@ -383,7 +383,7 @@ pub struct TrainedAdapter {
     pub val_accuracy: Option<f32>,
     /// `(step, batch loss)` as reported during training.
     pub losses: Vec<(usize, f32)>,
-    /// The backend that trained it (e.g. "cpu (candle)").
+    /// The backend that trained it (e.g. "cpu", "cpu (candle)", "wgpu (NVIDIA H200 (Vulkan, DiscreteGpu))").
     pub backend: Option<String>,
     pub tensors: AdapterTensors,
     #[serde(skip)]
