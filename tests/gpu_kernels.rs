@@ -800,6 +800,33 @@ fn segment_kernels_match_one_hot_products() {
     assert!(matches!(err, Err(GpuError::Shape { .. })), "{err:?}");
 }
 
+/// Bind groups are cached by what they bind: the same op on the same buffers with other scalars, or on other
+/// buffers, must not reuse a stale one, and releasing the cache changes nothing but memory.
+#[test]
+fn cached_bindings_follow_scalars_and_buffers() {
+    let Some(g) = gpu() else { return };
+    let k = Kernels::new(&g.ctx).expect("kernels");
+    let mut rng = rng_for("bind cache");
+    let (x, y0) = (randn(&mut rng, 7, 9), randn(&mut rng, 7, 9));
+    let gx = up(g, &x);
+    for (a, b) in [(0.5f32, 1.0f32), (-2.0, 0.25), (0.5, 1.0)] {
+        let gy = up(g, &y0);
+        run(g, |e| k.axpby(e, a, &gx, b, &gy));
+        let mut want = y0.data.clone();
+        cpu::axpby(a, &x.data, b, &mut want);
+        assert_close(&format!("axpby {a} {b}"), &down(g, &gy).data, &want);
+        k.release_cached_bindings();
+    }
+    let gy = up(g, &y0);
+    for _ in 0..2 {
+        run(g, |e| k.axpby(e, 1.0, &gx, 1.0, &gy));
+    }
+    let mut want = y0.data.clone();
+    cpu::axpby(1.0, &x.data, 1.0, &mut want);
+    cpu::axpby(1.0, &x.data, 1.0, &mut want);
+    assert_close("axpby twice on the same buffers", &down(g, &gy).data, &want);
+}
+
 #[test]
 fn profiling_times_each_dispatch_on_the_gpu() {
     let Some(g) = gpu() else { return };

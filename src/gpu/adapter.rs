@@ -656,6 +656,13 @@ impl GpuHeGraph {
     }
 }
 
+impl Drop for GpuHeGraph {
+    /// The kernels' cached bind groups hold this training's buffers; let them go with it.
+    fn drop(&mut self) {
+        self.k.release_cached_bindings();
+    }
+}
+
 impl GpuHeGraph {
     /// One training step with every dispatch timed on the GPU: `(label, ms)` in recording order, or `None`
     /// when the device has no timestamp queries. For `hegraph bench step`.

@@ -210,6 +210,17 @@ pub const SHADERS: [(&str, &str); 3] = [
     ("rows.wgsl", include_str!("../../shaders/rows.wgsl")),
 ];
 
+/// What a bind group binds: the uniform's bytes and each slot's buffer range (`None`: the slot's dummy).
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct BindKey {
+    params: Vec<u8>,
+    slots: [Option<(wgpu::Buffer, u64, u64)>; SLOTS],
+}
+
+/// Above this many cached bind groups the cache starts again (a training step needs about 60, plus three per
+/// step for AdamW, whose learning rate changes every step).
+const BIND_CACHE_LIMIT: usize = 8192;
+
 /// GPU timestamps around each dispatch, while [`Kernels::start_profiling`] is in effect.
 struct Profiler {
     set: wgpu::QuerySet,
@@ -227,6 +238,11 @@ pub struct Kernels {
     matmul_kernel: MatmulKernel,
     dispatches: AtomicU64,
     profiler: std::sync::Mutex<Option<Profiler>>,
+    /// Bind groups (with their uniform buffers) by what they bind: a training step records the same
+    /// dispatches on the same buffers every time, and building a uniform buffer and a bind group per dispatch
+    /// was most of the host's time per step. Holding a key keeps its buffers alive, so owners of large buffers
+    /// call [`Kernels::release_cached_bindings`] when they are done with them.
+    bind_cache: std::sync::Mutex<std::collections::HashMap<BindKey, wgpu::BindGroup>>,
 }
 
 impl Kernels {
@@ -341,6 +357,7 @@ impl Kernels {
             matmul_kernel: MatmulKernel::Auto,
             dispatches: AtomicU64::new(0),
             profiler: std::sync::Mutex::new(None),
+            bind_cache: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -488,16 +505,28 @@ impl Kernels {
         Ok((gx as u32, gy as u32))
     }
 
-    fn dispatch<P: Pod>(
+    fn bind_cache(
         &self,
-        enc: &mut wgpu::CommandEncoder,
-        pipe: &wgpu::ComputePipeline,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<BindKey, wgpu::BindGroup>> {
+        match self.bind_cache.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Forgets the cached bind groups, and with them the references they hold to buffers (a training's
+    /// feature matrices, for instance), so that dropped tensors free their memory.
+    pub fn release_cached_bindings(&self) {
+        self.bind_cache().clear();
+    }
+
+    /// A uniform buffer holding `params` and a bind group over it and `binds` (dummies where `None`).
+    fn create_bind_group<P: Pod>(
+        &self,
         label: &str,
         params: &P,
         binds: &[Option<Range<'_>>; SLOTS],
-        groups: (u32, u32),
-    ) -> Result<(), GpuError> {
-        let device = &self.ctx.device;
+    ) -> Result<wgpu::BindGroup, GpuError> {
         let uniform = self.ctx.buffer_init(
             label,
             bytemuck::bytes_of(params),
@@ -523,11 +552,44 @@ impl Kernels {
                 resource,
             });
         }
-        let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(label),
-            layout: &self.layout,
-            entries: &entries,
-        });
+        Ok(self
+            .ctx
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(label),
+                layout: &self.layout,
+                entries: &entries,
+            }))
+    }
+
+    fn dispatch<P: Pod>(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        pipe: &wgpu::ComputePipeline,
+        label: &str,
+        params: &P,
+        binds: &[Option<Range<'_>>; SLOTS],
+        groups: (u32, u32),
+    ) -> Result<(), GpuError> {
+        let key = BindKey {
+            params: bytemuck::bytes_of(params).to_vec(),
+            slots: std::array::from_fn(|slot| {
+                binds[slot].map(|r| (r.buffer.clone(), r.offset, r.size))
+            }),
+        };
+        let cached = self.bind_cache().get(&key).cloned();
+        let bind_group = match cached {
+            Some(g) => g,
+            None => {
+                let g = self.create_bind_group(label, params, binds)?;
+                let mut cache = self.bind_cache();
+                if cache.len() >= BIND_CACHE_LIMIT {
+                    cache.clear();
+                }
+                cache.insert(key, g.clone());
+                g
+            }
+        };
         let mut profiler = self.profiler();
         let timestamp_writes = profiler.as_mut().and_then(|p| {
             let i = p.labels.len() as u32;
