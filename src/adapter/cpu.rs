@@ -20,7 +20,7 @@
 
 use rayon::prelude::*;
 
-use super::hegraph::{check_batch, commit_adamw, starting_state, FrozenInputs, HeGraphHyper};
+use super::hegraph::{check_batch, commit_step, starting_state, FrozenInputs, HeGraphHyper};
 use super::{Activation, AdapterError, HeGraphBackend, HeGraphState, LossAndGrads, TrainParams};
 use crate::graph::HeteroGraph;
 use crate::linalg::{fast_exp, fast_tanh, gemm, Mat, Tr};
@@ -696,20 +696,20 @@ impl HeGraphBackend for CpuBackend {
     ) -> Result<Option<f32>, AdapterError> {
         self.check_batch(rows, labels)?;
         let loss = self.forward_backward(rows, labels);
-        if !loss.is_finite() {
-            return Err(AdapterError::NonFinite {
-                step: self.state.step as usize,
-                what: "the training loss".into(),
-                last_good: None,
-            });
-        }
         let w = &self.w;
         let grads = (
             w.grad_p.as_slice(),
             self.neg.as_ref().map(|_| w.grad_n.as_slice()),
             w.grad_v.as_slice(),
         );
-        commit_adamw(&mut self.state, &mut self.scratch, grads, &self.params, lr)?;
+        commit_step(
+            &mut self.state,
+            &mut self.scratch,
+            loss,
+            grads,
+            &self.params,
+            lr,
+        )?;
         Ok(want_loss.then_some(loss))
     }
 

@@ -946,16 +946,24 @@ pub(crate) fn check_batch(
     Ok(())
 }
 
-/// One AdamW update of all three weights from gradients `(W_P, W_N, W_V)`, all or nothing: the new values
-/// go to `scratch` and are swapped in only when every one is finite, so a diverging step leaves the last good
-/// weights in place (and says so).
-pub(crate) fn commit_adamw(
+/// Ends a CPU step: refuses a non-finite batch `loss`, else one AdamW update of all three weights from
+/// gradients `(W_P, W_N, W_V)`, all or nothing: the new values go to `scratch` and are swapped in only when
+/// every one is finite, so a diverging step leaves the last good weights in place (and says so).
+pub(crate) fn commit_step(
     state: &mut HeGraphState,
     scratch: &mut HeGraphState,
+    loss: f32,
     (gp, gn, gv): (&[f32], Option<&[f32]>, &[f32]),
     params: &TrainParams,
     lr: f32,
 ) -> Result<(), AdapterError> {
+    if !loss.is_finite() {
+        return Err(AdapterError::NonFinite {
+            step: state.step as usize,
+            what: "the training loss".into(),
+            last_good: None,
+        });
+    }
     let h = AdamStep {
         lr,
         beta1: params.adam_betas.0,
@@ -1234,15 +1242,15 @@ impl HeGraphBackend for CandleBackend {
     ) -> Result<Option<f32>, AdapterError> {
         self.check_batch(rows, labels)?;
         let (loss_value, gp, gn, gv) = self.forward_backward(rows, labels)?;
-        if !loss_value.is_finite() {
-            return Err(AdapterError::NonFinite {
-                step: self.state.step as usize,
-                what: "the training loss".into(),
-                last_good: None,
-            });
-        }
         let grads = (gp.as_slice(), gn.as_deref(), gv.as_slice());
-        commit_adamw(&mut self.state, &mut self.scratch, grads, &self.params, lr)?;
+        commit_step(
+            &mut self.state,
+            &mut self.scratch,
+            loss_value,
+            grads,
+            &self.params,
+            lr,
+        )?;
         Ok(want_loss.then_some(loss_value))
     }
 
