@@ -127,16 +127,33 @@ fn one_step_loss_and_gradients_match_the_cpu_reference() {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(1);
     eprintln!("seed {seed}");
-    // (classes, shots, dim, views, with negatives)
+    // (classes, shots, dim, views, with negatives, a class left without labelled images)
     let shapes = [
-        (1, 1, 7, 1, true),
-        (7, 7, 7, 2, true),
-        (17, 1, 16, 3, false),
-        (13, 5, 33, 2, true),
-        (9, 3, 64, 1, false),
+        (1, 1, 7, 1, true, false),
+        (7, 7, 7, 2, true, false),
+        (17, 1, 16, 3, false, false),
+        (13, 5, 33, 2, true, false),
+        (9, 3, 64, 1, false, false),
+        (6, 3, 16, 2, true, true),
     ];
-    for (i, &(c, k, d, views, neg)) in shapes.iter().enumerate() {
-        let task = random_task(c, k, d, views, 0.3, seed.wrapping_add(i as u64));
+    for (i, &(c, k, d, views, neg, empty)) in shapes.iter().enumerate() {
+        let mut task = random_task(c, k, d, views, 0.3, seed.wrapping_add(i as u64));
+        if empty {
+            // Class 2 keeps its text nodes but has no cache entries: an empty class segment.
+            let keep: Vec<usize> = (0..task.train.labels.len())
+                .filter(|&j| task.train.labels[j] != 2)
+                .collect();
+            let t = &task.train;
+            task.train = hegraph::features::LabelledSplit {
+                features: t.features.select_rows(&keep),
+                labels: keep.iter().map(|&j| t.labels[j]).collect(),
+                views: t
+                    .views
+                    .as_ref()
+                    .map(|v| v.iter().map(|m| m.select_rows(&keep)).collect()),
+                paths: None,
+            };
+        }
         let graph = graph_of(
             &task.classes,
             &task.text,
@@ -189,7 +206,7 @@ fn one_step_loss_and_gradients_match_the_cpu_reference() {
                 .for_each(|x| *x /= 1.0 - params.adam_betas.0);
             g
         };
-        let shape = format!("C={c} K={k} D={d} A={views} negatives={neg}");
+        let shape = format!("C={c} K={k} D={d} A={views} negatives={neg} empty class={empty}");
         let le = (loss as f64 - want.loss).abs() / want.loss.abs().max(1e-3);
         assert!(le <= 1e-4, "{shape}: loss {loss} vs {}", want.loss);
         let ep = rel_err(&grad(&after.p.m), &want.w_p);
