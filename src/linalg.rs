@@ -3,7 +3,7 @@
 //!
 //! This type exists so that the parts that only move, draw or upload matrices do not need a candle device, and
 //! so that the WGSL kernels have a dependency-free reference. The CPU training backend works on plain slices
-//! with [`gemm`] and the vectorisable [`fast_exp`] / [`fast_tanh`] defined here; candle tensors serve the
+//! with [`gemm()`] and the vectorisable [`fast_exp`] / [`fast_tanh`] defined here; candle tensors serve the
 //! autodiff reference.
 
 use rayon::prelude::*;
@@ -163,7 +163,7 @@ impl Mat {
     }
 }
 
-/// Whether a [`gemm`] operand is used as stored or transposed.
+/// Whether a [`gemm()`] operand is used as stored or transposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tr {
     N,

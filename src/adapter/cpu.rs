@@ -6,7 +6,7 @@
 //!
 //! - the products with a shared weight are stacked: `[H_PP; H_PV; H_PN] W_P` is one `3C×D·D×D` product and
 //!   `∂W_P = [H_PP; H_PV; H_PN]ᵀ [α_pp G₁; α_vp G₂; α_np G₃]` one more (likewise for `W_N`), so the thirteen
-//!   `C×D×D` products of a step run as seven larger ones (through [`crate::linalg::gemm`]);
+//!   `C×D×D` products of a step run as seven larger ones (through [`crate::linalg::gemm()`]);
 //! - the cache is kept sorted by class, so the cache logits are sums over each class's contiguous segment,
 //!   never a product with the one-hot `M×C` label matrix;
 //! - `z Xᵀ` of every training query is one product when the backend is built (it does not depend on the
@@ -182,7 +182,7 @@ impl CpuBackend {
         })
     }
 
-    /// Drops the `z Xᵀ` memo, as happens on its own above [`MEMO_LIMIT`]: each step then takes the product
+    /// Drops the `z Xᵀ` memo, as happens on its own above 128 MiB of memo: each step then takes the product
     /// for its batch (for tests of that path on small problems).
     pub fn without_memo(mut self) -> Self {
         self.memo = None;

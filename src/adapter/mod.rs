@@ -1,6 +1,7 @@
 //! HeGraphAdapter and the baselines it is compared with (zero-shot CLIP, Tip-Adapter, Tip-Adapter-F), trained
-//! and applied on CLIP features. The math is the SPEC's; [`hegraph`] holds the CPU reference (candle
-//! autodiff) and the backend seam a GPU implementation plugs into.
+//! and applied on CLIP features. The math is the SPEC's; [`hegraph`] holds the reference (candle autodiff),
+//! the training driver and the backend seam; `cpu` the hand-written CPU backend that trains by default without
+//! a GPU; [`crate::gpu::adapter`] the wgpu one.
 //!
 //! Choices (where the SPEC leaves room), all settable in [`TrainParams`]:
 //! - AdamW with PyTorch semantics (decoupled weight decay 0.01, PyTorch's default), cosine schedule over all

@@ -12,7 +12,7 @@
 //!   offsets aligned to `min_storage_buffer_offset_alignment`; reductions over blocks accumulate. Only a single
 //!   row above the limit is refused.
 //!
-//! All non-matmul shaders share one [`Params`] uniform and one bind-group layout (slot 0 uniform, 1–3 read-only
+//! All non-matmul shaders share one `Params` uniform and one bind-group layout (slot 0 uniform, 1–3 read-only
 //! f32, 4 read-only u32, 5–7 read-write f32); unused slots get small dummy buffers.
 
 use std::num::NonZeroU64;
