@@ -409,3 +409,28 @@ fn a_gpu_lost_mid_training_hands_over_to_the_cpu_from_the_last_snapshot() {
     eprintln!("after hand-over {a:.2}%, CPU only {b:.2}%");
     assert!((a - b).abs() <= 0.5, "{a} vs {b}");
 }
+
+/// `auto` trains on wgpu exactly when the adapter is a real GPU (decided from the adapter's type, before a
+/// device is opened), and the explicit requests get what they name.
+#[test]
+fn backend_requests_pick_what_they_name() {
+    use hegraph::gpu::{select_backend, BackendRequest, ComputeBackend};
+    let Some(_f) = factory() else { return };
+    let info = GpuContext::probe_headless(&GpuOptions::default()).expect("the adapter probed");
+    let auto = select_backend(BackendRequest::Auto).expect("auto");
+    let software = info.device_type == wgpu::DeviceType::Cpu;
+    assert_eq!(auto.is_gpu(), !software, "{}", auto.describe());
+    if software {
+        assert!(auto.describe().contains("software"), "{}", auto.describe());
+    }
+    let cpu = select_backend(BackendRequest::Cpu).expect("cpu");
+    assert!(matches!(cpu, ComputeBackend::Cpu { reason: None }));
+    let candle = select_backend("candle".parse().expect("parses")).expect("candle");
+    assert!(
+        matches!(candle, ComputeBackend::Candle(_)),
+        "{}",
+        candle.describe()
+    );
+    assert!(select_backend(BackendRequest::Wgpu).expect("wgpu").is_gpu());
+    assert!("cuda".parse::<BackendRequest>().is_err());
+}
