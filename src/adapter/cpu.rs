@@ -37,7 +37,8 @@ struct NegFrozen {
     a_pn: Mat,
 }
 
-/// Work buffers of one step (sized once; the batch-sized ones grow to the largest batch seen).
+/// Work buffers of one step, resized to each batch (a shorter last batch keeps the allocation, so after the
+/// first full batch nothing is allocated).
 #[derive(Default)]
 struct Work {
     // graph, C×D unless noted
