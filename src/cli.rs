@@ -95,6 +95,12 @@ pub struct ExtractArgs {
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtocolArg {
+    Coop,
+    Interactive,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendArg {
     Auto,
     Cpu,
@@ -114,6 +120,8 @@ pub struct MethodArgs {
     pub lr: Option<f32>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    #[command(flatten)]
+    pub reading: ReadingArgs,
     /// Compute backend: auto picks wgpu on a real GPU and the CPU otherwise (env HEGRAPH_BACKEND too).
     #[arg(long, value_enum, env = "HEGRAPH_BACKEND", default_value = "auto")]
     pub backend: BackendArg,
@@ -160,6 +168,91 @@ pub struct PredictArgs {
     pub out: Option<PathBuf>,
 }
 
+/// Which reading of the method and which settings (shared by train and eval).
+#[derive(Args, Debug, Clone, Default)]
+pub struct ReadingArgs {
+    /// Use the SPEC's reading of HeGraphAdapter (probability fusion, uniform initial weights, the graph
+    /// trained 20 epochs) instead of the adopted one.
+    #[arg(long)]
+    pub spec: bool,
+    /// Epochs of the graph layers' training (HeGraphAdapter; 0 in the adopted reading).
+    #[arg(long)]
+    pub graph_epochs: Option<usize>,
+    /// Any setting as KEY=VALUE (the field names of `TrainParams`, e.g. `fusion=Probability`,
+    /// `self_exclude=false`, `transduction.temperature=20`); repeatable.
+    #[arg(long = "param", value_name = "KEY=VALUE")]
+    pub params: Vec<String>,
+}
+
+impl ReadingArgs {
+    /// The settings these flags ask for, before `--epochs`/`--lr`.
+    pub fn params(&self) -> Result<TrainParams> {
+        let base = if self.spec {
+            TrainParams::spec()
+        } else {
+            TrainParams::default()
+        };
+        let mut p = base
+            .with_overrides(&self.params)
+            .map_err(|e| anyhow::anyhow!("--param: {e}"))?;
+        if let Some(e) = self.graph_epochs {
+            p.epochs = e;
+        }
+        Ok(p)
+    }
+}
+
+/// `--epochs` and `--lr` apply to the training the method does: the cache keys (Tip-Adapter-F, and
+/// HeGraphAdapter's logit fusion), the graph layers (HeGraphAdapter's SPEC reading); a method that trains
+/// nothing refuses them.
+fn apply_epochs_lr(
+    p: &mut TrainParams,
+    method: Option<Method>,
+    epochs: Option<usize>,
+    lr: Option<f32>,
+) -> Result<()> {
+    if let Some(m @ (Method::ZeroShot | Method::TipAdapter)) = method {
+        if epochs.is_some() || lr.is_some() {
+            bail!(
+                "{} trains nothing: --epochs and --lr do not apply to it",
+                m.title()
+            );
+        }
+    }
+    if let Some(lr) = lr {
+        if !(lr.is_finite() && lr > 0.0) {
+            bail!("--lr must be a positive number, not {lr}");
+        }
+    }
+    let keys = match method {
+        Some(Method::HeGraph) => p.fusion == hegraph::adapter::Fusion::Logit,
+        // Tip-Adapter-F, and eval (every method).
+        _ => true,
+    };
+    let graph = match method {
+        Some(Method::HeGraph) => p.fusion == hegraph::adapter::Fusion::Probability,
+        None => p.fusion == hegraph::adapter::Fusion::Probability,
+        _ => false,
+    };
+    if let Some(e) = epochs {
+        if keys {
+            p.tip_epochs = e;
+        }
+        if graph {
+            p.epochs = e;
+        }
+    }
+    if let Some(lr) = lr {
+        if keys {
+            p.tip_lr = lr;
+        }
+        if graph {
+            p.lr = lr;
+        }
+    }
+    Ok(())
+}
+
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     /// A features file (.safetensors) or a labelled image folder.
@@ -180,6 +273,15 @@ pub struct EvalArgs {
     pub epochs: Option<usize>,
     #[arg(long, value_enum, env = "HEGRAPH_BACKEND", default_value = "auto")]
     pub backend: BackendArg,
+    /// coop: the field's protocol (validation split for hyperparameters); interactive: no validation split,
+    /// hyperparameters from the labelled images alone, validation and test images unlabelled.
+    #[arg(long, value_enum, default_value = "coop")]
+    pub protocol: ProtocolArg,
+    /// Add "+ transductive" rows: each method's predictions refined over the unlabelled images.
+    #[arg(long)]
+    pub transductive: bool,
+    #[command(flatten)]
+    pub reading: ReadingArgs,
     /// Also write the table as CSV here.
     #[arg(long)]
     pub csv: Option<PathBuf>,
@@ -419,22 +521,15 @@ fn features_from(input: &Path, f: &FolderArgs, m: &ModelArgs) -> Result<FeatureS
     }
 }
 
-fn train_params(m: &MethodArgs) -> TrainParams {
-    let mut p = TrainParams {
-        seed: m.seed,
-        ..Default::default()
-    };
-    if let Some(e) = m.epochs {
-        p.epochs = e;
-    }
-    if let Some(lr) = m.lr {
-        p.lr = lr;
-    }
-    p
+fn train_params(m: &MethodArgs) -> Result<TrainParams> {
+    let mut p = m.reading.params()?;
+    p.seed = m.seed;
+    apply_epochs_lr(&mut p, Some(m.method), m.epochs, m.lr)?;
+    Ok(p)
 }
 
 fn train_on(fs: &FeatureSet, split: &LabelledSplit, m: &MethodArgs) -> Result<TrainedAdapter> {
-    let params = train_params(m);
+    let params = train_params(m)?;
     let input = TrainInput {
         classes: &fs.classes,
         text: fs.text.as_ref(),
@@ -476,6 +571,9 @@ fn train_on(fs: &FeatureSet, split: &LabelledSplit, m: &MethodArgs) -> Result<Tr
         m.method,
         start.elapsed().as_secs_f64()
     );
+    if let Some(sel) = &trained.selection {
+        println!("{}: {sel}", m.method);
+    }
     for n in &trained.notes {
         println!("note: {n}");
     }
@@ -635,17 +733,22 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     let fs = features_from(&a.input, &a.folder_args, &a.model)?;
     let backend = hegraph::gpu::select_backend(a.backend.into())?;
     eprintln!("backend: {}", backend.describe());
+    let mut params = a.reading.params()?;
+    apply_epochs_lr(&mut params, None, a.epochs, None)?;
     let mut opts = hegraph::eval::EvalOptions {
         shots: a.shots.clone(),
         seeds: a.seeds.clone(),
         backend: backend.choice(),
+        protocol: match a.protocol {
+            ProtocolArg::Coop => hegraph::eval::Protocol::CoOp,
+            ProtocolArg::Interactive => hegraph::eval::Protocol::Interactive,
+        },
+        transductive: a.transductive,
+        params,
         ..Default::default()
     };
     if !a.methods.is_empty() {
         opts.methods = a.methods.clone();
-    }
-    if let Some(e) = a.epochs {
-        opts.params.epochs = e;
     }
     let bar = Bar::new();
     let report = hegraph::eval::evaluate(&fs, &opts, &mut |msg: &str| bar.set_stage(msg))?;

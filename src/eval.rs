@@ -15,6 +15,19 @@
 //!
 //! Methods that need text on a file without text features are reported as "needs text features"; Tip-Adapter
 //! and Tip-Adapter-F then also get their measurable "cache only" rows.
+//!
+//! # Protocols
+//! - [`Protocol::CoOp`] (the default): as above; every method may use the validation draw to choose its
+//!   hyperparameters.
+//! - [`Protocol::Interactive`]: the app's situation. No validation split at all: every method trains with
+//!   `val: None`, so every hyperparameter is chosen from the labelled images alone through the same code path
+//!   the GUI and `hegraph train` take without validation ([`crate::adapter::select`]). The images not used
+//!   for training (the validation and test splits together, labels never read for the validation part) are
+//!   the unlabelled pool; accuracy is reported on `test`.
+//!
+//! With `transductive`, every method with text also gets a "+ transductive" row: its predictions on the
+//! unlabelled pool refined by [`crate::adapter::transduce`] (pool: the test split in the CoOp protocol,
+//! validation and test splits in the interactive one), accuracy on the test images of the pool.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -37,8 +50,19 @@ pub enum EvalError {
     Adapter(#[from] AdapterError),
 }
 
+/// Which protocol (module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Protocol {
+    #[default]
+    CoOp,
+    Interactive,
+}
+
 #[derive(Clone, Debug)]
 pub struct EvalOptions<'a> {
+    pub protocol: Protocol,
+    /// Add "+ transductive" rows (module docs).
+    pub transductive: bool,
     /// Shot counts to try (those the data allows are kept); empty means {1, 2, 4, 8, 16}.
     pub shots: Vec<usize>,
     /// Seeds; empty means {1, 2, 3}.
@@ -54,6 +78,8 @@ pub struct EvalOptions<'a> {
 impl Default for EvalOptions<'_> {
     fn default() -> Self {
         Self {
+            protocol: Protocol::CoOp,
+            transductive: false,
             shots: vec![1, 2, 4, 8, 16],
             seeds: vec![1, 2, 3],
             methods: Method::ALL.to_vec(),
@@ -93,6 +119,8 @@ impl Cell {
 pub struct EvalRow {
     pub method: Method,
     pub cache_only: bool,
+    /// The method's predictions refined over the unlabelled pool.
+    pub transductive: bool,
     /// "Tip-Adapter (cache only)" etc.
     pub label: String,
     pub cells: BTreeMap<usize, Cell>,
@@ -108,6 +136,8 @@ pub struct EvalRun {
     pub accuracy: f32,
     pub val_accuracy: Option<f32>,
     pub train_ms: f64,
+    /// How `(α, β)` were chosen, where the method has them.
+    pub selection: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Default)]
@@ -222,6 +252,25 @@ struct Draw {
     test: LabelledSplit,
 }
 
+/// The unlabelled pool's features: `extra` (features only, never labels) then the test split's, whose rows
+/// start at the returned offset.
+fn pool_features(
+    extra: Option<&LabelledSplit>,
+    test: &LabelledSplit,
+) -> (crate::linalg::Mat, usize) {
+    let Some(x) = extra.filter(|x| !x.is_empty()) else {
+        return (test.features.clone(), 0);
+    };
+    let d = test.features.cols;
+    let mut data = Vec::with_capacity((x.features.rows + test.features.rows) * d);
+    data.extend_from_slice(&x.features.data);
+    data.extend_from_slice(&test.features.data);
+    (
+        crate::linalg::Mat::from_vec(x.features.rows + test.features.rows, d, data),
+        x.features.rows,
+    )
+}
+
 /// The first `n` of each class's indices after a seeded shuffle.
 fn per_class_draw(split: &LabelledSplit, c: usize, n: usize, seed: u64, stream: u64) -> Vec<usize> {
     let mut out = Vec::new();
@@ -260,10 +309,15 @@ enum Source<'f> {
 
 impl Source<'_> {
     /// The draw for `(k, seed)`, or why there is none.
-    fn draw(&self, fs: &FeatureSet, k: usize, seed: u64) -> Result<Draw, String> {
+    /// The draw for `(k, seed)`, or why there is none. Without `with_val` (the interactive protocol) no
+    /// validation images are drawn (their labels are never read), and a folder's images are split into `k`
+    /// training images and the rest.
+    fn draw(&self, fs: &FeatureSet, k: usize, seed: u64, with_val: bool) -> Result<Draw, String> {
         let c = fs.num_classes();
-        let vk = k.min(4);
-        let val_from = |v: &LabelledSplit| v.subset(&per_class_draw(v, c, vk, seed, STREAM_VAL));
+        let vk = if with_val { k.min(4) } else { 0 };
+        let val_from = |v: &LabelledSplit| {
+            with_val.then(|| v.subset(&per_class_draw(v, c, vk, seed, STREAM_VAL)))
+        };
         match self {
             Source::Shared { pool_k, pool, test } => {
                 let train = match fs.shots.get(&k) {
@@ -282,7 +336,7 @@ impl Source<'_> {
                 };
                 Ok(Draw {
                     train,
-                    val: fs.val.as_ref().map(val_from),
+                    val: fs.val.as_ref().and_then(val_from),
                     test: (*test).clone(),
                 })
             }
@@ -294,14 +348,16 @@ impl Source<'_> {
                 }
                 let idx = per_class_draw(train, c, k, seed, STREAM_SHOTS);
                 let val = match &fs.val {
-                    Some(v) => Some(val_from(v)),
+                    Some(v) => val_from(v),
                     None => {
                         let chosen: std::collections::HashSet<usize> =
                             idx.iter().copied().collect();
                         let rest: Vec<usize> =
                             (0..train.len()).filter(|i| !chosen.contains(i)).collect();
                         let rest_split = train.subset(&rest);
-                        (min_per_class(&rest_split, c) >= vk).then(|| val_from(&rest_split))
+                        (min_per_class(&rest_split, c) >= vk)
+                            .then(|| val_from(&rest_split))
+                            .flatten()
                     }
                 };
                 Ok(Draw {
@@ -317,6 +373,7 @@ impl Source<'_> {
                         k + vk + 1
                     ));
                 }
+                let vk = if with_val { vk } else { 0 };
                 let (mut tr, mut va, mut te) = (Vec::new(), Vec::new(), Vec::new());
                 for (cl, mut idx) in train.indices_by_class(c).into_iter().enumerate() {
                     Rng::derive(seed, &[STREAM_SPLIT, cl as u64]).shuffle(&mut idx);
@@ -329,7 +386,7 @@ impl Source<'_> {
                 }
                 Ok(Draw {
                     train: train.subset(&tr),
-                    val: Some(train.subset(&va)),
+                    val: with_val.then(|| train.subset(&va)),
                     test: train.subset(&te),
                 })
             }
@@ -393,7 +450,10 @@ pub fn evaluate(
                 .into(),
         );
     }
-    if fs.val.is_none() && matches!(source, Source::Shared { .. }) {
+    if fs.val.is_none()
+        && matches!(source, Source::Shared { .. })
+        && opts.protocol == Protocol::CoOp
+    {
         notes.push("no validation split: Tip-Adapter's (α, β) were not searched".into());
     }
     if fs.test_checkpoint {
@@ -405,21 +465,40 @@ pub fn evaluate(
 
     // Rows: each method, and right after it its cache-only row when text is missing.
     let mut rows: Vec<EvalRow> = Vec::new();
-    for &m in &methods {
-        rows.push(EvalRow {
-            method: m,
-            cache_only: false,
-            label: m.title().to_string(),
-            cells: BTreeMap::new(),
-        });
-        if fs.text.is_none() && m.has_cache_only_variant() {
-            rows.push(EvalRow {
-                method: m,
-                cache_only: true,
-                label: format!("{} (cache only)", m.title()),
-                cells: BTreeMap::new(),
-            });
+    let row = |method: Method, cache_only: bool, transductive: bool| {
+        let mut label = method.title().to_string();
+        if cache_only {
+            label.push_str(" (cache only)");
         }
+        if transductive {
+            label.push_str(" + transductive");
+        }
+        EvalRow {
+            method,
+            cache_only,
+            transductive,
+            label,
+            cells: BTreeMap::new(),
+        }
+    };
+    for &m in &methods {
+        rows.push(row(m, false, false));
+        if fs.text.is_none() && m.has_cache_only_variant() {
+            rows.push(row(m, true, false));
+        }
+    }
+    if opts.transductive && fs.text.is_some() {
+        for &m in &methods {
+            rows.push(row(m, false, true));
+        }
+    }
+    if opts.protocol == Protocol::Interactive {
+        notes.push(
+            "interactive protocol: no validation split; hyperparameters from the labelled images alone \
+             (leave-one-out, or the zero-shot prior with one label per class); the validation and test images \
+             are the unlabelled pool, accuracy on test"
+                .into(),
+        );
     }
 
     let mut used_shots = Vec::new();
@@ -428,7 +507,8 @@ pub fn evaluate(
     for &k in &shots {
         let mut any = false;
         for &seed in &seeds {
-            let draw = match source.draw(fs, k, seed) {
+            let interactive = opts.protocol == Protocol::Interactive;
+            let draw = match source.draw(fs, k, seed, !interactive) {
                 Ok(d) => d,
                 Err(why) => {
                     if !skipped.contains(&why) {
@@ -438,6 +518,8 @@ pub fn evaluate(
                 }
             };
             any = true;
+            // The interactive pool holds the whole validation split too (features only).
+            let pool_extra = interactive.then_some(fs.val.as_ref()).flatten();
             let mut params = opts.params.clone();
             params.seed = seed;
             let input = TrainInput {
@@ -447,6 +529,11 @@ pub fn evaluate(
                 train: &draw.train,
                 val: draw.val.as_ref(),
             };
+            let pool = opts
+                .transductive
+                .then(|| pool_features(pool_extra, &draw.test));
+            // The inductive adapters of this draw, reused by the transductive rows.
+            let mut trained_here: Vec<(Method, bool, adapter::TrainedAdapter, f64)> = Vec::new();
             for row in rows.iter_mut() {
                 if fs.text.is_none() && !row.cache_only {
                     row.cells.insert(k, Cell::NeedsText);
@@ -456,23 +543,61 @@ pub fn evaluate(
                     return Err(AdapterError::Cancelled.into());
                 }
                 on_event(&format!("{k} shots, seed {seed}: {}", row.label));
-                let start = Instant::now();
-                let trained = adapter::train(
-                    row.method,
-                    &params,
-                    &input,
-                    opts.backend,
-                    &opts.cancel,
-                    &mut |_| {},
-                )?;
-                let train_ms = start.elapsed().as_secs_f64() * 1e3;
-                let acc = 100.0 * trained.accuracy(&draw.test)?;
-                for n in &trained.notes {
-                    let n = format!("{}: {n}", row.label);
-                    if !notes.contains(&n) {
-                        notes.push(n);
+                let (acc, val_accuracy, train_ms, selection) = if row.transductive {
+                    let Some((_, _, trained, ms)) = trained_here
+                        .iter()
+                        .find(|(m, co, ..)| *m == row.method && !*co)
+                    else {
+                        continue;
+                    };
+                    let Some((pool, offset)) = pool.as_ref() else {
+                        continue;
+                    };
+                    let start = Instant::now();
+                    let prior = trained.predict(pool)?;
+                    let refined = adapter::transduce(
+                        pool,
+                        &prior,
+                        &draw.train.features,
+                        &draw.train.labels,
+                        &params.transduction,
+                    )?;
+                    let test_rows: Vec<usize> = (*offset..pool.rows).collect();
+                    let acc = 100.0
+                        * adapter::accuracy_of(&refined.select_rows(&test_rows), &draw.test.labels);
+                    (
+                        acc,
+                        None,
+                        ms + start.elapsed().as_secs_f64() * 1e3,
+                        trained.selection.as_ref().map(|s| s.to_string()),
+                    )
+                } else {
+                    let start = Instant::now();
+                    let trained = adapter::train(
+                        row.method,
+                        &params,
+                        &input,
+                        opts.backend,
+                        &opts.cancel,
+                        &mut |_| {},
+                    )?;
+                    let train_ms = start.elapsed().as_secs_f64() * 1e3;
+                    let acc = 100.0 * trained.accuracy(&draw.test)?;
+                    for n in &trained.notes {
+                        let n = format!("{}: {n}", row.label);
+                        if !notes.contains(&n) {
+                            notes.push(n);
+                        }
                     }
-                }
+                    let out = (
+                        acc,
+                        trained.val_accuracy.map(|v| 100.0 * v),
+                        train_ms,
+                        trained.selection.as_ref().map(|s| s.to_string()),
+                    );
+                    trained_here.push((row.method, row.cache_only, trained, train_ms));
+                    out
+                };
                 if let Cell::Measured { seeds, accuracies } =
                     row.cells.entry(k).or_insert(Cell::Measured {
                         seeds: Vec::new(),
@@ -487,8 +612,9 @@ pub fn evaluate(
                     shots: k,
                     seed,
                     accuracy: acc,
-                    val_accuracy: trained.val_accuracy.map(|v| 100.0 * v),
+                    val_accuracy,
                     train_ms,
+                    selection,
                 });
             }
         }

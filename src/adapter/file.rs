@@ -1,6 +1,6 @@
 //! The adapter file: one safetensors file whose metadata holds `format` = `hegraph-adapter`, `version` and a
 //! JSON `header` (method, classes, hyperparameters, notes, searched α/β, loss history), and whose tensors are
-//! the adapter's matrices (`text`, `text_neg`, `keys`, `visual`, `w_p`, `w_n`, `w_v`, all F32). Written
+//! the adapter's matrices (`text`, `text_neg`, `keys`, `fused_keys`, `visual`, `w_p`, `w_n`, `w_v`, all F32). Written
 //! atomically. A file of another version is refused with a message saying what to do, never half-read.
 
 use std::collections::HashMap;
@@ -31,10 +31,11 @@ pub(super) fn save(a: &TrainedAdapter, path: &Path) -> Result<(), AdapterError> 
     meta.insert("format".to_string(), FORMAT.to_string());
     meta.insert("version".to_string(), VERSION.to_string());
     meta.insert("header".to_string(), json);
-    let named: [(&str, &Option<Mat>); 7] = [
+    let named: [(&str, &Option<Mat>); 8] = [
         ("text", &t.text),
         ("text_neg", &t.text_neg),
         ("keys", &t.keys),
+        ("fused_keys", &t.fused_keys),
         ("visual", &t.visual),
         ("w_p", &t.w_p),
         ("w_n", &t.w_n),
@@ -88,6 +89,7 @@ pub(super) fn load(path: &Path) -> Result<TrainedAdapter, AdapterError> {
         text: mats.remove("text"),
         text_neg: mats.remove("text_neg"),
         keys: mats.remove("keys"),
+        fused_keys: mats.remove("fused_keys"),
         key_labels: std::mem::take(&mut a.tensors.key_labels),
         visual: mats.remove("visual"),
         has_visual: std::mem::take(&mut a.tensors.has_visual),
@@ -95,7 +97,7 @@ pub(super) fn load(path: &Path) -> Result<TrainedAdapter, AdapterError> {
         w_n: mats.remove("w_n"),
         w_v: mats.remove("w_v"),
     };
-    if let Some(k) = &t.keys {
+    for k in [&t.keys, &t.fused_keys].into_iter().flatten() {
         if k.rows != t.key_labels.len() {
             return Err(file_err(
                 path,

@@ -52,6 +52,7 @@ use super::{
     Activation, AdapterError, AdapterTensors, BackendChoice, HeGraphBackend, Method, TrainEvent,
     TrainInput, TrainParams, TrainedAdapter,
 };
+use super::{Fusion, WeightInit};
 use crate::graph::{EdgeType, HeteroGraph, LabelledViewsRef, NormEdges};
 use crate::linalg::Mat;
 use crate::progress::CancelToken;
@@ -260,8 +261,22 @@ pub struct HeGraphState {
 }
 
 impl HeGraphState {
+    /// The SPEC's initial state (uniform weights, module docs).
     pub fn init(dim: usize, with_negative: bool, seed: u64) -> Self {
-        let w = init_weights(dim, with_negative, seed);
+        Self::init_as(WeightInit::Uniform, dim, with_negative, seed)
+    }
+
+    /// The initial state for `init` (all-zero weights, or the SPEC's uniform ones).
+    pub fn init_as(init: WeightInit, dim: usize, with_negative: bool, seed: u64) -> Self {
+        let mut w = init_weights(dim, with_negative, seed);
+        if init == WeightInit::Zero {
+            for m in [Some(&mut w.w_p), w.w_n.as_mut(), Some(&mut w.w_v)]
+                .into_iter()
+                .flatten()
+            {
+                m.data.fill(0.0);
+            }
+        }
         Self {
             p: ParamState::fresh(w.w_p),
             n: w.w_n.map(ParamState::fresh),
@@ -1274,6 +1289,7 @@ fn adapter_from_state(
         text: Some(graph.p.clone()),
         text_neg: graph.n.clone(),
         keys: Some(graph.cache_keys.clone()),
+        fused_keys: None,
         key_labels: graph.cache_labels.clone(),
         visual: Some(graph.v.clone()),
         has_visual: graph.has_visual.clone(),
@@ -1351,7 +1367,18 @@ pub(crate) fn train_hegraph(
     let m = train.len();
     let spe = steps_per_epoch(m, params.batch_size);
     let total = params.epochs * spe;
-    let init = HeGraphState::init(graph.dim(), graph.has_negative(), params.seed);
+    let init = HeGraphState::init_as(
+        params.weight_init,
+        graph.dim(),
+        graph.has_negative(),
+        params.seed,
+    );
+    if total == 0 {
+        // The graph layers stay as they start (the adopted reading: zero, the identity graph).
+        let mut adapter = adapter_from_state(&graph, params, &init, &notes, &[], "cpu");
+        finish_classifier(&mut adapter, &graph, &init, params, input, cancel, on_event)?;
+        return Ok(adapter);
+    }
 
     let cpu = |state: HeGraphState| -> Result<Box<dyn HeGraphBackend>, AdapterError> {
         Ok(Box::new(super::CpuBackend::new(
@@ -1472,17 +1499,91 @@ pub(crate) fn train_hegraph(
     }
 
     let state = be.state()?;
+    drop(be);
     let mut adapter = adapter_from_state(&graph, params, &state, &notes, &losses, &backend_name);
-    if let Some(val) = input.val.filter(|v| !v.is_empty()) {
-        if params.search_fusion_weight {
-            let (w, acc) = search_fusion_weight(&adapter, val, params.fusion_weight)?;
-            adapter.fusion_weight = Some(w);
-            adapter.val_accuracy = Some(acc);
-        } else {
-            adapter.val_accuracy = Some(adapter.accuracy(val)?);
-        }
-    }
+    finish_classifier(
+        &mut adapter,
+        &graph,
+        &state,
+        params,
+        input,
+        cancel,
+        on_event,
+    )?;
     Ok(adapter)
+}
+
+/// What follows the graph layers: in the logit reading, `(α, β)` chosen and the cache keys trained on the
+/// graph's outputs (module docs of [`super`]); in the SPEC's, the fusion weight searched on validation.
+fn finish_classifier(
+    adapter: &mut TrainedAdapter,
+    graph: &HeteroGraph,
+    state: &HeGraphState,
+    params: &TrainParams,
+    input: &TrainInput,
+    cancel: &CancelToken,
+    on_event: &mut dyn FnMut(&TrainEvent),
+) -> Result<(), AdapterError> {
+    let val = input.val.filter(|v| !v.is_empty());
+    if params.fusion == Fusion::Probability {
+        if let Some(val) = val {
+            if params.search_fusion_weight {
+                let (w, acc) = search_fusion_weight(adapter, val, params.fusion_weight)?;
+                adapter.fusion_weight = Some(w);
+                adapter.val_accuracy = Some(acc);
+            } else {
+                adapter.val_accuracy = Some(adapter.accuracy(val)?);
+            }
+        }
+        return Ok(());
+    }
+    let out = forward_graph(graph, &HeGraphHyper::test(params), &state.weights())?;
+    let text = out.p_prime.normalized_rows();
+    let keys0 = out.x_prime.normalized_rows();
+    let key_labels = graph.cache_labels.clone();
+    let key_image = super::tip::key_images(params.cache_keys, keys0.rows, input.train.len());
+    let cache = |k| super::tip::CacheRef {
+        keys: k,
+        labels: &key_labels,
+        image: &key_image,
+    };
+    let (initial, initial_sel) = {
+        let c0 = cache(&keys0);
+        super::tip::choose(params, input, Some(&text), &c0)
+    };
+    let (keys, key_losses) = super::keys::train_keys(
+        params,
+        super::keys::KeyTraining {
+            text: Some(&text),
+            keys: &keys0,
+            key_labels: &key_labels,
+            key_image: &key_image,
+            train: input.train,
+            num_classes: input.classes.len(),
+            alpha: initial.alpha,
+            beta: initial.beta,
+            exclude_self: params.self_exclude,
+            what: "HeGraphAdapter's cache keys",
+        },
+        cancel,
+        on_event,
+    )?;
+    let (found, sel) = match val {
+        Some(_) => super::tip::choose(params, input, Some(&text), &cache(&keys)),
+        None => (initial, initial_sel),
+    };
+    let offset = state.step as usize;
+    adapter
+        .losses
+        .extend(key_losses.into_iter().map(|(s, l)| (s + offset, l)));
+    adapter.tensors.fused_keys = Some(keys);
+    adapter.alpha = Some(found.alpha);
+    adapter.beta = Some(found.beta);
+    adapter.selection = Some(sel);
+    if let Some(val) = val {
+        adapter.val_accuracy = Some(adapter.accuracy(val)?);
+    }
+    Ok(())
 }
 
 /// The fusion weights tried on validation: 0 (text branch alone) and 24 values log-spaced from 0.01 to 10.
