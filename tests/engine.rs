@@ -376,7 +376,7 @@ fn forward_pass_matches_the_spec_formulas() {
     for act in [Activation::Tanh, Activation::Identity] {
         let params = TrainParams {
             activation: act,
-            ..Default::default()
+            ..TrainParams::spec()
         };
         let hyper = HeGraphHyper::train(&params);
         let w = big_weights(8, 5);
@@ -424,7 +424,7 @@ fn forward_pass_matches_the_spec_formulas() {
 fn gradients_match_central_finite_differences() {
     let d = 6;
     let (g, z, labels) = random_problem(3, d, 11);
-    let params = TrainParams::default();
+    let params = TrainParams::spec();
     let hyper = HeGraphHyper::train(&params);
     let w = big_weights(d, 9);
     let analytic = loss_and_grads_f64(&g, &hyper, &w, &z, &labels).unwrap();
@@ -562,7 +562,7 @@ fn the_cpu_backends_compute_the_reference_gradients() {
                 let params = TrainParams {
                     activation,
                     logit_scale,
-                    ..TrainParams::default()
+                    ..TrainParams::spec()
                 };
                 let mut w = big_weights(d, 3);
                 if !with_negative {
@@ -646,7 +646,7 @@ fn the_hand_written_and_candle_backends_train_alike() {
         epochs: 10,
         batch_size: 8,
         loss_every: 1,
-        ..TrainParams::default()
+        ..TrainParams::spec()
     };
     let run = |choice: BackendChoice| {
         adapter::train(
@@ -713,7 +713,7 @@ fn training_reduces_the_loss() {
     let params = TrainParams {
         epochs: 30,
         batch_size: 16,
-        ..Default::default()
+        ..TrainParams::spec()
     };
     let input = synthetic_input(&task);
     let mut steps = 0;
@@ -762,7 +762,7 @@ fn nan_in_inputs_is_refused_with_the_row() {
     task.train.features.data[16 * 3 + 5] = f32::NAN;
     let err = train_quiet(
         Method::HeGraph,
-        &TrainParams::default(),
+        &TrainParams::spec(),
         &synthetic_input(&task),
     )
     .unwrap_err();
@@ -776,7 +776,7 @@ fn divergence_stops_with_the_last_good_weights() {
     let params = TrainParams {
         lr: 1e38,
         epochs: 3,
-        ..Default::default()
+        ..TrainParams::spec()
     };
     let err = train_quiet(Method::HeGraph, &params, &synthetic_input(&task)).unwrap_err();
     let msg = err.to_string();
@@ -808,12 +808,12 @@ fn needs_text_is_reported_and_cache_only_runs() {
         ..synthetic_input(&task)
     };
     for m in [Method::ZeroShot, Method::HeGraph] {
-        let e = train_quiet(m, &TrainParams::default(), &input).unwrap_err();
+        let e = train_quiet(m, &TrainParams::spec(), &input).unwrap_err();
         assert!(matches!(e, AdapterError::NeedsText { .. }), "{m}: {e}");
         assert!(e.to_string().contains("needs text features"));
     }
     for m in [Method::TipAdapter, Method::TipAdapterF] {
-        let a = train_quiet(m, &TrainParams::default(), &input).unwrap();
+        let a = train_quiet(m, &TrainParams::spec(), &input).unwrap();
         assert!(a.cache_only);
         assert!(a.title().ends_with("(cache only)"));
         let acc = a.accuracy(&task.train).unwrap();
@@ -880,7 +880,7 @@ fn a_lost_device_falls_back_to_the_cpu_from_the_last_snapshot() {
         epochs: 6,
         batch_size: 8,
         snapshot_every: 4,
-        ..Default::default()
+        ..TrainParams::spec()
     };
     let input = synthetic_input(&task);
     let reference = train_quiet(Method::HeGraph, &params, &input).unwrap();
@@ -916,7 +916,7 @@ fn cancelling_stops_training() {
     let mut n = 0;
     let err = adapter::train(
         Method::HeGraph,
-        &TrainParams::default(),
+        &TrainParams::spec(),
         &synthetic_input(&task),
         BackendChoice::Cpu,
         &cancel,
@@ -951,7 +951,7 @@ fn save_load_gives_identical_predictions_for_every_method() {
     let params = TrainParams {
         epochs: 3,
         tip_epochs: 3,
-        ..Default::default()
+        ..TrainParams::spec()
     };
     let dir = tempfile::tempdir().unwrap();
     let runs = [
@@ -987,7 +987,7 @@ fn an_adapter_file_of_another_version_is_refused_clearly() {
     let task = bench::synthetic_task(3, 2, 8, 0, 3);
     let a = train_quiet(
         Method::TipAdapter,
-        &TrainParams::default(),
+        &TrainParams::spec(),
         &synthetic_input(&task),
     )
     .unwrap();
@@ -1026,13 +1026,13 @@ fn zero_shot_works_before_any_image_is_labelled() {
         train: &empty,
         ..synthetic_input(&task)
     };
-    let a = train_quiet(Method::ZeroShot, &TrainParams::default(), &input).unwrap();
+    let a = train_quiet(Method::ZeroShot, &TrainParams::spec(), &input).unwrap();
     let acc = a.accuracy(&task.train).unwrap();
     assert!(
         acc > 0.5,
         "zero-shot on synthetic text-aligned features: {acc}"
     );
-    let e = train_quiet(Method::HeGraph, &TrainParams::default(), &input).unwrap_err();
+    let e = train_quiet(Method::HeGraph, &TrainParams::spec(), &input).unwrap_err();
     assert!(e.to_string().contains("at least one labelled image"), "{e}");
 }
 
@@ -1131,7 +1131,7 @@ fn real_features_oxford_pets25_16_shots() {
         train,
         val: Some(&val),
     };
-    let params = TrainParams::default();
+    let params = TrainParams::spec();
     let zs = test_acc(
         &train_quiet(Method::ZeroShot, &params, &input).unwrap(),
         test,
@@ -1200,7 +1200,7 @@ fn real_features_caltech101_cache_only() {
         train,
         val: Some(&val),
     };
-    let a = train_quiet(Method::TipAdapter, &TrainParams::default(), &input).unwrap();
+    let a = train_quiet(Method::TipAdapter, &TrainParams::spec(), &input).unwrap();
     let tip = test_acc(&a, test);
     println!(
         "caltech101, 16 shots: Tip-Adapter (cache only) {tip:.2} with β = {:?}",

@@ -162,7 +162,7 @@ fn one_step_loss_and_gradients_match_the_cpu_reference() {
         );
         let params = TrainParams {
             seed: seed ^ i as u64,
-            ..Default::default()
+            ..TrainParams::spec()
         };
         let (queries, _) = stack_queries(&task.train);
         let m = task.train.labels.len();
@@ -261,7 +261,7 @@ fn the_same_seed_trains_to_the_same_accuracy_on_both_backends() {
     let params = TrainParams {
         epochs: 10,
         batch_size: 16,
-        ..Default::default()
+        ..TrainParams::spec()
     };
     let input = TrainInput {
         classes: &task.classes,
@@ -358,7 +358,7 @@ fn a_gpu_lost_mid_training_hands_over_to_the_cpu_from_the_last_snapshot() {
         epochs: 6,
         batch_size: 8,
         snapshot_every: 3,
-        ..Default::default()
+        ..TrainParams::spec()
     };
     let input = TrainInput {
         classes: &task.classes,

@@ -787,6 +787,8 @@ fn training_runs_on_the_window_device_when_asked() {
     });
     app.set_gpu(Some(hegraph::app::compute_gpu(&rs)));
     app.open_path(&f.folder).unwrap();
+    // The graph layers are what runs on the device: the SPEC's reading trains them.
+    app.session_mut().unwrap().project.settings.train = hegraph::adapter::TrainParams::spec();
     // Without a window: drive the background jobs directly.
     let wait = |app: &mut HeGraphApp| {
         for _ in 0..200_000 {

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::{AdapterError, AdapterTensors, TrainedAdapter};
+use super::{AdapterError, AdapterTensors, TrainParams, TrainedAdapter};
 use crate::features::{deserialize_tensors, serialize_tensors, write_atomic};
 use crate::linalg::Mat;
 
@@ -82,7 +82,17 @@ pub(super) fn load(path: &Path) -> Result<TrainedAdapter, AdapterError> {
         .meta
         .get("header")
         .ok_or_else(|| file_err(path, "the metadata lacks its `header`"))?;
-    let mut a: TrainedAdapter = serde_json::from_str(header)
+    let mut header: serde_json::Value = serde_json::from_str(header)
+        .map_err(|e| file_err(path, format!("unreadable header: {e}")))?;
+    if let Some(params) = header.get_mut("params") {
+        if TrainParams::predates_fusion_setting(params) {
+            // Written before the adopted reading existed: trained and to be applied in the SPEC's.
+            for (k, v) in TrainParams::LEGACY {
+                params[k] = serde_json::Value::String(v.into());
+            }
+        }
+    }
+    let mut a: TrainedAdapter = serde_json::from_value(header)
         .map_err(|e| file_err(path, format!("unreadable header: {e}")))?;
     let mut mats = f.mats;
     let t = AdapterTensors {

@@ -157,13 +157,6 @@ pub enum Fusion {
     Probability,
 }
 
-impl Fusion {
-    /// Adapter files written before this setting existed used the SPEC's form.
-    fn legacy() -> Self {
-        Fusion::Probability
-    }
-}
-
 /// How the graph layers `W_P, W_N, W_V` start (module docs).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default, Serialize, Deserialize)]
 pub enum WeightInit {
@@ -172,12 +165,6 @@ pub enum WeightInit {
     Zero,
     /// The SPEC's uniform ±1/√D.
     Uniform,
-}
-
-impl WeightInit {
-    fn legacy() -> Self {
-        WeightInit::Uniform
-    }
 }
 
 /// Tip-Adapter's `(α, β)` search grid: `β_i = 0.1 + i·(β_max − 0.1)/β_steps`, likewise for α.
@@ -206,9 +193,8 @@ impl Default for SearchGrid {
 }
 
 /// Every hyperparameter. [`TrainParams::default`] is the reading adopted by measurement (module docs),
-/// [`TrainParams::spec`] the SPEC's. Missing fields in a saved file take their defaults (the settings that
-/// change what a saved adapter computes take the SPEC's values, which is what older files were trained
-/// with), so older files keep loading when a setting is added.
+/// [`TrainParams::spec`] the SPEC's. Missing fields in a saved file take their defaults, so older files keep
+/// loading when a setting is added.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TrainParams {
@@ -233,11 +219,10 @@ pub struct TrainParams {
     pub beta_c: f32,
     /// Weight `λ` of the cache loss.
     pub lambda: f32,
-    /// How HeGraphAdapter's two classifiers are combined.
-    #[serde(default = "Fusion::legacy")]
+    /// How HeGraphAdapter's two classifiers are combined. (Adapter files from before this setting say
+    /// nothing and were trained in the SPEC's reading: their loader fills in [`TrainParams::LEGACY`].)
     pub fusion: Fusion,
     /// How the graph layers start.
-    #[serde(default = "WeightInit::legacy")]
     pub weight_init: WeightInit,
     /// Logit fusion: leave each training image's own key out of its cache sum when training the keys.
     pub self_exclude: bool,
@@ -317,6 +302,16 @@ impl Default for TrainParams {
 }
 
 impl TrainParams {
+    /// The settings (as JSON fields) that files written before the adopted reading existed did not record
+    /// because they were trained in the SPEC's: an adapter loader fills them in when absent.
+    pub const LEGACY: [(&'static str, &'static str); 2] =
+        [("fusion", "Probability"), ("weight_init", "Uniform")];
+
+    /// Whether a stored settings object predates the adopted reading (it names no fusion).
+    pub fn predates_fusion_setting(v: &serde_json::Value) -> bool {
+        v.is_object() && v.get("fusion").is_none()
+    }
+
     /// The SPEC's reading: probability fusion, uniform initial weights, the graph trained 20 epochs.
     pub fn spec() -> Self {
         Self {

@@ -4,7 +4,7 @@
 //! covariance, fitted by alternating the soft assignments `z` and the Gaussian's parameters, with a KL term
 //! that keeps `z` close to the inductive (language-informed) predictions `ŷ`:
 //! ```text
-//! z_i ∝ ŷ_i^λ ⊙ exp(log N(x_i; μ_k, Σ) / T)            (assignments, every unlabelled image i)
+//! z_i ∝ ŷ_i^λ ⊙ exp(log N(x_i; μ_k, Σ) · 512 / (T·D))  (assignments, every unlabelled image i)
 //! μ_k = norm(Σ_i z_ik x_i + w Σ_{s: y_s = k} x_s)        (labelled images s count w times an unlabelled one)
 //! Σ   = shrink( Σ_i Σ_k z_ik (x_i − μ_k)(x_i − μ_k)ᵀ + w Σ_s (x_s − μ_{y_s})(x_s − μ_{y_s})ᵀ ) / (N + w S)
 //! ```
@@ -43,7 +43,8 @@ use crate::linalg::{cholesky_solve, gemm, Mat, Tr};
 pub struct TransductionParams {
     /// Exponent λ of the inductive predictions in the assignments.
     pub lambda: f32,
-    /// Temperature `T` dividing the log-density.
+    /// Temperature `T` dividing the log-density, for 512-dimensional features; a log-density grows with the
+    /// dimension `D`, so `T · D / 512` is used (ViT-B's 512 dimensions as measured, ViT-L's 768 alike).
     pub temperature: f32,
     /// Shrinkage ρ of the covariance towards its diagonal, in [0, 1].
     pub shrinkage: f32,
@@ -197,14 +198,19 @@ pub fn transduce(
                     .sum::<f32>()
             })
             .collect();
-        let inv_t = 1.0 / params.temperature;
+        let inv_t = 512.0 / (params.temperature * d as f32);
         for i in 0..n {
             let row = z.row_mut(i);
             let l = lin.row(i);
             let lp = &log_prior[i * c..(i + 1) * c];
+            // The log-density relative to its row maximum first, so that a huge common value (a dimension
+            // without spread) cannot swamp the prior's log-probabilities in f32.
+            let gmax = (0..c)
+                .map(|k| l[k] - 0.5 * quad[k])
+                .fold(f32::NEG_INFINITY, f32::max);
             let mut mx = f32::NEG_INFINITY;
             for k in 0..c {
-                row[k] = lp[k] + (l[k] - 0.5 * quad[k]) * inv_t;
+                row[k] = lp[k] + (l[k] - 0.5 * quad[k] - gmax) * inv_t;
                 mx = mx.max(row[k]);
             }
             let mut sum = 0.0f32;
@@ -301,7 +307,7 @@ pub fn transduce(
             diag_mean += cov.get(i, i) / d as f32;
         }
         // A floor on the diagonal keeps Σ positive definite when a dimension has no spread at all.
-        let floor = 1e-6 * diag_mean.max(f32::MIN_POSITIVE);
+        let floor = 1e-6 * diag_mean.max(0.0) + 1e-9;
         for i in 0..d {
             cov.set(i, i, cov.get(i, i).max(0.0) + floor);
         }

@@ -323,6 +323,8 @@ pub struct TrainRequest {
     /// Image indices and labels to train on, and held out for the accuracy.
     pub train: Vec<(usize, PathBuf, usize)>,
     pub held_out: Vec<(usize, usize)>,
+    /// Refine the other images' predictions with their features (the transductive step).
+    pub transductive: bool,
     /// Where to save the trained adapter.
     pub save_to: Option<PathBuf>,
     /// The training backend, made on first use from the UI's device and kept for later trainings (compiling
@@ -337,6 +339,8 @@ pub struct TrainOutput {
     pub adapter: Arc<TrainedAdapter>,
     /// `N×C` probabilities of every image.
     pub probs: Mat,
+    /// How many images the transductive step refined (0: it did not run).
+    pub refined: usize,
     pub held_out_accuracy: Option<f32>,
     pub held_out: usize,
     pub trained_on: usize,
@@ -389,6 +393,39 @@ pub fn planned_backend(req: BackendRequest, gpu: Option<&GpuContext>) -> String 
         (None, Some(g)) => format!("wgpu: {}", g.describe()),
         (None, None) => "CPU".into(),
     }
+}
+
+/// Every image's probabilities from `adapter`; with `transductive`, those of the images it was not trained
+/// on (`trained_rows`, labelled `labels`) refined over each other ([`adapter::transduce`], the labelled
+/// images as support). The training job and the reopening of a project both predict through here, so a
+/// reopened project shows what the last training showed. Returns how many predictions were refined.
+pub fn predict_all(
+    adapter: &TrainedAdapter,
+    centre: &Mat,
+    trained_rows: &[usize],
+    labels: &[usize],
+    transductive: bool,
+) -> Result<(Mat, usize), adapter::AdapterError> {
+    let mut probs = adapter.predict(centre)?;
+    if !transductive {
+        return Ok((probs, 0));
+    }
+    let trained: std::collections::HashSet<usize> = trained_rows.iter().copied().collect();
+    let pool_rows: Vec<usize> = (0..centre.rows).filter(|i| !trained.contains(i)).collect();
+    if pool_rows.is_empty() {
+        return Ok((probs, 0));
+    }
+    let refined = adapter::transduce(
+        &centre.select_rows(&pool_rows),
+        &probs.select_rows(&pool_rows),
+        &centre.select_rows(trained_rows),
+        labels,
+        &adapter.params.transduction,
+    )?;
+    for (r, &i) in pool_rows.iter().enumerate() {
+        probs.row_mut(i).copy_from_slice(refined.row(r));
+    }
+    Ok((probs, pool_rows.len()))
 }
 
 pub fn run_train(
@@ -453,7 +490,17 @@ pub fn run_train(
     )
     .map_err(|e| e.to_string())?;
     progress.set_stage("predicting every image");
-    let probs = adapter.predict(&req.centre).map_err(|e| e.to_string())?;
+    if req.transductive {
+        progress.set_stage("refining the predictions with the unlabelled images");
+    }
+    let (probs, refined) = predict_all(
+        &adapter,
+        &req.centre,
+        &rows,
+        &split.labels,
+        req.transductive,
+    )
+    .map_err(|e| e.to_string())?;
     let held_out_accuracy = (!req.held_out.is_empty()).then(|| {
         let hits = req
             .held_out
@@ -476,6 +523,7 @@ pub fn run_train(
     Ok(TrainOutput {
         adapter: Arc::new(adapter),
         probs,
+        refined,
         held_out_accuracy,
         held_out: req.held_out.len(),
         trained_on: keep.len(),

@@ -179,6 +179,10 @@ pub struct RunSummary {
     pub backend: String,
     pub finished: SystemTime,
     pub losses: Vec<(usize, f32)>,
+    /// How the classifier's `(α, β)` were chosen ("α = …, β = … by leave-one-out …").
+    pub selection: Option<String>,
+    /// Unlabelled images whose predictions the transductive step refined.
+    pub refined: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -690,6 +694,7 @@ impl HeGraphApp {
             centre,
             train,
             held_out,
+            transductive: settings.transductive,
             save_to,
             backend: Arc::clone(&self.engine.backend),
             backend_request: self.opts.backend,
@@ -828,8 +833,15 @@ impl HeGraphApp {
         self.engine.model = Some(info);
         self.engine.serial += 1;
         // Predictions: the saved adapter's when it fits, else zero-shot CLIP.
-        let from_adapter = match (&self.engine.adapter, &self.engine.centre) {
-            (Some(a), Some(c)) => a.predict(c).ok(),
+        let from_adapter = match (&self.engine.adapter, &self.engine.centre, &self.session) {
+            (Some(a), Some(c), Some(s)) => {
+                let (rows, _) = s.split_labelled(s.project.settings.held_out_percent);
+                let labels: Vec<usize> = rows.iter().filter_map(|&i| s.label(i)).collect();
+                jobs::predict_all(a, c, &rows, &labels, s.project.settings.transductive)
+                    .ok()
+                    .map(|(p, _)| p)
+            }
+            (Some(a), Some(c), None) => a.predict(c).ok(),
             _ => None,
         };
         let probs =
@@ -872,6 +884,8 @@ impl HeGraphApp {
             } else {
                 losses
             },
+            selection: out.adapter.selection.as_ref().map(|s| s.to_string()),
+            refined: out.refined,
         };
         for n in &out.adapter.notes {
             self.notify(Level::Info, n.clone());
@@ -886,6 +900,15 @@ impl HeGraphApp {
                 "; held-out accuracy {:.1} % ({} images)",
                 a * 100.0,
                 out.held_out
+            ));
+        }
+        if let Some(sel) = &summary.selection {
+            msg.push_str(&format!("; {sel}"));
+        }
+        if out.refined > 0 {
+            msg.push_str(&format!(
+                "; {} predictions refined with the unlabelled images",
+                out.refined
             ));
         }
         self.notify(Level::Info, msg);

@@ -6,7 +6,7 @@ use egui_plot::{Legend, Line, Plot};
 
 use super::dialogs::{method_combo, param, param_group, reset_params};
 use super::{style, HeGraphApp};
-use crate::adapter::Method;
+use crate::adapter::{Fusion, Method, TrainParams, WeightInit};
 
 impl HeGraphApp {
     pub(super) fn train_view(&mut self, ui: &mut egui::Ui) {
@@ -51,8 +51,8 @@ impl HeGraphApp {
                 "Tip-Adapter with the cache keys fine-tuned (AdamW, cosine schedule)."
             }
             Method::HeGraph => {
-                "Heterogeneous graph of positive-text, negative-text and visual nodes per class; a \
-                                GNN refines the text classifier and the cache (Zhao et al. 2024)."
+                "Heterogeneous graph of positive-text, negative-text and visual nodes per class (Zhao et \
+                 al. 2024); its text and cache classifiers fused in logit space, the cache keys fine-tuned."
             }
         };
         ui.label(RichText::new(about).small().weak());
@@ -62,30 +62,65 @@ impl HeGraphApp {
             Method::ZeroShot => {}
             Method::TipAdapter => param_group(ui, "Cache", |ui| tip_cache_params(ui, p)),
             Method::TipAdapterF => param_group(ui, "Fine-tuning", |ui| {
-                param(
-                    ui,
-                    &mut p.tip_epochs,
-                    "epochs",
-                    1.0,
-                    "passes over the labelled images",
-                );
-                param(
-                    ui,
-                    &mut p.tip_lr,
-                    "learning rate",
-                    0.0001,
-                    "AdamW learning rate",
-                );
+                key_training_params(ui, p);
                 tip_cache_params(ui, p);
             }),
             Method::HeGraph => {
-                param_group(ui, "Optimisation", |ui| {
+                param_group(ui, "Classifier", |ui| {
+                    egui::ComboBox::from_label("fusion")
+                        .selected_text(match p.fusion {
+                            Fusion::Logit => "logit (Tip-Adapter's)",
+                            Fusion::Probability => "probability (the paper's)",
+                        })
+                        .show_ui(ui, |ui| {
+                            ui.selectable_value(
+                                &mut p.fusion,
+                                Fusion::Logit,
+                                "logit (Tip-Adapter's)",
+                            );
+                            ui.selectable_value(
+                                &mut p.fusion,
+                                Fusion::Probability,
+                                "probability (the paper's)",
+                            );
+                        });
+                    if p.fusion == Fusion::Logit {
+                        key_training_params(ui, p);
+                        ui.checkbox(
+                            &mut p.self_exclude,
+                            "leave each image's own key out in training",
+                        )
+                        .on_hover_text(
+                            "A labelled image is not its own neighbour at prediction time either",
+                        );
+                        tip_cache_params(ui, p);
+                    }
+                });
+                param_group(ui, "Graph layers", |ui| {
+                    egui::ComboBox::from_label("initial weights")
+                        .selected_text(match p.weight_init {
+                            WeightInit::Zero => "zero (identity graph)",
+                            WeightInit::Uniform => "uniform ±1/√D (the paper's)",
+                        })
+                        .show_ui(ui, |ui| {
+                            ui.selectable_value(
+                                &mut p.weight_init,
+                                WeightInit::Zero,
+                                "zero (identity graph)",
+                            );
+                            ui.selectable_value(
+                                &mut p.weight_init,
+                                WeightInit::Uniform,
+                                "uniform ±1/√D (the paper's)",
+                            );
+                        });
                     param(
                         ui,
                         &mut p.epochs,
                         "epochs",
                         1.0,
-                        "passes over the labelled images",
+                        "passes over the labelled images (0: the graph layers stay as they start; training \
+                         them lost accuracy on real CLIP features)",
                     );
                     param(
                         ui,
@@ -175,8 +210,20 @@ impl HeGraphApp {
                 );
             }
         }
+        if st.method != Method::ZeroShot || st.transductive {
+            param_group(ui, "Unlabelled images", |ui| {
+                ui.checkbox(
+                    &mut st.transductive,
+                    "refine predictions with the unlabelled images",
+                )
+                .on_hover_text(
+                    "After each training, a Gaussian mixture over the unlabelled images' features refines \
+                     their predictions, kept close to the adapter's (transductive, TransCLIP-style)",
+                );
+            });
+        }
         ui.add_space(4.0);
-        reset_params(ui, p);
+        reset_params(ui, &mut st.train);
         ui.separator();
         ui.label(RichText::new("When to train").strong());
         ui.horizontal(|ui| {
@@ -270,6 +317,21 @@ impl HeGraphApp {
                     );
                 }
             });
+        if let Some(r) = self.engine.history.last() {
+            let mut how = r.selection.clone().unwrap_or_default();
+            if r.refined > 0 {
+                if !how.is_empty() {
+                    how.push_str("; ");
+                }
+                how.push_str(&format!(
+                    "{} unlabelled predictions refined transductively",
+                    r.refined
+                ));
+            }
+            if !how.is_empty() {
+                ui.label(RichText::new(format!("Last training: {how}")).small());
+            }
+        }
         ui.add_space(10.0);
         ui.columns(2, |cols| {
             self.runs_table(&mut cols[0]);
@@ -310,7 +372,10 @@ impl HeGraphApp {
                         }
                         ui.end_row();
                         for r in self.engine.history.iter().rev() {
-                            ui.label(&r.method);
+                            let method = ui.label(&r.method);
+                            if let Some(sel) = &r.selection {
+                                method.on_hover_text(sel);
+                            }
                             ui.label(format!("{}", r.trained_on));
                             let acc = r.accuracy.map_or("—".into(), |a| {
                                 format!("{:.1} % of {}", a * 100.0, r.held_out)
@@ -367,20 +432,43 @@ impl HeGraphApp {
     }
 }
 
-/// Tip-Adapter's cache weight and sharpness, shared by the training-free and fine-tuned methods.
-fn tip_cache_params(ui: &mut egui::Ui, p: &mut crate::adapter::TrainParams) {
+/// How the cache's weight α and sharpness β are chosen, shared by the Tip-style classifiers.
+fn tip_cache_params(ui: &mut egui::Ui, p: &mut TrainParams) {
+    ui.checkbox(&mut p.leave_one_out, "choose α, β by leave-one-out")
+        .on_hover_text(
+            "Each labelled image is classified without its own key; the (α, β) that predict them best are \
+             used. Needs two labels in some class.",
+        );
     param(
         ui,
-        &mut p.tip_alpha,
-        "α (cache weight)",
+        &mut p.prior_alpha,
+        "α without a choice",
         0.01,
-        "weight of the cache logits",
+        "cache weight used when α cannot be chosen (one label per class, or leave-one-out off); 0 = CLIP alone",
     );
     param(
         ui,
         &mut p.tip_beta,
-        "β (sharpness)",
+        "β without a choice",
         0.01,
-        "sharpness of the cache affinities",
+        "sharpness of the cache affinities when β cannot be chosen",
+    );
+}
+
+/// The cache keys' fine-tuning (Tip-Adapter-F, and HeGraphAdapter's logit fusion).
+fn key_training_params(ui: &mut egui::Ui, p: &mut TrainParams) {
+    param(
+        ui,
+        &mut p.tip_epochs,
+        "key epochs",
+        1.0,
+        "passes over the labelled images when fine-tuning the cache keys",
+    );
+    param(
+        ui,
+        &mut p.tip_lr,
+        "key learning rate",
+        0.0001,
+        "AdamW learning rate of the cache keys",
     );
 }
