@@ -158,6 +158,88 @@ pub fn bench_train_cli(classes: &[usize], epochs: Option<usize>) -> Result<(), B
             w.total_ms
         );
     }
+    let adopted = crate::adapter::bench::bench_retrain_adopted(RETRAIN_CLASSES, 16, 512, views)?;
+    println!(
+        "retrain, {RETRAIN_CLASSES} classes × 16 shots, the adopted reading (graph untrained, (α, β) by \
+         leave-one-out, cache keys trained): {adopted:.0} ms"
+    );
+    Ok(())
+}
+
+/// The transductive refinement on synthetic CLIP-like features: `images` unlabelled images, `classes`
+/// classes, 16 labelled images per class, D = 512, timed in full (three runs, the fastest kept); the same
+/// algorithm in numpy (`benches/transduce_numpy.py`, same sizes, same thread count) in the same run when
+/// python3 with numpy is installed, and the ratio.
+pub fn bench_transduce_cli(images: usize, classes: usize) -> Result<(), BenchError> {
+    use crate::adapter::{transduce, TransductionParams};
+    let d = 512;
+    let task =
+        crate::adapter::bench::synthetic_task(classes, 16 + images.div_ceil(classes), d, 0, 11);
+    let by = task.train.indices_by_class(classes);
+    let support_idx: Vec<usize> = by.iter().flat_map(|v| v[..16].to_vec()).collect();
+    let mut pool_idx: Vec<usize> = by.iter().flat_map(|v| v[16..].to_vec()).collect();
+    pool_idx.truncate(images);
+    let support = task.train.subset(&support_idx);
+    let pool = task.train.features.select_rows(&pool_idx);
+    // Zero-shot-like predictions from the (noisy) text, as a weak prior.
+    let logits = pool
+        .normalized_rows()
+        .matmul_t(&task.text.normalized_rows());
+    let mut prior = Mat::zeros(logits.rows, logits.cols);
+    for r in 0..logits.rows {
+        let row: Vec<f32> = logits.row(r).iter().map(|x| 100.0 * x).collect();
+        prior
+            .row_mut(r)
+            .copy_from_slice(&crate::linalg::softmax(&row));
+    }
+    let params = TransductionParams::default();
+    let threads = rayon::current_num_threads();
+    println!(
+        "transductive refinement: {} unlabelled images, {classes} classes, {} labelled, D = {d}, {} rounds, {threads} threads",
+        pool.rows,
+        support.len(),
+        params.iterations
+    );
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let start = Instant::now();
+        transduce(&pool, &prior, &support.features, &support.labels, &params)?;
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    println!("  hegraph (Rust, gemm): {:.3} s", best);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/transduce_numpy.py");
+    let out = std::process::Command::new("python3")
+        .args([
+            script,
+            &pool.rows.to_string(),
+            &classes.to_string(),
+            &support.len().to_string(),
+            &d.to_string(),
+            &params.iterations.to_string(),
+        ])
+        .env("OMP_NUM_THREADS", threads.to_string())
+        .env("OPENBLAS_NUM_THREADS", threads.to_string())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            match text.trim().parse::<f64>() {
+                Ok(peer) => println!(
+                    "  numpy (same algorithm): {peer:.3} s → hegraph is {:.2}× numpy",
+                    peer / best.max(1e-9)
+                ),
+                Err(_) => println!("  numpy peer printed {text:?}"),
+            }
+        }
+        Ok(o) => println!(
+            "  numpy peer not run: {}",
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .unwrap_or("failed")
+        ),
+        Err(e) => println!("  numpy peer not run: {e}"),
+    }
     Ok(())
 }
 

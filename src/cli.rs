@@ -297,6 +297,17 @@ pub enum BenchWhat {
     Kernels,
     /// One wgpu training step with every kernel timed on the GPU (timestamp queries): where the time goes.
     Step(BenchStepArgs),
+    /// The transductive refinement of unlabelled predictions (and the same algorithm in numpy, if present).
+    Transduce(BenchTransduceArgs),
+}
+
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct BenchTransduceArgs {
+    /// Unlabelled images.
+    #[arg(long, default_value_t = 10_000)]
+    pub images: usize,
+    #[arg(long, default_value_t = 100)]
+    pub classes: usize,
 }
 
 #[derive(Args, Debug, Clone, PartialEq, Eq)]
@@ -772,6 +783,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         ),
         BenchWhat::Kernels => hegraph::bench::bench_kernels_cli(),
         BenchWhat::Step(s) => hegraph::bench::bench_step_cli(s.classes),
+        BenchWhat::Transduce(t) => hegraph::bench::bench_transduce_cli(t.images, t.classes),
     }
     .map_err(Into::into)
 }

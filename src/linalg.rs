@@ -351,9 +351,18 @@ pub fn cholesky_solve(a: &Mat, b: &Mat) -> Option<Mat> {
     let mut l = vec![0.0f64; n * n];
     for i in 0..n {
         for j in 0..=i {
-            let mut s = a.get(i, j) as f64;
             let (ri, rj) = (&l[i * n..i * n + j], &l[j * n..j * n + j]);
-            s -= ri.iter().zip(rj).map(|(x, y)| x * y).sum::<f64>();
+            // Four accumulators let the dot product vectorise (a single sum must run in order).
+            let mut acc = [0.0f64; 4];
+            let (ci, cj) = (ri.chunks_exact(4), rj.chunks_exact(4));
+            let (ti, tj) = (ci.remainder(), cj.remainder());
+            for (x, y) in ci.zip(cj) {
+                for q in 0..4 {
+                    acc[q] += x[q] * y[q];
+                }
+            }
+            let tail: f64 = ti.iter().zip(tj).map(|(x, y)| x * y).sum();
+            let s = a.get(i, j) as f64 - (acc.iter().sum::<f64>() + tail);
             if i == j {
                 if s <= 0.0 || !s.is_finite() {
                     return None;

@@ -223,7 +223,7 @@ fn an_adapter_file_from_before_the_fusion_setting_is_read_in_the_specs_reading()
     assert!(p.remove("fusion").is_some() && p.remove("weight_init").is_some());
     header["__metadata__"]["header"] = serde_json::Value::String(adapter_json.to_string());
     let mut new_header = serde_json::to_vec(&header).unwrap();
-    while new_header.len() % 8 != 0 {
+    while !new_header.len().is_multiple_of(8) {
         new_header.push(b' ');
     }
     let mut out = (new_header.len() as u64).to_le_bytes().to_vec();

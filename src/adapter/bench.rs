@@ -215,3 +215,32 @@ pub fn bench_train(
         total_ms,
     })
 }
+
+/// Times the interactive retrain in the adopted reading (the GUI's default): building the graph, choosing
+/// `(α, β)` by leave-one-out and training the cache keys, with no validation split, from start to end.
+/// Returns milliseconds.
+pub fn bench_retrain_adopted(
+    classes: usize,
+    shots: usize,
+    dim: usize,
+    views: usize,
+) -> Result<f64, AdapterError> {
+    let task = synthetic_task(classes, shots, dim, views, 7);
+    let input = TrainInput {
+        classes: &task.classes,
+        text: Some(&task.text),
+        text_neg: Some(&task.text_neg),
+        train: &task.train,
+        val: None,
+    };
+    let start = Instant::now();
+    train(
+        Method::HeGraph,
+        &TrainParams::default(),
+        &input,
+        BackendChoice::Cpu,
+        &CancelToken::new(),
+        &mut |_| {},
+    )?;
+    Ok(start.elapsed().as_secs_f64() * 1e3)
+}

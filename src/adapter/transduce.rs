@@ -35,7 +35,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::AdapterError;
-use crate::linalg::{cholesky_solve, gemm, Mat, Tr};
+use crate::linalg::{cholesky_solve, fast_exp, gemm, Mat, Tr};
 
 /// The transduction's settings (module docs).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -215,7 +215,7 @@ pub fn transduce(
             }
             let mut sum = 0.0f32;
             for v in row.iter_mut() {
-                *v = (*v - mx).exp();
+                *v = fast_exp(*v - mx);
                 sum += *v;
             }
             row.iter_mut().for_each(|v| *v /= sum);
@@ -235,7 +235,12 @@ pub fn transduce(
             1.0,
             0.0,
         );
-        let nk: Vec<f32> = (0..c).map(|k| (0..n).map(|i| z.get(i, k)).sum()).collect();
+        let mut nk = vec![0.0f32; c];
+        for i in 0..n {
+            for (o, &v) in nk.iter_mut().zip(z.row(i)) {
+                *o += v;
+            }
+        }
         for k in 0..c {
             let row = mu.row_mut(k);
             for (j, o) in row.iter_mut().enumerate() {
@@ -257,8 +262,8 @@ pub fn transduce(
             0.0,
         );
         let mut scaled_mu = mu.clone();
-        for k in 0..c {
-            let f = nk[k].max(0.0).sqrt();
+        for (k, &n_k) in nk.iter().enumerate() {
+            let f = n_k.max(0.0).sqrt();
             scaled_mu.row_mut(k).iter_mut().for_each(|x| *x *= f);
         }
         gemm(
