@@ -21,13 +21,14 @@
 //! - **The graph layers start at zero** ([`WeightInit::Zero`]): `tanh(H·0) = 0`, so before training `P' = P`
 //!   and `X' = X` exactly. The SPEC's uniform ±1/√D start perturbs the zero-shot classifier at random
 //!   (`‖P' − P‖ ≈ 0.15` per class) before any image is seen.
-//! - **The graph layers are not trained by default** (`epochs = 0`). Trained with the SPEC's loss at the
-//!   SPEC's learning rate, at a tenth of it, or at three tenths, they lowered test accuracy on
-//!   stanford_cars_even at every shot count in both protocols (by 0.3 to 2.5 points at a tenth) and on pets25
-//!   from 4 shots on without validation: with a few labels per class the `D×D` layers fit the labelled images
-//!   (AdamW moves every weight by ≈ lr per step whatever the gradient's size), and nothing without a
-//!   validation split can tell when to stop. Training-free message passing (`W = I`) did not help either.
-//!   `--epochs` with `--graph-epochs` (or [`TrainParams::epochs`]) trains them.
+//! - **The graph layers are not trained by default** (`epochs = 0`). Trained 20 epochs with the SPEC's loss
+//!   at the SPEC's learning rate they lost almost everywhere (Cars −0.5 to −2.3 points at 2–16 shots, pets25
+//!   −1.8 at 1 shot, in both protocols); at a tenth of it they came within ±1 point of not training them
+//!   either way (pets25 +0.5 at 1–2 shots; Cars −1.0 at 2 shots with validation, and 0.15 below zero-shot at
+//!   1 shot without): with a few labels per class the `D×D` layers fit the labelled images (AdamW moves every
+//!   weight by ≈ lr per step whatever the gradient's size) and nothing without a validation split can tell
+//!   when to stop. Training-free message passing (`W = I`) did not help either (prototype). `--graph-epochs`
+//!   (or [`TrainParams::epochs`]) trains them.
 //!
 //! # Other choices (where the SPEC leaves room), all settable in [`TrainParams`]
 //! - AdamW with PyTorch semantics (decoupled weight decay 0.01, PyTorch's default), cosine schedule over all

@@ -11,23 +11,23 @@
 //! starting from `z = ŷ`, `μ_k` = the normalised mean of class `k`'s labelled images (the `ŷ`-weighted mean
 //! of the unlabelled ones for a class without labels) and `Σ = I/D`, for `iterations` rounds.
 //!
-//! Where this departs from TransCLIP, each by measurement (stanford_cars_even and oxford_pets25, 1–16
-//! shots, 3 seeds, on top of Tip-Adapter-F's predictions in the interactive protocol; prototype figures in
-//! `BENCHMARKS.md`):
+//! Where this departs from TransCLIP, each by measurement (`hegraph eval --transductive` on
+//! stanford_cars_even and oxford_pets25, 1–16 shots, 3 seeds, both protocols, on top of HeGraphAdapter; the
+//! tables are in `BENCHMARKS.md`):
 //! - **Full shared covariance, shrunk towards its diagonal** (`shrink(Σ) = (1 − ρ)Σ + ρ diag Σ`, ρ =
-//!   [`TransductionParams::shrinkage`]) instead of TransCLIP's diagonal one. With ~8 unlabelled images per
-//!   class on Cars the diagonal mixture added +0.5 to +1.3 points at 2–8 shots; the full covariance (CLIP's
-//!   features are strongly correlated across dimensions, as GDA, Wang et al. ICLR 2024, exploits) added
-//!   +2.2 to +2.4 at 2–4 shots and +1 to +2 on pets25, where the diagonal one added less than +0.5.
-//! - **No Laplacian term** (TransCLIP's kNN affinity between unlabelled images): with the diagonal mixture it
-//!   cost 0.7 to 1.1 points at 1–4 shots on Cars (small pool, neighbours often of another class), and
-//!   without it a round costs two products of the unlabelled features with `D×C` matrices, so 10,000 images
-//!   × 100 classes refine in well under a second on the CPU (`hegraph bench transduce`).
-//! - **λ = 1** (TransCLIP few-shot: 0.5): on top of a trained few-shot adapter, whose predictions are already
-//!   better than zero-shot's, weighting them more won at every shot count.
-//! - **The labelled images' weight is fixed** ([`TransductionParams::support_weight`], per image relative to
-//!   an unlabelled one) instead of chosen on a validation split from TransCLIP's list, since the app has no
-//!   validation split.
+//!   [`TransductionParams::shrinkage`]) instead of TransCLIP's diagonal one (ρ = 1). CLIP's features are
+//!   strongly correlated across dimensions (as GDA, Wang et al. ICLR 2024, exploits): without a validation
+//!   split the full covariance beat the diagonal by +2.4 / +2.0 / +1.4 points at 2 / 4 / 8 shots on Cars and
+//!   by +0.5 to +0.8 on pets25; with one, by +1.6 to +2.1 on Cars and +0.2 to +1.0 on pets25.
+//! - **No Laplacian term** (TransCLIP's kNN affinity between unlabelled images): in a numpy prototype with the
+//!   diagonal mixture it cost 0.7 to 1.1 points at 1–4 shots on Cars (small pool, neighbours often of another
+//!   class); without it a round costs two products of the unlabelled features with `D×C` matrices, so 10,000
+//!   images × 100 classes refine in 0.8 s on two cores (`hegraph bench transduce`).
+//! - **λ = 1** (TransCLIP few-shot: 0.5): λ = 0.5 lost 0.5 to 1.2 points at 2–4 shots on Cars, where
+//!   transduction matters most, and gained 0.1 to 0.4 on pets25 and at 1, 8 and 16 shots on Cars.
+//! - **The labelled images' weight is fixed** ([`TransductionParams::support_weight`] = 1: a labelled image
+//!   counts as one unlabelled one) instead of chosen on a validation split from TransCLIP's list, since the
+//!   app has no validation split; 0.5 gave the same figures within ±0.5.
 //!
 //! The log-density's `−½ xᵀΣ⁻¹x` is the same for every class and cancels in `z`'s normalisation, so only
 //! `x·Σ⁻¹μ_k − ½ μ_kᵀΣ⁻¹μ_k` is formed; `Σ⁻¹μᵀ` comes from one Cholesky solve per round.

@@ -67,53 +67,55 @@ impl HeGraphApp {
             }),
             Method::HeGraph => {
                 param_group(ui, "Classifier", |ui| {
-                    egui::ComboBox::from_label("fusion")
+                    ui.label("fusion")
+                        .on_hover_text("How the text and cache classifiers are combined");
+                    egui::ComboBox::from_id_salt("hegraph-fusion")
+                        .width(100.0)
                         .selected_text(match p.fusion {
-                            Fusion::Logit => "logit (Tip-Adapter's)",
-                            Fusion::Probability => "probability (the paper's)",
+                            Fusion::Logit => "logit",
+                            Fusion::Probability => "probability (paper)",
                         })
                         .show_ui(ui, |ui| {
-                            ui.selectable_value(
-                                &mut p.fusion,
-                                Fusion::Logit,
-                                "logit (Tip-Adapter's)",
-                            );
+                            ui.selectable_value(&mut p.fusion, Fusion::Logit, "logit");
                             ui.selectable_value(
                                 &mut p.fusion,
                                 Fusion::Probability,
-                                "probability (the paper's)",
+                                "probability (paper)",
                             );
                         });
+                    ui.end_row();
                     if p.fusion == Fusion::Logit {
                         key_training_params(ui, p);
-                        ui.checkbox(
-                            &mut p.self_exclude,
-                            "leave each image's own key out in training",
-                        )
-                        .on_hover_text(
-                            "A labelled image is not its own neighbour at prediction time either",
-                        );
+                        ui.checkbox(&mut p.self_exclude, "own key left out")
+                            .on_hover_text(
+                                "In training, each labelled image's own key is left out of its cache sum: an \
+                                 image is not its own neighbour at prediction time either",
+                            );
+                        ui.end_row();
                         tip_cache_params(ui, p);
                     }
                 });
                 param_group(ui, "Graph layers", |ui| {
-                    egui::ComboBox::from_label("initial weights")
+                    ui.label("initial weights")
+                        .on_hover_text("How W_P, W_N, W_V start");
+                    egui::ComboBox::from_id_salt("hegraph-weight-init")
                         .selected_text(match p.weight_init {
-                            WeightInit::Zero => "zero (identity graph)",
-                            WeightInit::Uniform => "uniform ±1/√D (the paper's)",
+                            WeightInit::Zero => "zero (identity)",
+                            WeightInit::Uniform => "uniform (the paper's)",
                         })
                         .show_ui(ui, |ui| {
                             ui.selectable_value(
                                 &mut p.weight_init,
                                 WeightInit::Zero,
-                                "zero (identity graph)",
+                                "zero (identity)",
                             );
                             ui.selectable_value(
                                 &mut p.weight_init,
                                 WeightInit::Uniform,
-                                "uniform ±1/√D (the paper's)",
+                                "uniform (the paper's)",
                             );
                         });
+                    ui.end_row();
                     param(
                         ui,
                         &mut p.epochs,
@@ -211,7 +213,9 @@ impl HeGraphApp {
             }
         }
         if st.method != Method::ZeroShot || st.transductive {
-            param_group(ui, "Unlabelled images", |ui| {
+            ui.add_space(4.0);
+            ui.label(RichText::new("Unlabelled images").strong());
+            {
                 ui.checkbox(
                     &mut st.transductive,
                     "refine predictions with the unlabelled images",
@@ -220,7 +224,7 @@ impl HeGraphApp {
                     "After each training, a Gaussian mixture over the unlabelled images' features refines \
                      their predictions, kept close to the adapter's (transductive, TransCLIP-style)",
                 );
-            });
+            }
         }
         ui.add_space(4.0);
         reset_params(ui, &mut st.train);
@@ -434,11 +438,12 @@ impl HeGraphApp {
 
 /// How the cache's weight α and sharpness β are chosen, shared by the Tip-style classifiers.
 fn tip_cache_params(ui: &mut egui::Ui, p: &mut TrainParams) {
-    ui.checkbox(&mut p.leave_one_out, "choose α, β by leave-one-out")
+    ui.checkbox(&mut p.leave_one_out, "α, β by leave-one-out")
         .on_hover_text(
             "Each labelled image is classified without its own key; the (α, β) that predict them best are \
              used. Needs two labels in some class.",
         );
+    ui.end_row();
     param(
         ui,
         &mut p.prior_alpha,
