@@ -495,7 +495,7 @@ pub fn evaluate(
     if opts.protocol == Protocol::Interactive {
         notes.push(
             "interactive protocol: no validation split; hyperparameters from the labelled images alone \
-             (leave-one-out, or the zero-shot prior with one label per class); the validation and test images \
+             (leave-one-out, or the prior α = β = 1 with one label per class); the validation and test images \
              are the unlabelled pool, accuracy on test"
                 .into(),
         );

@@ -407,6 +407,30 @@ pub fn cholesky_solve(a: &Mat, b: &Mat) -> Option<Mat> {
     ))
 }
 
+/// Unit rows scattered around `centres` (row `labels[r]` plus `noise` times a standard normal draw per
+/// coordinate, then normalised): the synthetic clusters the adapter's unit tests classify.
+#[cfg(test)]
+pub(crate) fn unit_rows_around(
+    rng: &mut crate::rng::Rng,
+    centres: &Mat,
+    labels: &[usize],
+    noise: f32,
+) -> Mat {
+    let d = centres.cols;
+    let mut m = Mat::zeros(labels.len(), d);
+    for (r, &l) in labels.iter().enumerate() {
+        let row = m.row_mut(r);
+        for (o, (&c, e)) in row
+            .iter_mut()
+            .zip(centres.row(l).iter().zip(rng.normal_vec(d)))
+        {
+            *o = c + noise * e;
+        }
+        normalize(row);
+    }
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,6 +41,29 @@ fn benchmark_file(classes: usize, seed: u64) -> FeatureSet {
     }
 }
 
+/// The `k`-shot set of `fs` as training input, without validation.
+fn shots_input(fs: &FeatureSet, k: usize) -> TrainInput<'_> {
+    TrainInput {
+        classes: &fs.classes,
+        text: fs.text.as_ref(),
+        text_neg: fs.text_neg.as_ref(),
+        train: &fs.shots[&k],
+        val: None,
+    }
+}
+
+fn train_quiet(m: Method, params: &TrainParams, input: &TrainInput) -> TrainedAdapter {
+    adapter::train(
+        m,
+        params,
+        input,
+        adapter::BackendChoice::Cpu,
+        &CancelToken::new(),
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
 fn run(fs: &FeatureSet, protocol: Protocol) -> EvalReport {
     let mut opts = EvalOptions {
         protocol,
@@ -105,40 +128,33 @@ fn the_interactive_protocol_never_reads_the_validation_labels() {
     );
 }
 
-/// One label per class: nothing can be held out, so the choice falls back to the zero-shot prior and the
-/// adapter predicts exactly as zero-shot CLIP does.
+/// One label per class: nothing can be held out, so the choice falls back to the prior; with a prior α of 0
+/// every method predicts exactly as zero-shot CLIP does.
 #[test]
-fn one_label_per_class_without_validation_keeps_the_zero_shot_classifier() {
+fn one_label_per_class_without_validation_takes_the_prior() {
     let fs = benchmark_file(5, 8);
-    let train = &fs.shots[&1];
-    let input = TrainInput {
-        classes: &fs.classes,
-        text: fs.text.as_ref(),
-        text_neg: fs.text_neg.as_ref(),
-        train,
-        val: None,
-    };
-    let quiet = |m| {
-        adapter::train(
-            m,
-            &TrainParams::default(),
-            &input,
-            adapter::BackendChoice::Cpu,
-            &CancelToken::new(),
-            &mut |_| {},
-        )
-        .unwrap()
-    };
-    let zs = quiet(Method::ZeroShot);
+    let input = shots_input(&fs, 1);
+    let quiet = |m, params: &TrainParams| train_quiet(m, params, &input);
     let test = fs.test.as_ref().unwrap();
-    let p0 = zs.predict(&test.features).unwrap();
+    let p0 = quiet(Method::ZeroShot, &TrainParams::default())
+        .predict(&test.features)
+        .unwrap();
+    let zero = TrainParams {
+        prior_alpha: 0.0,
+        ..TrainParams::default()
+    };
     for m in [Method::TipAdapter, Method::TipAdapterF, Method::HeGraph] {
-        let a = quiet(m);
+        let a = quiet(m, &TrainParams::default());
         let sel = a.selection.as_ref().expect("a selection");
         assert!(matches!(sel.how, Choice::Prior { .. }), "{m}: {sel}");
-        assert_eq!(sel.alpha, 0.0, "{m}");
-        let p = a.predict(&test.features).unwrap();
-        assert!(p.max_abs_diff(&p0) < 1e-5, "{m} differs from zero-shot");
+        assert_eq!((sel.alpha, sel.beta), (1.0, 1.0), "{m}");
+        let a0 = quiet(m, &zero);
+        assert_eq!(a0.selection.as_ref().map(|s| s.alpha), Some(0.0));
+        let p = a0.predict(&test.features).unwrap();
+        assert!(
+            p.max_abs_diff(&p0) < 1e-5,
+            "{m} with α = 0 differs from zero-shot"
+        );
     }
 }
 
@@ -147,28 +163,14 @@ fn one_label_per_class_without_validation_keeps_the_zero_shot_classifier() {
 #[test]
 fn both_readings_train_save_and_load() {
     let fs = benchmark_file(4, 12);
-    let input = TrainInput {
-        classes: &fs.classes,
-        text: fs.text.as_ref(),
-        text_neg: fs.text_neg.as_ref(),
-        train: &fs.shots[&4],
-        val: None,
-    };
+    let input = shots_input(&fs, 4);
     let dir = tempfile::tempdir().unwrap();
     let test = fs.test.as_ref().unwrap();
     for (name, params) in [
         ("adopted", TrainParams::default()),
         ("spec", TrainParams::spec()),
     ] {
-        let a = adapter::train(
-            Method::HeGraph,
-            &params,
-            &input,
-            adapter::BackendChoice::Cpu,
-            &CancelToken::new(),
-            &mut |_| {},
-        )
-        .unwrap();
+        let a = train_quiet(Method::HeGraph, &params, &input);
         assert_eq!(a.tensors.fused_keys.is_some(), name == "adopted", "{name}");
         let path = dir.path().join(format!("{name}.hegraph"));
         a.save(&path).unwrap();
@@ -187,26 +189,12 @@ fn both_readings_train_save_and_load() {
 #[test]
 fn an_adapter_file_from_before_the_fusion_setting_is_read_in_the_specs_reading() {
     let fs = benchmark_file(3, 5);
-    let input = TrainInput {
-        classes: &fs.classes,
-        text: fs.text.as_ref(),
-        text_neg: fs.text_neg.as_ref(),
-        train: &fs.shots[&2],
-        val: None,
-    };
+    let input = shots_input(&fs, 2);
     let params = TrainParams {
         epochs: 2,
         ..TrainParams::spec()
     };
-    let a = adapter::train(
-        Method::HeGraph,
-        &params,
-        &input,
-        adapter::BackendChoice::Cpu,
-        &CancelToken::new(),
-        &mut |_| {},
-    )
-    .unwrap();
+    let a = train_quiet(Method::HeGraph, &params, &input);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("old.hegraph");
     a.save(&path).unwrap();

@@ -47,7 +47,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, Var};
 use rayon::prelude::*;
 
-use super::schedule::{cosine_lr, epoch_batches, stack_queries, steps_per_epoch, Batch};
+use super::schedule::{cosine_lr, stack_queries, steps_per_epoch, StepBatches};
 use super::{
     Activation, AdapterError, AdapterTensors, BackendChoice, HeGraphBackend, Method, TrainEvent,
     TrainInput, TrainParams, TrainedAdapter,
@@ -1405,7 +1405,7 @@ pub(crate) fn train_hegraph(
     };
     let mut snapshot: Option<HeGraphState> = custom.then(|| init.clone());
     let mut losses: Vec<(usize, f32)> = Vec::new();
-    let mut epoch_cache: Option<(usize, Vec<Batch>)> = None;
+    let mut batches = StepBatches::new(params.seed, &train.labels, a, params.batch_size);
     let mut step = 0usize;
     let mut backend_name = be.name();
 
@@ -1413,17 +1413,7 @@ pub(crate) fn train_hegraph(
         if cancel.is_cancelled() {
             return Err(AdapterError::Cancelled);
         }
-        let epoch = step / spe;
-        if epoch_cache.as_ref().map(|(e, _)| *e) != Some(epoch) {
-            epoch_cache = Some((
-                epoch,
-                epoch_batches(params.seed, epoch, &train.labels, a, params.batch_size),
-            ));
-        }
-        let Some((_, batches)) = epoch_cache.as_ref() else {
-            continue;
-        };
-        let batch = &batches[step % spe];
+        let (epoch, batch) = batches.get(step);
         let lr = cosine_lr(params.lr, step, total);
         let want =
             (params.loss_every > 0 && step.is_multiple_of(params.loss_every)) || step + 1 == total;

@@ -22,7 +22,7 @@
 //! overhead. The test holds it to candle's autodiff of the same loss.
 
 use super::hegraph::{adamw_into, AdamStep, ParamState};
-use super::schedule::{cosine_lr, epoch_batches, stack_queries, steps_per_epoch, Batch};
+use super::schedule::{cosine_lr, stack_queries, StepBatches};
 use super::{AdapterError, TrainEvent, TrainParams};
 use crate::features::LabelledSplit;
 use crate::linalg::{fast_exp, gemm, Mat, Tr};
@@ -159,29 +159,18 @@ pub(crate) fn train_keys(
     };
     let mut next = state.clone();
     let mut grad = vec![0.0f32; mk * d];
-    let spe = steps_per_epoch(m, params.batch_size);
-    let total = params.tip_epochs * spe;
+    let mut batches = StepBatches::new(params.seed, &train.labels, a, params.batch_size);
+    let total = params.tip_epochs * batches.per_epoch();
     let mut losses = Vec::new();
-    let mut epoch_cache: Option<(usize, Vec<Batch>)> = None;
     if kt.alpha == 0.0 {
-        // The cache has no weight: nothing to learn (the zero-shot prior of the selection).
+        // The cache has no weight (α = 0): nothing to learn.
         return Ok((state.w, losses));
     }
     for step in 0..total {
         if cancel.is_cancelled() {
             return Err(AdapterError::Cancelled);
         }
-        let epoch = step / spe;
-        if epoch_cache.as_ref().map(|(e, _)| *e) != Some(epoch) {
-            epoch_cache = Some((
-                epoch,
-                epoch_batches(params.seed, epoch, &train.labels, a, params.batch_size),
-            ));
-        }
-        let Some((_, batches)) = epoch_cache.as_ref() else {
-            continue;
-        };
-        let batch = &batches[step % spe];
+        let (epoch, batch) = batches.get(step);
         let rows: Vec<usize> = batch.rows.iter().map(|&r| r as usize).collect();
         let z = queries.select_rows(&rows);
         let tl = text_logits.as_ref().map(|t| t.select_rows(&rows));

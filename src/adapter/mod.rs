@@ -243,8 +243,8 @@ pub struct TrainParams {
     pub tip_weight_decay: f32,
     /// Without a validation split, choose `(α, β)` by leave-one-out over the labelled images.
     pub leave_one_out: bool,
-    /// The α used when nothing can choose it (no validation split, no class with two labels): 0 keeps the
-    /// zero-shot classifier.
+    /// The α used when nothing can choose it (no validation split, no class with two labels), with β =
+    /// `tip_beta`; 0 keeps the zero-shot classifier ([`select`]).
     pub prior_alpha: f32,
     /// Cache-only temperature α and β used when nothing can choose them.
     pub tip_alpha: f32,
@@ -291,7 +291,7 @@ impl Default for TrainParams {
             tip_eps: 1e-4,
             tip_weight_decay: 0.01,
             leave_one_out: true,
-            prior_alpha: 0.0,
+            prior_alpha: 1.0,
             tip_alpha: 1.0,
             tip_beta: 1.0,
             search: SearchGrid::default(),

@@ -56,6 +56,49 @@ pub fn steps_per_epoch(m: usize, batch: usize) -> usize {
     m.div_ceil(batch.max(1))
 }
 
+/// The batch of each step, drawing each epoch's batches ([`epoch_batches`]) when the step enters it: what
+/// every training loop over the labelled images walks through.
+pub struct StepBatches<'a> {
+    seed: u64,
+    labels: &'a [usize],
+    views: usize,
+    batch_size: usize,
+    per_epoch: usize,
+    current: Option<(usize, Vec<Batch>)>,
+}
+
+impl<'a> StepBatches<'a> {
+    pub fn new(seed: u64, labels: &'a [usize], views: usize, batch_size: usize) -> Self {
+        Self {
+            seed,
+            labels,
+            views,
+            batch_size,
+            per_epoch: steps_per_epoch(labels.len(), batch_size),
+            current: None,
+        }
+    }
+
+    /// Steps per epoch.
+    pub fn per_epoch(&self) -> usize {
+        self.per_epoch
+    }
+
+    /// The epoch of `step` and its batch.
+    pub fn get(&mut self, step: usize) -> (usize, &Batch) {
+        let spe = self.per_epoch.max(1);
+        let epoch = step / spe;
+        if self.current.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            self.current = None;
+        }
+        let (seed, labels, views, batch) = (self.seed, self.labels, self.views, self.batch_size);
+        let (_, batches) = self
+            .current
+            .get_or_insert_with(|| (epoch, epoch_batches(seed, epoch, labels, views, batch)));
+        (epoch, &batches[step % spe])
+    }
+}
+
 /// All views of all images stacked view-major (`row = view * M + image`), rows normalised; a split without
 /// views contributes its features as the single view. Returns the matrix and the number of views.
 pub fn stack_queries(split: &LabelledSplit) -> (Mat, usize) {

@@ -335,25 +335,8 @@ pub fn transduce(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::linalg::normalize;
+    use crate::linalg::unit_rows_around as cloud;
     use crate::rng::Rng;
-
-    /// Unit rows around `centres`.
-    fn cloud(rng: &mut Rng, centres: &Mat, labels: &[usize], noise: f32) -> Mat {
-        let d = centres.cols;
-        let mut m = Mat::zeros(labels.len(), d);
-        for (r, &l) in labels.iter().enumerate() {
-            let row = m.row_mut(r);
-            for (o, (&c, e)) in row
-                .iter_mut()
-                .zip(centres.row(l).iter().zip(rng.normal_vec(d)))
-            {
-                *o = c + noise * e;
-            }
-            normalize(row);
-        }
-        m
-    }
 
     fn accuracy(p: &Mat, labels: &[usize]) -> f32 {
         crate::adapter::accuracy_of(p, labels)
