@@ -859,3 +859,142 @@ fn a_folder_without_class_names_asks_for_them_in_a_dialog() {
     assert_eq!(s.classes(), &["cat", "coffee"]);
     assert!(default_project_path(&s.project.folder).exists());
 }
+
+/// Key presses (down and up) delivered in one frame, as a window delivers keys typed faster than it draws
+/// (kittest's `key_press` runs one frame per event).
+fn type_in_one_frame(h: &mut Harness<'static, HeGraphApp>, keys: &[(egui::Modifiers, egui::Key)]) {
+    for &(modifiers, key) in keys {
+        for pressed in [true, false] {
+            h.input_mut().events.push(egui::Event::Key {
+                key,
+                physical_key: None,
+                pressed,
+                repeat: false,
+                modifiers,
+            });
+        }
+    }
+    h.step();
+}
+
+/// Issue 10: keys typed faster than frames. `N 2 N 3 N 4 N 5` queued into one frame must do what the same keys do
+/// one per frame: label exactly the four images N chose (each unlabelled before) and change no human label.
+#[test]
+fn keys_typed_faster_than_frames_apply_in_order() {
+    use egui::Key::{Num2, Num3, Num4, Num5, N};
+    let keys = [N, Num2, N, Num3, N, Num4, N, Num5];
+    let run = |one_frame: bool| {
+        let f = fixture();
+        let mut app = HeGraphApp::new(f.opts.clone());
+        app.open_path(&f.folder).unwrap();
+        let mut h = harness(app)?;
+        settle(&mut h);
+        let before = h.state().session().unwrap().labels().to_vec();
+        if one_frame {
+            let keys: Vec<_> = keys.iter().map(|&k| (egui::Modifiers::NONE, k)).collect();
+            type_in_one_frame(&mut h, &keys);
+        } else {
+            for k in keys {
+                h.key_press(k);
+                h.step();
+            }
+        }
+        h.step();
+        let after = h.state().session().unwrap().labels().to_vec();
+        Some((before, after))
+    };
+    let Some((before, fast)) = run(true) else {
+        return;
+    };
+    for (i, (b, a)) in before.iter().zip(&fast).enumerate() {
+        if b.is_some() {
+            assert_eq!(b, a, "image {i}: a human label changed");
+        }
+    }
+    let mut new: Vec<usize> = (0..fast.len())
+        .filter(|&i| before[i].is_none())
+        .filter_map(|i| fast[i])
+        .collect();
+    new.sort_unstable();
+    assert_eq!(new, [1, 2, 3, 4], "four new labels, classes 2–5");
+    let (_, slow) = run(false).unwrap();
+    assert_eq!(
+        fast, slow,
+        "one frame and one key per frame label the same images"
+    );
+}
+
+/// Issue 10: a bulk relabel that would overwrite labels asks first; Esc keeps the labels, Enter relabels (one
+/// undo step).
+#[test]
+fn bulk_relabel_over_labels_asks_first() {
+    let f = fixture();
+    let mut app = HeGraphApp::new(f.opts.clone());
+    app.open_path(&f.folder).unwrap();
+    let Some(mut h) = harness(app) else { return };
+    settle(&mut h);
+    let before = h.state().session().unwrap().labels().to_vec();
+    let n = before.len();
+    assert!(before.iter().any(Option::is_some), "the demo has labels");
+    // Ctrl+A and a digit in one frame: the question comes up, nothing is relabelled.
+    let ctrl_a_1 = [
+        (egui::Modifiers::COMMAND, egui::Key::A),
+        (egui::Modifiers::NONE, egui::Key::Num1),
+    ];
+    type_in_one_frame(&mut h, &ctrl_a_1);
+    h.step();
+    assert!(h.state().modal_open(), "the bulk relabel must ask");
+    assert_eq!(h.state().session().unwrap().labels(), before.as_slice());
+    screenshot(&mut h, "relabel-question");
+    h.key_press(egui::Key::Escape);
+    h.step();
+    h.step();
+    assert!(!h.state().modal_open());
+    assert_eq!(h.state().session().unwrap().labels(), before.as_slice());
+    // Asked again and confirmed with Enter: every image is class 1, and one undo restores all.
+    type_in_one_frame(&mut h, &ctrl_a_1);
+    h.step();
+    h.key_press(egui::Key::Enter);
+    h.step();
+    h.step();
+    assert_eq!(
+        h.state().session().unwrap().labels(),
+        vec![Some(0); n].as_slice()
+    );
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Z);
+    h.step();
+    assert_eq!(h.state().session().unwrap().labels(), before.as_slice());
+}
+
+/// Issue 10: Esc clears the selection and nothing else (it used to cancel the embedding); a cancelled embedding
+/// is resumed by T, which then trains.
+#[test]
+fn esc_does_not_cancel_and_t_resumes_a_cancelled_embedding() {
+    let f = fixture();
+    let mut app = HeGraphApp::new(f.opts.clone());
+    app.open_path(&f.folder).unwrap();
+    assert!(app.is_busy(), "opening the folder starts the embedding");
+    let Some(mut h) = harness(app) else { return };
+    h.key_press(egui::Key::Escape);
+    h.step();
+    settle(&mut h);
+    assert!(h.state().has_features(), "Esc stopped the embedding");
+
+    let f = fixture();
+    let mut app = HeGraphApp::new(f.opts.clone());
+    app.open_path(&f.folder).unwrap();
+    app.cancel_jobs();
+    let Some(mut h) = harness(app) else { return };
+    settle(&mut h);
+    assert!(!h.state().has_features(), "the embedding was cancelled");
+    h.key_press(egui::Key::T);
+    h.step();
+    settle(&mut h);
+    assert!(h.state().has_features(), "T did not resume the embedding");
+    assert_eq!(
+        h.state().history().len(),
+        1,
+        "training after the resumed embedding failed: {:?}",
+        h.state().last_error()
+    );
+}

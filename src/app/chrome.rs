@@ -11,6 +11,7 @@ use super::{style, HeGraphApp, Level, Notice, View, TEST_CHECKPOINT_BANNER};
 
 impl HeGraphApp {
     pub(super) fn pick_folder(&mut self) {
+        self.dialogs.drop_input = true;
         if let Some(folder) = rfd::FileDialog::new()
             .set_title("Open an image folder")
             .pick_folder()
@@ -22,6 +23,7 @@ impl HeGraphApp {
     }
 
     pub(super) fn pick_project(&mut self) {
+        self.dialogs.drop_input = true;
         if let Some(file) = rfd::FileDialog::new()
             .set_title("Open a hegraph project")
             .add_filter("hegraph project", &["json"])
@@ -37,6 +39,7 @@ impl HeGraphApp {
         let Some(s) = self.session.as_mut() else {
             return;
         };
+        self.dialogs.drop_input = true;
         if let Some(file) = rfd::FileDialog::new()
             .set_title("Save the project as")
             .add_filter("hegraph project", &["json"])
@@ -189,16 +192,16 @@ impl HeGraphApp {
         if let Some(job) = &self.engine.train_job {
             if ui
                 .button("Cancel")
-                .on_hover_text("Stop training (Esc)")
+                .on_hover_text("Stop training (asks first: the run so far is discarded)")
                 .clicked()
             {
-                job.cancel();
+                self.dialogs.stop_training = true;
             }
             job_progress(ui, job, "steps");
         } else if let Some(job) = &self.engine.embed_job {
             if ui
                 .button("Cancel")
-                .on_hover_text("Stop embedding (Esc); what is done is kept")
+                .on_hover_text("Stop embedding; what is done is kept (Resume or T goes on)")
                 .clicked()
             {
                 job.cancel();
@@ -239,6 +242,12 @@ impl HeGraphApp {
                     {
                         self.start_embedding();
                     }
+                } else if ui
+                    .button("▶ Resume embedding")
+                    .on_hover_text("The embedding was stopped; the images done so far are cached")
+                    .clicked()
+                {
+                    self.start_embedding();
                 }
             }
         }

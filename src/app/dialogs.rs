@@ -26,7 +26,10 @@ pub const SHORTCUTS: &[(&str, &str)] = &[
         "select several images (labels then apply to all)",
     ),
     ("Ctrl+A", "select every image shown"),
-    ("Esc", "clear the selection, or cancel a running job"),
+    (
+        "Esc",
+        "clear the selection (a running job has its own Cancel button)",
+    ),
     (
         "Ctrl+Z / Ctrl+Shift+Z (Ctrl+Y)",
         "undo / redo a labelling action",
@@ -129,6 +132,19 @@ pub(super) struct Dialogs {
     pub help: bool,
     /// Text of the model folder field in the settings window.
     pub model_dir_text: Option<String>,
+    /// A bulk relabel waiting for the person's yes.
+    pub relabel: Option<ConfirmRelabel>,
+    /// "Stop training?" is asked.
+    pub stop_training: bool,
+    /// A native file dialog just closed: the input that queued up meanwhile is dropped.
+    pub drop_input: bool,
+}
+
+/// Labelling several images of which `overwrites` already carry another label.
+pub(super) struct ConfirmRelabel {
+    pub targets: Vec<usize>,
+    pub class: Option<usize>,
+    pub overwrites: usize,
 }
 
 impl Dialogs {
@@ -139,9 +155,17 @@ impl Dialogs {
             || self.picker.is_some()
             || self.classes.is_some()
             || self.templates.is_some()
+            || self.relabel.is_some()
+            || self.stop_training
     }
 
     pub fn close_top(&mut self) {
+        if self.relabel.take().is_some() {
+            return;
+        }
+        if std::mem::take(&mut self.stop_training) {
+            return;
+        }
         if self.picker.take().is_some() {
             return;
         }
@@ -187,6 +211,8 @@ impl HeGraphApp {
     pub(super) fn show_dialogs(&mut self, ctx: &egui::Context) {
         self.new_project_dialog(ctx);
         self.error_dialog(ctx);
+        self.relabel_dialog(ctx);
+        self.stop_training_dialog(ctx);
         self.picker_dialog(ctx);
         self.class_editor_dialog(ctx);
         self.template_dialog(ctx);
@@ -243,6 +269,7 @@ impl HeGraphApp {
             });
         });
         if load_file {
+            self.dialogs.drop_input = true;
             if let Some(f) = rfd::FileDialog::new()
                 .set_title("Class names (one per line)")
                 .pick_file()
@@ -285,6 +312,92 @@ impl HeGraphApp {
                     if let Some(d) = self.dialogs.new_project.as_mut() {
                         d.error = Some(e.to_string());
                     }
+                }
+            }
+        }
+    }
+
+    /// "Relabel 12 images, 5 of which you labelled otherwise?" Enter relabels, Esc keeps the labels.
+    fn relabel_dialog(&mut self, ctx: &egui::Context) {
+        let Some(d) = self.dialogs.relabel.as_ref() else {
+            return;
+        };
+        let to = match d.class {
+            Some(c) => {
+                let name = self
+                    .session
+                    .as_ref()
+                    .and_then(|s| s.classes().get(c).cloned())
+                    .unwrap_or_default();
+                format!("as “{name}”")
+            }
+            None => "as unlabelled".into(),
+        };
+        let mut answer = None;
+        egui::Modal::new(egui::Id::unique("hegraph-relabel")).show(ctx, |ui| {
+            ui.set_width(460.0);
+            ui.heading("Overwrite labels?");
+            ui.add_space(4.0);
+            ui.label(format!(
+                "Label {} images {to}? {} of them already have another label, which this replaces.",
+                d.targets.len(),
+                d.overwrites
+            ));
+            ui.add_space(8.0);
+            ui.horizontal(|ui| {
+                if ui.button("Relabel (Enter)").clicked() {
+                    answer = Some(true);
+                }
+                if ui.button("Keep the labels (Esc)").clicked() {
+                    answer = Some(false);
+                }
+            });
+            if ui.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Enter)) {
+                answer = Some(true);
+            }
+        });
+        match answer {
+            Some(true) => {
+                if let Some(d) = self.dialogs.relabel.take() {
+                    self.apply_labels(&d.targets, d.class);
+                }
+            }
+            Some(false) => self.dialogs.relabel = None,
+            None => {}
+        }
+    }
+
+    /// Cancelling a training throws its steps away, so it is asked; the previous adapter stays.
+    fn stop_training_dialog(&mut self, ctx: &egui::Context) {
+        if self.engine.train_job.is_none() {
+            self.dialogs.stop_training = false;
+        }
+        if !self.dialogs.stop_training {
+            return;
+        }
+        let mut answer = None;
+        egui::Modal::new(egui::Id::unique("hegraph-stop-training")).show(ctx, |ui| {
+            ui.set_width(420.0);
+            ui.heading("Stop training?");
+            ui.label("The steps done so far are discarded; the predictions stay those of the last training.");
+            ui.add_space(8.0);
+            ui.horizontal(|ui| {
+                if ui.button("Stop training (Enter)").clicked() {
+                    answer = Some(true);
+                }
+                if ui.button("Keep training (Esc)").clicked() {
+                    answer = Some(false);
+                }
+            });
+            if ui.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Enter)) {
+                answer = Some(true);
+            }
+        });
+        if let Some(stop) = answer {
+            self.dialogs.stop_training = false;
+            if stop {
+                if let Some(j) = &self.engine.train_job {
+                    j.cancel();
                 }
             }
         }
@@ -716,6 +829,7 @@ impl HeGraphApp {
         let Some(s) = self.session.as_ref() else {
             return;
         };
+        self.dialogs.drop_input = true;
         let d = &self.dialogs.export;
         let target = match d.format {
             ExportFormat::Csv => rfd::FileDialog::new()
@@ -761,6 +875,7 @@ impl HeGraphApp {
                 .unwrap_or_default()
         });
         let mut reload_model = false;
+        let mut browsed = false;
         egui::Window::new("Settings")
             .open(&mut open)
             .collapsible(false)
@@ -777,6 +892,7 @@ impl HeGraphApp {
                     )
                     .labelled_by(l.id);
                     if ui.button("Browse…").clicked() {
+                        browsed = true;
                         if let Some(d) = rfd::FileDialog::new().pick_folder() {
                             *text = d.display().to_string();
                         }
@@ -817,6 +933,9 @@ impl HeGraphApp {
                 let t = e.to_string();
                 self.notify(Level::Error, t);
             }
+        }
+        if browsed {
+            self.dialogs.drop_input = true;
         }
         if reload_model {
             self.engine.embedder = None;

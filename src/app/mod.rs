@@ -26,6 +26,7 @@ mod chrome;
 mod dialogs;
 mod graph_page;
 mod label_view;
+mod shortcuts;
 mod train_view;
 
 use std::path::{Path, PathBuf};
@@ -44,6 +45,7 @@ use crate::project::{default_project_path, Project, ProjectError, TrainingRecord
 
 use graph_view::GraphView;
 use jobs::{EmbedOutput, EmbedRequest, Job, Polled, TrainOutput, TrainRequest};
+use shortcuts::Action;
 use state::{ImageItem, Session};
 use thumbs::ThumbCache;
 
@@ -296,6 +298,11 @@ impl HeGraphApp {
     /// True while embedding or training runs (or is about to).
     pub fn is_busy(&self) -> bool {
         self.engine.embed_job.is_some() || self.engine.train_job.is_some() || self.train_after_embed
+    }
+
+    /// Whether a modal dialog (a question, the class picker, an editor) has the keyboard.
+    pub fn modal_open(&self) -> bool {
+        self.dialogs.modal_open()
     }
 
     pub fn has_features(&self) -> bool {
@@ -659,12 +666,17 @@ impl HeGraphApp {
             self.engine.text.clone(),
             self.engine.text_neg.clone(),
         ) else {
-            let why = self
-                .engine
-                .model_error
-                .clone()
-                .unwrap_or_else(|| "the images are not embedded yet".into());
-            return Err(format!("cannot train: {why}"));
+            if let Some(why) = self.engine.model_error.clone() {
+                return Err(format!("cannot train: {why}"));
+            }
+            // The embedding was cancelled (or never started): resume it; the cache has what was done.
+            self.start_embedding();
+            self.train_after_embed = true;
+            self.notify(
+                Level::Info,
+                "resuming the embedding (what was done is cached); training follows".into(),
+            );
+            return Ok(());
         };
         let settings = &s.project.settings;
         let (train_idx, held_idx) = s.split_labelled(settings.held_out_percent);
@@ -706,10 +718,7 @@ impl HeGraphApp {
         self.engine.train_job = Some(Job::spawn("train", self.ctx.clone(), move |p, c, l| {
             jobs::run_train(req, p, c, l)
         }));
-        self.notify(
-            Level::Info,
-            "training started (Esc or Cancel stops it)".into(),
-        );
+        self.notify(Level::Info, "training started (Cancel stops it)".into());
         Ok(())
     }
 
@@ -950,13 +959,51 @@ impl HeGraphApp {
     }
 
     /// Labels the cursor/selection with `class` (`None` clears) and does what follows a label: save, advance,
-    /// maybe retrain.
+    /// maybe retrain. Several images of which some carry another label are only relabelled once the person
+    /// confirms it; one labelled image (which the person moved to) is relabelled at once, and the toast says
+    /// what it was.
     pub fn label_with(&mut self, class: Option<usize>) {
+        let Some(s) = self.session.as_ref() else {
+            return;
+        };
+        let targets = s.targets();
+        let overwrites = s.overwrites(&targets, class);
+        if targets.len() > 1 && overwrites > 0 {
+            self.dialogs.relabel = Some(dialogs::ConfirmRelabel {
+                targets,
+                class,
+                overwrites,
+            });
+            return;
+        }
+        let replaced = match (targets.as_slice(), overwrites) {
+            ([i], 1) => {
+                let name = |c: Option<usize>| {
+                    c.and_then(|c| s.classes().get(c).cloned())
+                        .unwrap_or_else(|| "no label".into())
+                };
+                Some(format!(
+                    "{}: {} → {} (Ctrl+Z undoes)",
+                    s.images[*i].rel,
+                    name(s.label(*i)),
+                    name(class)
+                ))
+            }
+            _ => None,
+        };
+        self.apply_labels(&targets, class);
+        if let Some(text) = replaced {
+            self.notify(Level::Info, text);
+        }
+    }
+
+    /// Labels `targets` (already confirmed) and does what follows a label.
+    pub(super) fn apply_labels(&mut self, targets: &[usize], class: Option<usize>) {
         let Some(s) = self.session.as_mut() else {
             return;
         };
         let advance = s.project.settings.auto_advance;
-        let out = s.label_targets(class, advance);
+        let out = s.label_images(targets, class, advance);
         let auto = s.project.settings.auto_train_every as usize;
         let due = auto > 0 && s.labels_since_train >= auto;
         if let Err(e) = out.saved {
@@ -1096,120 +1143,84 @@ impl HeGraphApp {
         }
     }
 
+    /// Applies the frame's key presses in the order they were typed ([`shortcuts`]). Keys that are no
+    /// shortcut stay for the widgets; once an action opens a dialog, the keys after it are the dialog's.
     fn handle_keys(&mut self, ctx: &egui::Context) {
+        if std::mem::take(&mut self.dialogs.drop_input) {
+            // Typed at the window while a native file dialog had the person's attention.
+            ctx.input_mut(|i| i.events.retain(|e| !shortcuts::is_user_input(e)));
+            return;
+        }
         if self.dialogs.modal_open() {
             if ctx.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Escape)) {
                 self.dialogs.close_top();
             }
             return;
         }
-        let cmd = Modifiers::COMMAND;
-        let shift_cmd = Modifiers::COMMAND | Modifiers::SHIFT;
-        let pressed = |m: Modifiers, k: Key| ctx.input_mut(|i| i.consume_key(m, k));
-        // Open, save and the view keys work everywhere; the rest only when no text field has the keyboard
-        // (a text field keeps its own Ctrl+Z).
-        if pressed(cmd, Key::O) {
-            self.pick_folder();
-        }
-        if pressed(cmd, Key::S) {
-            if let Some(Err(e)) = self.session.as_ref().map(Session::save) {
-                self.notify(Level::Error, e.to_string());
-            } else if self.session.is_some() {
-                self.notify(Level::Info, "saved".into());
+        let text_focus = ctx.egui_wants_keyboard_input();
+        let events = ctx.input_mut(|i| std::mem::take(&mut i.events));
+        let mut keep = Vec::with_capacity(events.len());
+        let mut events = events.into_iter();
+        while let Some(e) = events.next() {
+            let cx = shortcuts::KeyContext {
+                text_focus,
+                view: self.view,
+                cols: self.grid.cols,
+                classes: self.session.as_ref().map_or(0, |s| s.classes().len()),
+            };
+            match shortcuts::action_of(&e, &cx) {
+                Some(a) => {
+                    self.perform(a);
+                    if self.dialogs.modal_open() || self.dialogs.drop_input {
+                        keep.extend(events.by_ref());
+                    }
+                }
+                None => keep.push(e),
             }
         }
-        for (k, v) in [
-            (Key::Num1, View::Label),
-            (Key::Num2, View::Graph),
-            (Key::Num3, View::Train),
-        ] {
-            if pressed(cmd, k) {
-                self.view = v;
-            }
-        }
-        if pressed(Modifiers::NONE, Key::F1) {
-            self.dialogs.help = !self.dialogs.help;
-        }
-        if ctx.egui_wants_keyboard_input() {
-            return;
-        }
-        if pressed(shift_cmd, Key::Z) || pressed(cmd, Key::Y) {
-            self.redo();
-        }
-        if pressed(cmd, Key::Z) {
-            self.undo();
-        }
-        if pressed(cmd, Key::A) {
-            if let Some(s) = self.session.as_mut() {
-                s.select_all_visible();
-            }
-        }
-        if pressed(Modifiers::NONE, Key::Escape) {
-            if self.engine.train_job.is_some() || self.engine.embed_job.is_some() {
-                self.cancel_jobs();
-            } else if let Some(s) = self.session.as_mut() {
-                s.clear_selection();
-            }
-        }
-        if pressed(Modifiers::NONE, Key::T) {
-            if let Err(e) = self.start_training() {
-                self.notify(Level::Warn, e);
-            }
-        }
-        if pressed(Modifiers::SHIFT, Key::Questionmark)
-            || pressed(Modifiers::NONE, Key::Questionmark)
-        {
-            self.dialogs.help = !self.dialogs.help;
-        }
-        if self.view != View::Label {
-            return;
-        }
-        let digits = [
-            Key::Num1,
-            Key::Num2,
-            Key::Num3,
-            Key::Num4,
-            Key::Num5,
-            Key::Num6,
-            Key::Num7,
-            Key::Num8,
-            Key::Num9,
-        ];
-        for (c, k) in digits.iter().enumerate() {
-            if pressed(Modifiers::NONE, *k) {
-                let n = self.session.as_ref().map_or(0, |s| s.classes().len());
-                if c < n {
-                    self.label_with(Some(c));
+        ctx.input_mut(|i| {
+            keep.append(&mut i.events);
+            i.events = keep;
+        });
+    }
+
+    fn perform(&mut self, action: Action) {
+        match action {
+            Action::OpenFolder => self.pick_folder(),
+            Action::Save => {
+                if let Some(Err(e)) = self.session.as_ref().map(Session::save) {
+                    self.notify(Level::Error, e.to_string());
+                } else if self.session.is_some() {
+                    self.notify(Level::Info, "saved".into());
                 }
             }
-        }
-        if pressed(Modifiers::NONE, Key::Num0)
-            || pressed(Modifiers::NONE, Key::Backspace)
-            || pressed(Modifiers::NONE, Key::Delete)
-        {
-            self.label_with(None);
-        }
-        if pressed(Modifiers::NONE, Key::N) {
-            self.label_next();
-        }
-        if (pressed(Modifiers::NONE, Key::Slash) || pressed(Modifiers::NONE, Key::L))
-            && self.session.is_some()
-        {
-            self.dialogs.picker = Some(dialogs::ClassPicker::default());
-        }
-        let cols = self.grid.cols.max(1) as isize;
-        let moves = [
-            (Key::ArrowLeft, -1),
-            (Key::ArrowRight, 1),
-            (Key::ArrowUp, -cols),
-            (Key::ArrowDown, cols),
-            (Key::PageUp, -cols * 4),
-            (Key::PageDown, cols * 4),
-            (Key::Home, isize::MIN / 2),
-            (Key::End, isize::MAX / 2),
-        ];
-        for (k, d) in moves {
-            if pressed(Modifiers::NONE, k) {
+            Action::Show(v) => self.view = v,
+            Action::ToggleHelp => self.dialogs.help = !self.dialogs.help,
+            Action::Undo => self.undo(),
+            Action::Redo => self.redo(),
+            Action::SelectAll => {
+                if let Some(s) = self.session.as_mut() {
+                    s.select_all_visible();
+                }
+            }
+            Action::ClearSelection => {
+                if let Some(s) = self.session.as_mut() {
+                    s.clear_selection();
+                }
+            }
+            Action::Train => {
+                if let Err(e) = self.start_training() {
+                    self.notify(Level::Warn, e);
+                }
+            }
+            Action::Label(class) => self.label_with(class),
+            Action::LabelNext => self.label_next(),
+            Action::ClassPicker => {
+                if self.session.is_some() {
+                    self.dialogs.picker = Some(dialogs::ClassPicker::default());
+                }
+            }
+            Action::Move(d) => {
                 if let Some(s) = self.session.as_mut() {
                     s.move_cursor(d);
                     self.grid.scroll_to_cursor = true;

@@ -372,15 +372,27 @@ impl Session {
     // --- labelling -------------------------------------------------------------------------------------
 
     /// Labels the targets with `class` (`None` removes the label), records the action for undo, saves, and
-    /// (with `advance`) moves the cursor to the next visible image after the labelled ones.
+    /// (with `advance`) moves the cursor to the next unlabelled image after the labelled ones.
     pub fn label_targets(&mut self, class: Option<usize>, advance: bool) -> LabelOutcome {
         let targets = self.targets();
+        self.label_images(&targets, class, advance)
+    }
+
+    /// [`Self::label_targets`] on given images (a confirmed bulk relabel applies to the images it was asked
+    /// about).
+    pub fn label_images(
+        &mut self,
+        targets: &[usize],
+        class: Option<usize>,
+        advance: bool,
+    ) -> LabelOutcome {
+        // Found before labelling: the filter may hide the targets once they are labelled.
         let next = if advance {
-            self.next_after(&targets)
+            self.next_unlabelled_after(targets)
         } else {
             None
         };
-        let outcome = self.set_labels(&targets, class);
+        let outcome = self.set_labels(targets, class);
         if advance && outcome.changed > 0 {
             if let Some(n) = next {
                 self.cursor = Some(n);
@@ -391,8 +403,17 @@ impl Session {
         outcome
     }
 
-    /// The first visible image after the last of `targets` that is not itself a target.
-    fn next_after(&mut self, targets: &[usize]) -> Option<usize> {
+    /// The targets that already carry a label other than `class`: what a labelling action would overwrite.
+    pub fn overwrites(&self, targets: &[usize], class: Option<usize>) -> usize {
+        targets
+            .iter()
+            .filter(|&&i| self.label(i).is_some_and(|l| Some(l) != class))
+            .count()
+    }
+
+    /// The first visible unlabelled image after the last of `targets` (wrapping around). Auto-advance never
+    /// lands on a labelled image, so the next digit cannot overwrite a label the person did not look at.
+    fn next_unlabelled_after(&mut self, targets: &[usize]) -> Option<usize> {
         let vis = self.visible().to_vec();
         let last = targets
             .iter()
@@ -400,9 +421,9 @@ impl Session {
             .max()?;
         vis[last + 1..]
             .iter()
-            .chain(vis[..last].iter().rev())
+            .chain(vis[..last].iter())
             .copied()
-            .find(|x| !targets.contains(x))
+            .find(|&x| !targets.contains(&x) && self.labels[x].is_none())
     }
 
     /// Sets labels of `images` (an undoable action) and saves.
@@ -639,6 +660,28 @@ mod tests {
         s.label_targets(None, false);
         assert_eq!(s.label(0), None);
         assert_eq!(s.labelled_count(), 1);
+    }
+
+    #[test]
+    fn advance_goes_to_the_next_unlabelled_image_and_never_onto_a_label() {
+        let mut s = session(6, None);
+        s.set_labels(&[2, 3], Some(1));
+        s.click(1);
+        s.label_targets(Some(0), true);
+        assert_eq!(s.cursor, Some(4), "2 and 3 are labelled: skipped");
+        s.label_targets(Some(0), true);
+        assert_eq!(s.cursor, Some(5));
+        s.label_targets(Some(0), true);
+        assert_eq!(
+            s.cursor,
+            Some(0),
+            "wraps around to the first unlabelled image"
+        );
+        s.label_targets(Some(2), true);
+        // Every image is labelled: the cursor stays where it was.
+        assert_eq!(s.cursor, Some(0));
+        assert_eq!(s.overwrites(&[0, 1, 2], Some(0)), 2, "0 has c and 2 has b");
+        assert_eq!(s.overwrites(&[0, 1, 2], None), 3);
     }
 
     #[test]
