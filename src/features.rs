@@ -362,7 +362,7 @@ impl FeatureSet {
                     format!("has dimension {} but the other features have {d}; all features must come from the same CLIP model", m.cols),
                 ));
             }
-            if let Some(r) = (0..m.rows).find(|&r| !m.row(r).iter().all(|x| x.is_finite())) {
+            if let Some(r) = m.first_non_finite_row() {
                 return Err(bad(
                     name,
                     format!("row {r} contains NaN or infinity; re-extract the features"),

@@ -53,6 +53,11 @@ impl Mat {
         &self.data[i * self.cols..(i + 1) * self.cols]
     }
 
+    /// The first row holding a NaN or an infinity: what every loader reports before using a matrix.
+    pub fn first_non_finite_row(&self) -> Option<usize> {
+        (0..self.rows).find(|&r| !self.row(r).iter().all(|x| x.is_finite()))
+    }
+
     pub fn row_mut(&mut self, i: usize) -> &mut [f32] {
         &mut self.data[i * self.cols..(i + 1) * self.cols]
     }

@@ -1240,3 +1240,84 @@ fn real_features_evaluation_without_text_reports_needs_text() {
     assert!(m > 40.0, "1-shot cache-only accuracy {m}");
     assert!(r.to_markdown().contains("needs text features"));
 }
+
+/// Issue 11 (4, 5, 11): an adapter holding a NaN is refused when loaded, naming the tensor; settings that are not
+/// finite or not positive are refused before training, so no file the reader refuses is ever written; a
+/// features file given as an adapter is named as such.
+#[test]
+fn non_finite_adapters_and_settings_are_refused_and_never_written() {
+    let task = bench::synthetic_task(3, 2, 8, 0, 3);
+    let a = train_quiet(
+        Method::TipAdapterF,
+        &TrainParams::default(),
+        &synthetic_input(&task),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.hegraph");
+    a.save(&path).unwrap();
+    TrainedAdapter::load(&path).unwrap();
+
+    // The last four bytes are the last float of the last tensor.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = bytes.len();
+    bytes[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
+    let nan = dir.path().join("nan.hegraph");
+    std::fs::write(&nan, &bytes).unwrap();
+    let err = TrainedAdapter::load(&nan).unwrap_err().to_string();
+    assert!(err.contains("nan.hegraph"), "{err}");
+    assert!(
+        err.contains("NaN or infinity") && err.contains("tensor `"),
+        "{err}"
+    );
+
+    // The writer refuses what the reader would.
+    let mut broken = a.clone();
+    if let Some(k) = broken.tensors.keys.as_mut() {
+        k.data[0] = f32::INFINITY;
+    }
+    let out = dir.path().join("never.hegraph");
+    let err = broken.save(&out).unwrap_err().to_string();
+    assert!(
+        err.contains("not written") && err.contains("`keys`"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let mut broken = a.clone();
+    broken.alpha = Some(f32::NAN);
+    assert!(broken.save(&out).is_err());
+    assert!(!out.exists());
+
+    // Settings: NaN, infinite and non-positive rates are refused before any training.
+    for (key, value) in [
+        ("lr", f32::NAN),
+        ("lr", f32::INFINITY),
+        ("tip_lr", -1.0),
+        ("lr", 0.0),
+        ("beta_c", f32::NAN),
+    ] {
+        let mut p = TrainParams::default();
+        match key {
+            "lr" => p.lr = value,
+            "tip_lr" => p.tip_lr = value,
+            _ => p.beta_c = value,
+        }
+        let err = train_quiet(Method::TipAdapterF, &p, &synthetic_input(&task))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("`{key}`")), "{key}={value}: {err}");
+    }
+
+    // A features file is not an adapter, and the message says which it is.
+    let fs = FeatureSet {
+        classes: task.classes.clone(),
+        dim: task.train.features.cols,
+        train: Some(task.train.clone()),
+        text: Some(task.text.clone()),
+        ..Default::default()
+    };
+    let features = dir.path().join("f.safetensors");
+    fs.save(&features).unwrap();
+    let err = TrainedAdapter::load(&features).unwrap_err().to_string();
+    assert!(err.contains("this is a features file"), "{err}");
+}

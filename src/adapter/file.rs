@@ -20,7 +20,50 @@ fn file_err(path: &Path, msg: impl Into<String>) -> AdapterError {
     }
 }
 
+/// Why `a` cannot be stored so that [`load`] reads it back: a non-finite matrix entry or number (JSON has no
+/// NaN: it would be written as `null` and refused, or read as "not searched").
+fn unstorable(a: &TrainedAdapter) -> Option<String> {
+    if let Some((name, r)) = named(&a.tensors)
+        .iter()
+        .find_map(|(n, m)| m.and_then(Mat::first_non_finite_row).map(|r| (*n, r)))
+    {
+        return Some(format!("tensor `{name}` row {r} holds NaN or infinity"));
+    }
+    let numbers = [
+        ("alpha", a.alpha),
+        ("beta", a.beta),
+        ("fusion_weight", a.fusion_weight),
+    ];
+    if let Some((name, v)) = numbers
+        .iter()
+        .find(|(_, v)| v.is_some_and(|v| !v.is_finite()))
+    {
+        return Some(format!("{name} is {v:?}"));
+    }
+    a.params.check().err()
+}
+
+/// The matrices and their tensor names.
+fn named(t: &AdapterTensors) -> [(&'static str, Option<&Mat>); 8] {
+    [
+        ("text", t.text.as_ref()),
+        ("text_neg", t.text_neg.as_ref()),
+        ("keys", t.keys.as_ref()),
+        ("fused_keys", t.fused_keys.as_ref()),
+        ("visual", t.visual.as_ref()),
+        ("w_p", t.w_p.as_ref()),
+        ("w_n", t.w_n.as_ref()),
+        ("w_v", t.w_v.as_ref()),
+    ]
+}
+
 pub(super) fn save(a: &TrainedAdapter, path: &Path) -> Result<(), AdapterError> {
+    if let Some(why) = unstorable(a) {
+        return Err(file_err(
+            path,
+            format!("not written: {why} (the training diverged or a setting is invalid)"),
+        ));
+    }
     let mut header = a.clone();
     let t = std::mem::take(&mut header.tensors);
     // Small per-row data stays in the JSON header; matrices go to tensors.
@@ -31,19 +74,9 @@ pub(super) fn save(a: &TrainedAdapter, path: &Path) -> Result<(), AdapterError> 
     meta.insert("format".to_string(), FORMAT.to_string());
     meta.insert("version".to_string(), VERSION.to_string());
     meta.insert("header".to_string(), json);
-    let named: [(&str, &Option<Mat>); 8] = [
-        ("text", &t.text),
-        ("text_neg", &t.text_neg),
-        ("keys", &t.keys),
-        ("fused_keys", &t.fused_keys),
-        ("visual", &t.visual),
-        ("w_p", &t.w_p),
-        ("w_n", &t.w_n),
-        ("w_v", &t.w_v),
-    ];
-    let mats: Vec<(String, &Mat)> = named
+    let mats: Vec<(String, &Mat)> = named(&t)
         .iter()
-        .filter_map(|(n, m)| m.as_ref().map(|m| (n.to_string(), m)))
+        .filter_map(|(n, m)| m.map(|m| (n.to_string(), m)))
         .collect();
     let bytes = serialize_tensors(&mats, meta).map_err(|e| file_err(path, e))?;
     write_atomic(path, &bytes).map_err(|e| file_err(path, format!("cannot write: {e}")))
@@ -52,6 +85,13 @@ pub(super) fn save(a: &TrainedAdapter, path: &Path) -> Result<(), AdapterError> 
 pub(super) fn load(path: &Path) -> Result<TrainedAdapter, AdapterError> {
     let bytes = std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
     let f = deserialize_tensors(path, &bytes).map_err(|e| file_err(path, e.to_string()))?;
+    if f.meta.get("format").map(String::as_str) == Some(crate::features::FORMAT) {
+        return Err(file_err(
+            path,
+            "this is a features file (written by `hegraph extract`), not an adapter; train one with \
+             `hegraph train FEATURES -o ADAPTER`",
+        ));
+    }
     if f.meta.get("format").map(String::as_str) != Some(FORMAT) {
         return Err(file_err(
             path,
@@ -129,6 +169,12 @@ pub(super) fn load(path: &Path) -> Result<TrainedAdapter, AdapterError> {
         ));
     }
     a.tensors = t;
+    if let Some(why) = unstorable(&a) {
+        return Err(file_err(
+            path,
+            format!("{why}: the file is damaged; retrain the adapter"),
+        ));
+    }
     Ok(a)
 }
 

@@ -344,10 +344,73 @@ impl TrainParams {
         serde_json::from_value(v).map_err(|e| format!("invalid settings {pairs:?}: {e}"))
     }
 
+    /// Why these settings cannot train, if they cannot: a number that is not finite (JSON, where they are
+    /// stored, has no NaN), or a rate, size or scale that must be positive. Checked before any training and
+    /// before an adapter file is written or accepted.
+    pub fn check(&self) -> Result<(), String> {
+        let v = serde_json::to_value(self).map_err(|e| e.to_string())?;
+        if let Some(name) = first_null(&v) {
+            return Err(format!("setting `{name}` is not a finite number"));
+        }
+        let positive = [
+            ("lr", self.lr),
+            ("tip_lr", self.tip_lr),
+            ("adam_eps", self.adam_eps),
+            ("tip_eps", self.tip_eps),
+            ("logit_scale", self.logit_scale),
+        ];
+        let non_negative = [
+            ("weight_decay", self.weight_decay),
+            ("tip_weight_decay", self.tip_weight_decay),
+            ("beta_c", self.beta_c),
+            ("lambda", self.lambda),
+            ("fusion_weight", self.fusion_weight),
+            ("prior_alpha", self.prior_alpha),
+            ("tip_alpha", self.tip_alpha),
+            ("tip_beta", self.tip_beta),
+        ];
+        if let Some((name, x)) = positive.iter().find(|(_, x)| *x <= 0.0) {
+            return Err(format!("setting `{name}` must be positive, not {x}"));
+        }
+        if let Some((name, x)) = non_negative.iter().find(|(_, x)| *x < 0.0) {
+            return Err(format!("setting `{name}` must not be negative, not {x}"));
+        }
+        if self.batch_size == 0 {
+            return Err("setting `batch_size` must be at least 1".into());
+        }
+        Ok(())
+    }
+
     pub fn graph_options(&self) -> GraphOptions {
         GraphOptions {
             cache_keys: self.cache_keys,
         }
+    }
+}
+
+/// The dotted name of the first `null` in `v` (a non-finite float, as serde_json writes one).
+fn first_null(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::Null => Some(String::new()),
+        serde_json::Value::Object(m) => m.iter().find_map(|(k, x)| {
+            first_null(x).map(|rest| {
+                if rest.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{k}.{rest}")
+                }
+            })
+        }),
+        serde_json::Value::Array(a) => a.iter().enumerate().find_map(|(i, x)| {
+            first_null(x).map(|rest| {
+                if rest.is_empty() {
+                    i.to_string()
+                } else {
+                    format!("{i}.{rest}")
+                }
+            })
+        }),
+        _ => None,
     }
 }
 
@@ -785,6 +848,7 @@ pub fn train(
 }
 
 fn validate_input(params: &TrainParams, input: &TrainInput) -> Result<(), AdapterError> {
+    params.check().map_err(AdapterError::Input)?;
     let c = input.classes.len();
     if c == 0 {
         return Err(AdapterError::Input("there are no classes".into()));
@@ -811,7 +875,7 @@ fn validate_input(params: &TrainParams, input: &TrainInput) -> Result<(), Adapte
                 )));
             }
         }
-        if let Some(r) = (0..m.rows).find(|&r| !m.row(r).iter().all(|x| x.is_finite())) {
+        if let Some(r) = m.first_non_finite_row() {
             return Err(AdapterError::Input(format!(
                 "{name}: row {r} contains NaN or infinity; re-extract the features"
             )));
