@@ -390,6 +390,24 @@ fn scripted_session_labels_trains_saves_and_reopens() {
     let adapter_path = saved.adapter_path.clone().expect("adapter path saved");
     assert!(adapter_path.exists());
     assert!(saved.last_training.is_some());
+    // "Train (n labels changed)" counts labels, net of undo (issue 10: it counted edits).
+    assert_eq!(
+        h.state().session().unwrap().labels_changed_since_training(),
+        0
+    );
+    h.key_press(egui::Key::N);
+    h.key_press(egui::Key::Num2);
+    h.step();
+    assert_eq!(
+        h.state().session().unwrap().labels_changed_since_training(),
+        1
+    );
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Z);
+    h.step();
+    assert_eq!(
+        h.state().session().unwrap().labels_changed_since_training(),
+        0
+    );
     let labels = h.state().session().unwrap().project.labels.clone();
     drop(h);
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 use egui::{Color32, RichText};
 
 use super::jobs::{self, Job};
+use super::state::Session;
 use super::{style, HeGraphApp, Level, Notice, View, TEST_CHECKPOINT_BANNER};
 
 impl HeGraphApp {
@@ -212,9 +213,13 @@ impl HeGraphApp {
                 .session
                 .as_ref()
                 .is_some_and(|s| s.labelled_count() > 0);
-            let fresh = self.session.as_ref().map_or(0, |s| s.labels_since_train);
+            let fresh = self
+                .session
+                .as_ref()
+                .map_or(0, Session::labels_changed_since_training);
             let text = if fresh > 0 && !self.engine.history.is_empty() {
-                format!("▶ Train  ({fresh} new labels)")
+                let s = if fresh == 1 { "" } else { "s" };
+                format!("▶ Train  ({fresh} label{s} changed)")
             } else {
                 "▶ Train".to_string()
             };

@@ -713,7 +713,7 @@ impl HeGraphApp {
             gpu: self.gpu.clone(),
         };
         if let Some(s) = self.session.as_mut() {
-            s.labels_since_train = 0;
+            s.mark_trained();
         }
         self.engine.train_job = Some(Job::spawn("train", self.ctx.clone(), move |p, c, l| {
             jobs::run_train(req, p, c, l)
@@ -1005,7 +1005,7 @@ impl HeGraphApp {
         let advance = s.project.settings.auto_advance;
         let out = s.label_images(targets, class, advance);
         let auto = s.project.settings.auto_train_every as usize;
-        let due = auto > 0 && s.labels_since_train >= auto;
+        let due = auto > 0 && s.labels_changed_since_training() >= auto;
         if let Err(e) = out.saved {
             self.notify(Level::Error, format!("{e}"));
         }

@@ -2,7 +2,7 @@
 //! predictions, the grid's filter and sort, selection and the "label next" choice. The GUI is a view of this;
 //! tests drive it directly.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use crate::linalg::{argmax, Mat};
@@ -104,8 +104,11 @@ pub struct Session {
     filter: GridFilter,
     visible: Vec<usize>,
     visible_dirty: bool,
-    /// Labels given since the last training started (for automatic retraining).
-    pub labels_since_train: usize,
+    /// The labels the last training started from (at first: those the project was opened with, which its
+    /// saved adapter saw).
+    trained_on: BTreeMap<String, String>,
+    /// Images whose label differs from `trained_on`: added, changed or removed, net of undo.
+    changed_since_training: usize,
     /// Bumped on every label change so views can cache derived data.
     pub label_generation: u64,
 }
@@ -133,9 +136,11 @@ impl Session {
             filter: GridFilter::default(),
             visible: Vec::new(),
             visible_dirty: true,
-            labels_since_train: 0,
+            trained_on: BTreeMap::new(),
+            changed_since_training: 0,
             label_generation: 0,
         };
+        s.trained_on = s.project.labels.clone();
         s.refresh_visible();
         s
     }
@@ -197,6 +202,25 @@ impl Session {
         self.redo.clear();
         self.label_generation += 1;
         self.visible_dirty = true;
+        self.count_changes_since_training();
+    }
+
+    /// Images whose label differs from what the last training saw (a relabel undone counts nothing).
+    pub fn labels_changed_since_training(&self) -> usize {
+        self.changed_since_training
+    }
+
+    /// A training starts from the current labels.
+    pub fn mark_trained(&mut self) {
+        self.trained_on = self.project.labels.clone();
+        self.changed_since_training = 0;
+    }
+
+    fn count_changes_since_training(&mut self) {
+        let (now, then) = (&self.project.labels, &self.trained_on);
+        let changed = now.iter().filter(|(k, v)| then.get(*k) != Some(*v)).count();
+        let removed = then.keys().filter(|k| !now.contains_key(*k)).count();
+        self.changed_since_training = changed + removed;
     }
 
     // --- predictions ---------------------------------------------------------------------------------
@@ -450,9 +474,6 @@ impl Session {
             };
         }
         let changed = changes.len();
-        if name.is_some() {
-            self.labels_since_train += changes.iter().filter(|c| c.1.is_none()).count();
-        }
         let edit = Edit { changes };
         self.apply(&edit, false);
         self.undo.push(edit);
@@ -481,6 +502,7 @@ impl Session {
         }
         self.label_generation += 1;
         self.visible_dirty = true;
+        self.count_changes_since_training();
     }
 
     pub fn can_undo(&self) -> bool {
@@ -660,6 +682,34 @@ mod tests {
         s.label_targets(None, false);
         assert_eq!(s.label(0), None);
         assert_eq!(s.labelled_count(), 1);
+    }
+
+    #[test]
+    fn changes_since_training_are_net_of_undo() {
+        let mut s = session(5, None);
+        s.set_labels(&[0, 1], Some(0));
+        assert_eq!(s.labels_changed_since_training(), 2);
+        s.mark_trained();
+        assert_eq!(s.labels_changed_since_training(), 0);
+        s.set_labels(&[0], Some(1));
+        s.set_labels(&[2], Some(1));
+        s.set_labels(&[1], None);
+        assert_eq!(
+            s.labels_changed_since_training(),
+            3,
+            "changed, added, removed"
+        );
+        s.undo();
+        s.undo();
+        s.undo();
+        assert_eq!(
+            s.labels_changed_since_training(),
+            0,
+            "undone edits count nothing"
+        );
+        s.set_labels(&[3], Some(2));
+        s.set_labels(&[3], None);
+        assert_eq!(s.labels_changed_since_training(), 0);
     }
 
     #[test]
