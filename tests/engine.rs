@@ -683,13 +683,7 @@ fn the_hand_written_and_candle_backends_train_alike() {
 // Training
 
 fn synthetic_input(task: &bench::SyntheticTask) -> TrainInput<'_> {
-    TrainInput {
-        classes: &task.classes,
-        text: Some(&task.text),
-        text_neg: Some(&task.text_neg),
-        train: &task.train,
-        val: None,
-    }
+    task.input()
 }
 
 fn train_quiet(

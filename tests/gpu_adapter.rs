@@ -360,13 +360,7 @@ fn a_gpu_lost_mid_training_hands_over_to_the_cpu_from_the_last_snapshot() {
         snapshot_every: 3,
         ..TrainParams::spec()
     };
-    let input = TrainInput {
-        classes: &task.classes,
-        text: Some(&task.text),
-        text_neg: Some(&task.text_neg),
-        train: &task.train,
-        val: None,
-    };
+    let input = task.input();
     let mut messages = Vec::new();
     let mut last_step = 0;
     let trained = adapter::train(

@@ -22,6 +22,19 @@ pub struct SyntheticTask {
     pub train: LabelledSplit,
 }
 
+impl SyntheticTask {
+    /// The task as training input, without a validation split (as the app trains).
+    pub fn input(&self) -> TrainInput<'_> {
+        TrainInput {
+            classes: &self.classes,
+            text: Some(&self.text),
+            text_neg: Some(&self.text_neg),
+            train: &self.train,
+            val: None,
+        }
+    }
+}
+
 fn noisy(rng: &mut Rng, base: &[f32], base_weight: f32, sigma: f32) -> Vec<f32> {
     let d = base.len();
     let s = sigma / (d as f32).sqrt();
@@ -148,13 +161,7 @@ pub fn bench_train(
     // step and after the last timed one makes both timestamps mean "done", not "queued", and costs two
     // readbacks in 40 steps.
     params.loss_every = BENCH_MAX_STEPS - 1;
-    let input = TrainInput {
-        classes: &task.classes,
-        text: Some(&task.text),
-        text_neg: Some(&task.text_neg),
-        train: &task.train,
-        val: None,
-    };
+    let input = task.input();
     let cancel = CancelToken::new();
     let start = Instant::now();
     let mut first: Option<f64> = None;
@@ -226,13 +233,7 @@ pub fn bench_retrain_adopted(
     views: usize,
 ) -> Result<f64, AdapterError> {
     let task = synthetic_task(classes, shots, dim, views, 7);
-    let input = TrainInput {
-        classes: &task.classes,
-        text: Some(&task.text),
-        text_neg: Some(&task.text_neg),
-        train: &task.train,
-        val: None,
-    };
+    let input = task.input();
     let start = Instant::now();
     train(
         Method::HeGraph,

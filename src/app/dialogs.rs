@@ -182,6 +182,37 @@ impl Dialogs {
     }
 }
 
+/// A yes/no question in a modal: `Some(true)` on the first button or Enter, `Some(false)` on the second (Esc
+/// closes the top dialog through [`Dialogs::close_top`]), `None` while unanswered.
+fn ask(
+    ctx: &egui::Context,
+    id: &str,
+    title: &str,
+    text: &str,
+    (yes, no): (&str, &str),
+) -> Option<bool> {
+    let mut answer = None;
+    egui::Modal::new(egui::Id::unique(id)).show(ctx, |ui| {
+        ui.set_width(460.0);
+        ui.heading(title);
+        ui.add_space(4.0);
+        ui.label(text);
+        ui.add_space(8.0);
+        ui.horizontal(|ui| {
+            if ui.button(format!("{yes} (Enter)")).clicked() {
+                answer = Some(true);
+            }
+            if ui.button(format!("{no} (Esc)")).clicked() {
+                answer = Some(false);
+            }
+        });
+        if ui.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Enter)) {
+            answer = Some(true);
+        }
+    });
+    answer
+}
+
 impl HeGraphApp {
     pub(super) fn open_class_editor(&mut self) {
         let Some(s) = &self.session else { return };
@@ -333,29 +364,18 @@ impl HeGraphApp {
             }
             None => "as unlabelled".into(),
         };
-        let mut answer = None;
-        egui::Modal::new(egui::Id::unique("hegraph-relabel")).show(ctx, |ui| {
-            ui.set_width(460.0);
-            ui.heading("Overwrite labels?");
-            ui.add_space(4.0);
-            ui.label(format!(
-                "Label {} images {to}? {} of them already have another label, which this replaces.",
-                d.targets.len(),
-                d.overwrites
-            ));
-            ui.add_space(8.0);
-            ui.horizontal(|ui| {
-                if ui.button("Relabel (Enter)").clicked() {
-                    answer = Some(true);
-                }
-                if ui.button("Keep the labels (Esc)").clicked() {
-                    answer = Some(false);
-                }
-            });
-            if ui.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Enter)) {
-                answer = Some(true);
-            }
-        });
+        let text = format!(
+            "Label {} images {to}? {} of them already have another label, which this replaces.",
+            d.targets.len(),
+            d.overwrites
+        );
+        let answer = ask(
+            ctx,
+            "hegraph-relabel",
+            "Overwrite labels?",
+            &text,
+            ("Relabel", "Keep the labels"),
+        );
         match answer {
             Some(true) => {
                 if let Some(d) = self.dialogs.relabel.take() {
@@ -375,24 +395,13 @@ impl HeGraphApp {
         if !self.dialogs.stop_training {
             return;
         }
-        let mut answer = None;
-        egui::Modal::new(egui::Id::unique("hegraph-stop-training")).show(ctx, |ui| {
-            ui.set_width(420.0);
-            ui.heading("Stop training?");
-            ui.label("The steps done so far are discarded; the predictions stay those of the last training.");
-            ui.add_space(8.0);
-            ui.horizontal(|ui| {
-                if ui.button("Stop training (Enter)").clicked() {
-                    answer = Some(true);
-                }
-                if ui.button("Keep training (Esc)").clicked() {
-                    answer = Some(false);
-                }
-            });
-            if ui.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Enter)) {
-                answer = Some(true);
-            }
-        });
+        let answer = ask(
+            ctx,
+            "hegraph-stop-training",
+            "Stop training?",
+            "The steps done so far are discarded; the predictions stay those of the last training.",
+            ("Stop training", "Keep training"),
+        );
         if let Some(stop) = answer {
             self.dialogs.stop_training = false;
             if stop {
