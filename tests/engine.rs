@@ -652,7 +652,7 @@ fn the_hand_written_and_candle_backends_train_alike() {
         adapter::train(
             Method::HeGraph,
             &params,
-            &synthetic_input(&task),
+            &task.input(),
             choice,
             &CancelToken::new(),
             &mut |_| {},
@@ -682,10 +682,6 @@ fn the_hand_written_and_candle_backends_train_alike() {
 // ------------------------------------------------------------------------------------------------------------
 // Training
 
-fn synthetic_input(task: &bench::SyntheticTask) -> TrainInput<'_> {
-    task.input()
-}
-
 fn train_quiet(
     method: Method,
     params: &TrainParams,
@@ -709,7 +705,7 @@ fn training_reduces_the_loss() {
         batch_size: 16,
         ..TrainParams::spec()
     };
-    let input = synthetic_input(&task);
+    let input = task.input();
     let mut steps = 0;
     let a = adapter::train(
         Method::HeGraph,
@@ -754,12 +750,7 @@ fn training_reduces_the_loss() {
 fn nan_in_inputs_is_refused_with_the_row() {
     let mut task = bench::synthetic_task(3, 2, 16, 0, 2);
     task.train.features.data[16 * 3 + 5] = f32::NAN;
-    let err = train_quiet(
-        Method::HeGraph,
-        &TrainParams::spec(),
-        &synthetic_input(&task),
-    )
-    .unwrap_err();
+    let err = train_quiet(Method::HeGraph, &TrainParams::spec(), &task.input()).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("row 3") && msg.contains("NaN"), "{msg}");
 }
@@ -772,7 +763,7 @@ fn divergence_stops_with_the_last_good_weights() {
         epochs: 3,
         ..TrainParams::spec()
     };
-    let err = train_quiet(Method::HeGraph, &params, &synthetic_input(&task)).unwrap_err();
+    let err = train_quiet(Method::HeGraph, &params, &task.input()).unwrap_err();
     let msg = err.to_string();
     match err {
         AdapterError::NonFinite {
@@ -799,7 +790,7 @@ fn needs_text_is_reported_and_cache_only_runs() {
     let input = TrainInput {
         text: None,
         text_neg: None,
-        ..synthetic_input(&task)
+        ..task.input()
     };
     for m in [Method::ZeroShot, Method::HeGraph] {
         let e = train_quiet(m, &TrainParams::spec(), &input).unwrap_err();
@@ -876,7 +867,7 @@ fn a_lost_device_falls_back_to_the_cpu_from_the_last_snapshot() {
         snapshot_every: 4,
         ..TrainParams::spec()
     };
-    let input = synthetic_input(&task);
+    let input = task.input();
     let reference = train_quiet(Method::HeGraph, &params, &input).unwrap();
     let factory = FlakyFactory { fail_at: 10 };
     let mut messages = Vec::new();
@@ -911,7 +902,7 @@ fn cancelling_stops_training() {
     let err = adapter::train(
         Method::HeGraph,
         &TrainParams::spec(),
-        &synthetic_input(&task),
+        &task.input(),
         BackendChoice::Cpu,
         &cancel,
         &mut |e| {
@@ -935,7 +926,7 @@ fn save_load_gives_identical_predictions_for_every_method() {
     let val = task.train.subset(&[0, 3, 6, 9]);
     let input = TrainInput {
         val: Some(&val),
-        ..synthetic_input(&task)
+        ..task.input()
     };
     let no_text = TrainInput {
         text: None,
@@ -979,12 +970,7 @@ fn save_load_gives_identical_predictions_for_every_method() {
 #[test]
 fn an_adapter_file_of_another_version_is_refused_clearly() {
     let task = bench::synthetic_task(3, 2, 8, 0, 3);
-    let a = train_quiet(
-        Method::TipAdapter,
-        &TrainParams::spec(),
-        &synthetic_input(&task),
-    )
-    .unwrap();
+    let a = train_quiet(Method::TipAdapter, &TrainParams::spec(), &task.input()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.hegraph");
     a.save(&path).unwrap();
@@ -1018,7 +1004,7 @@ fn zero_shot_works_before_any_image_is_labelled() {
     let empty = LabelledSplit::default();
     let input = TrainInput {
         train: &empty,
-        ..synthetic_input(&task)
+        ..task.input()
     };
     let a = train_quiet(Method::ZeroShot, &TrainParams::spec(), &input).unwrap();
     let acc = a.accuracy(&task.train).unwrap();
@@ -1241,12 +1227,7 @@ fn real_features_evaluation_without_text_reports_needs_text() {
 #[test]
 fn non_finite_adapters_and_settings_are_refused_and_never_written() {
     let task = bench::synthetic_task(3, 2, 8, 0, 3);
-    let a = train_quiet(
-        Method::TipAdapterF,
-        &TrainParams::default(),
-        &synthetic_input(&task),
-    )
-    .unwrap();
+    let a = train_quiet(Method::TipAdapterF, &TrainParams::default(), &task.input()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.hegraph");
     a.save(&path).unwrap();
@@ -1296,7 +1277,7 @@ fn non_finite_adapters_and_settings_are_refused_and_never_written() {
             "tip_lr" => p.tip_lr = value,
             _ => p.beta_c = value,
         }
-        let err = train_quiet(Method::TipAdapterF, &p, &synthetic_input(&task))
+        let err = train_quiet(Method::TipAdapterF, &p, &task.input())
             .unwrap_err()
             .to_string();
         assert!(err.contains(&format!("`{key}`")), "{key}={value}: {err}");

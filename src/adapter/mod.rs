@@ -390,26 +390,22 @@ impl TrainParams {
 
 /// The dotted name of the first `null` in `v` (a non-finite float, as serde_json writes one).
 fn first_null(v: &serde_json::Value) -> Option<String> {
+    let join = |key: String, rest: String| {
+        if rest.is_empty() {
+            key
+        } else {
+            format!("{key}.{rest}")
+        }
+    };
     match v {
         serde_json::Value::Null => Some(String::new()),
-        serde_json::Value::Object(m) => m.iter().find_map(|(k, x)| {
-            first_null(x).map(|rest| {
-                if rest.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{k}.{rest}")
-                }
-            })
-        }),
-        serde_json::Value::Array(a) => a.iter().enumerate().find_map(|(i, x)| {
-            first_null(x).map(|rest| {
-                if rest.is_empty() {
-                    i.to_string()
-                } else {
-                    format!("{i}.{rest}")
-                }
-            })
-        }),
+        serde_json::Value::Object(m) => m
+            .iter()
+            .find_map(|(k, x)| first_null(x).map(|rest| join(k.clone(), rest))),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| first_null(x).map(|rest| join(i.to_string(), rest))),
         _ => None,
     }
 }
