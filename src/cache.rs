@@ -37,6 +37,8 @@ const TEMP_PREFIX: &str = ".tmp-";
 pub const MAX_SHARD_ROWS: usize = 32_768;
 /// `compact` merges shards smaller than this.
 pub const SMALL_SHARD_ROWS: usize = 4_096;
+/// `open` compacts once this many small shards have piled up.
+pub const COMPACT_AT_SMALL_SHARDS: usize = 32;
 /// Temporary files older than this are leftovers of a crashed writer and removed on `open`; younger ones may
 /// belong to a writer still at work in another process.
 const STALE_TEMP_AGE: Duration = Duration::from_secs(24 * 3600);
@@ -45,6 +47,13 @@ const STALE_TEMP_AGE: Duration = Duration::from_secs(24 * 3600);
 pub enum CacheError {
     #[error("feature cache: {}: {source}", path.display())]
     Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Hashing reads the image itself, so this is a problem with the image, not with the cache.
+    #[error("cannot read the image {}: {source}", path.display())]
+    Image {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -75,11 +84,15 @@ pub type ContentHash = [u8; 32];
 
 /// Streams the file through blake3 (constant memory, any size).
 pub fn hash_file(path: &Path) -> Result<ContentHash, CacheError> {
-    let file = fs::File::open(path).map_err(io_err(path))?;
+    let image_err = |source| CacheError::Image {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = fs::File::open(path).map_err(image_err)?;
     let mut hasher = blake3::Hasher::new();
     hasher
         .update_reader(std::io::BufReader::with_capacity(1 << 16, file))
-        .map_err(io_err(path))?;
+        .map_err(image_err)?;
     Ok(*hasher.finalize().as_bytes())
 }
 
@@ -180,6 +193,13 @@ impl FeatureCache {
         };
         let mut warnings = cache.remove_stale_temps();
         warnings.extend(cache.refresh()?);
+        // Every embedding run adds a shard; merging the small ones here keeps a folder of 20,000 images
+        // from turning into hundreds of files. Failing to merge only costs speed, so it is a warning.
+        if cache.small_shards() >= COMPACT_AT_SMALL_SHARDS {
+            if let Err(e) = cache.compact() {
+                warnings.push(format!("could not merge the small shards: {e}"));
+            }
+        }
         Ok((cache, warnings))
     }
 
@@ -331,6 +351,14 @@ impl FeatureCache {
         Ok(())
     }
 
+    /// Number of shards under [`SMALL_SHARD_ROWS`] rows (what [`Self::compact`] would merge).
+    pub fn small_shards(&self) -> usize {
+        self.shards
+            .values()
+            .filter(|s| s.keys.len() < SMALL_SHARD_ROWS)
+            .count()
+    }
+
     /// Merges the shards under [`SMALL_SHARD_ROWS`] rows into as few shards as possible, so a cache filled
     /// batch by batch does not end up as thousands of files.
     ///
@@ -414,8 +442,10 @@ impl FeatureCache {
 
         let name = format!("{SHARD_PREFIX}{}{SHARD_SUFFIX}", &checksum[..32]);
         let path = self.dir.join(&name);
+        // The writer's pid in the name lets `open` remove what a killed writer left at once.
+        let prefix = format!("{TEMP_PREFIX}{}-", std::process::id());
         let mut tmp = tempfile::Builder::new()
-            .prefix(TEMP_PREFIX)
+            .prefix(&prefix)
             .suffix(".part")
             .tempfile_in(&self.dir)
             .map_err(io_err(&self.dir))?;
@@ -540,16 +570,21 @@ impl FeatureCache {
         };
         let now = SystemTime::now();
         for entry in rd.flatten() {
-            if !entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix(TEMP_PREFIX) else {
                 continue;
-            }
+            };
             let old = entry
                 .metadata()
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| now.duration_since(t).ok())
                 .is_some_and(|age| age > STALE_TEMP_AGE);
-            if old && fs::remove_file(entry.path()).is_ok() {
+            let writer_gone = rest
+                .split_once('-')
+                .and_then(|(pid, _)| pid.parse::<u32>().ok())
+                .is_some_and(|pid| !process_alive(pid));
+            if (old || writer_gone) && fs::remove_file(entry.path()).is_ok() {
                 warnings.push(format!(
                     "feature cache: {}: removed an unfinished shard left by an interrupted run",
                     entry.path().display()
@@ -557,6 +592,19 @@ impl FeatureCache {
             }
         }
         warnings
+    }
+}
+
+/// Whether process `pid` still runs. Only Linux can tell cheaply (`/proc`); elsewhere every writer counts
+/// as alive and its leftovers go by age.
+fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    if cfg!(target_os = "linux") {
+        Path::new("/proc").join(pid.to_string()).exists()
+    } else {
+        true
     }
 }
 
@@ -623,5 +671,53 @@ mod tests {
         assert_ne!(a, b);
         assert!(a.starts_with("openai_clip-vit-base-patch32_pp1-"));
         assert!(!namespace_dir_name("../..").contains('/'));
+    }
+
+    #[test]
+    fn open_merges_many_small_shards_and_keeps_every_feature() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = COMPACT_AT_SMALL_SHARDS + 3;
+        let key = |i: usize| CacheKey {
+            content: hash_bytes(&i.to_le_bytes()),
+            view: 0,
+        };
+        {
+            let (mut c, _) = FeatureCache::open(dir.path(), "ns", 3).unwrap();
+            for i in 0..n {
+                c.insert_batch(vec![(key(i), vec![i as f32, 1.0, -1.0])])
+                    .unwrap();
+            }
+            assert_eq!(c.shard_count(), n, "one shard per batch before compaction");
+        }
+        let (c, warnings) = FeatureCache::open(dir.path(), "ns", 3).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(c.shard_count(), 1);
+        let files = fs::read_dir(&c.dir).unwrap().count();
+        assert_eq!(files, 1, "the merged shards' files are gone");
+        for i in 0..n {
+            assert_eq!(c.get(&key(i)), Some(&[i as f32, 1.0, -1.0][..]));
+        }
+    }
+
+    #[test]
+    fn open_removes_what_a_dead_writer_left_and_keeps_a_live_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _) = FeatureCache::open(dir.path(), "ns", 3).unwrap();
+        // No pid reaches a billion (Linux caps them at 2^22).
+        let dead = c.dir.join(format!("{TEMP_PREFIX}999999999-abc.part"));
+        let live = c
+            .dir
+            .join(format!("{TEMP_PREFIX}{}-abc.part", std::process::id()));
+        fs::write(&dead, b"half a shard").unwrap();
+        fs::write(&live, b"a shard being written").unwrap();
+        let (_, warnings) = FeatureCache::open(dir.path(), "ns", 3).unwrap();
+        assert_eq!(dead.exists(), !cfg!(target_os = "linux"));
+        assert!(live.exists(), "a running writer's file is never removed");
+        if cfg!(target_os = "linux") {
+            assert!(
+                warnings.iter().any(|w| w.contains("999999999")),
+                "{warnings:?}"
+            );
+        }
     }
 }

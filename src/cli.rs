@@ -17,6 +17,7 @@ use hegraph::extract::{self, EmbedOptions, Embedder};
 use hegraph::features::{FeatureSet, LabelledSplit};
 use hegraph::linalg::argmax;
 use hegraph::progress::{CancelToken, Progress};
+use hegraph::project;
 use hegraph::prompts;
 
 #[derive(Parser, Debug)]
@@ -405,10 +406,30 @@ fn load_model(m: &ModelArgs) -> Result<Arc<ClipModel>> {
     } else {
         clip::hub::resolve_model_dir(m.model.as_deref(), !m.offline)?
     };
-    let model =
-        ClipModel::load(&dir).with_context(|| format!("loading CLIP from {}", dir.display()))?;
+    let model = match ClipModel::load(&dir) {
+        // The test checkpoint is generated from a fixed seed: a damaged one is simply written again.
+        Err(e) if m.test_checkpoint => {
+            eprintln!(
+                "the test checkpoint in {} was damaged ({e}); writing it again",
+                dir.display()
+            );
+            write_test_checkpoint_to(&dir)?;
+            ClipModel::load(&dir)
+        }
+        other => other,
+    }
+    .with_context(|| format!("loading CLIP from {}", dir.display()))?;
     eprintln!("model: {}", model.info().banner());
     Ok(Arc::new(model))
+}
+
+fn write_test_checkpoint_to(dir: &Path) -> Result<()> {
+    clip::test_checkpoint::write_test_checkpoint(
+        dir,
+        &clip::test_checkpoint::TestCheckpointConfig::tiny(),
+        0,
+    )
+    .with_context(|| format!("writing the test checkpoint to {}", dir.display()))
 }
 
 /// The test checkpoint lives in the user cache; it is written once, from a fixed seed.
@@ -419,12 +440,7 @@ fn test_checkpoint_dir() -> Result<PathBuf> {
         .join("models")
         .join("hegraph-test-checkpoint");
     if !dir.join("model.safetensors").exists() {
-        clip::test_checkpoint::write_test_checkpoint(
-            &dir,
-            &clip::test_checkpoint::TestCheckpointConfig::tiny(),
-            0,
-        )
-        .with_context(|| format!("writing the test checkpoint to {}", dir.display()))?;
+        write_test_checkpoint_to(&dir)?;
     }
     Ok(dir)
 }
@@ -442,12 +458,27 @@ fn templates_of(f: &FolderArgs) -> Vec<String> {
     }
 }
 
-fn open_dataset(folder: &Path, f: &FolderArgs) -> Result<Dataset> {
-    let ds = data::open_folder(
+/// A folder's images and labels. A folder the GUI has a project for (`FOLDER/.hegraph/project.json`) is read
+/// with that project's classes, labels and templates unless `--classes`/`--labels` say otherwise: those are
+/// the labels the person gave, which sub-folders and CSVs may no longer reflect.
+fn open_dataset(folder: &Path, f: &FolderArgs) -> Result<(Dataset, Option<Vec<String>>)> {
+    let project_file = project::default_project_path(folder);
+    let project = if f.classes.is_none() && f.labels.is_none() && project_file.is_file() {
+        Some(
+            project::Project::load(&project_file)
+                .with_context(|| {
+                    format!("reading the folder's project {}", project_file.display())
+                })?
+                .project,
+        )
+    } else {
+        None
+    };
+    let mut ds = data::open_folder(
         folder,
         &OpenOptions {
             classes_file: f.classes.as_deref(),
-            classes: None,
+            classes: project.as_ref().map(|p| p.classes.clone()),
             labels_csv: f.labels.as_deref(),
             max_images: None,
         },
@@ -456,7 +487,19 @@ fn open_dataset(folder: &Path, f: &FolderArgs) -> Result<Dataset> {
     for p in &ds.problems {
         eprintln!("warning: {p}");
     }
-    Ok(ds)
+    let templates = project.map(|p| {
+        for img in &mut ds.images {
+            img.label = p.label_index(&img.rel);
+        }
+        let labelled = ds.images.iter().filter(|i| i.label.is_some()).count();
+        eprintln!(
+            "using the project {}: {} classes, {labelled} labelled images (--classes/--labels override it)",
+            project_file.display(),
+            p.classes.len()
+        );
+        p.templates
+    });
+    Ok((ds, templates))
 }
 
 fn embedder(model: Arc<ClipModel>, m: &ModelArgs, f: &FolderArgs) -> Result<Embedder> {
@@ -476,14 +519,18 @@ fn embedder(model: Arc<ClipModel>, m: &ModelArgs, f: &FolderArgs) -> Result<Embe
 
 /// Embeds a folder (through the cache) and prints the summary `extract` promises.
 fn extract_folder(folder: &Path, f: &FolderArgs, m: &ModelArgs) -> Result<FeatureSet> {
-    let ds = open_dataset(folder, f)?;
+    let (ds, project_templates) = open_dataset(folder, f)?;
+    let templates = match project_templates {
+        Some(t) if f.templates.is_empty() && !f.imagenet_templates && !t.is_empty() => t,
+        _ => templates_of(f),
+    };
     let model = load_model(m)?;
     let banner = model.info().banner();
     let e = embedder(model, m, f)?;
     let cancel = CancelToken::new();
     let (fs, report) = {
         let bar = Bar::new();
-        extract::extract_dataset(&ds, &e, &templates_of(f), &bar, &cancel)?
+        extract::extract_dataset(&ds, &e, &templates, &bar, &cancel)?
     };
     let s = &report.stats;
     println!(

@@ -156,6 +156,9 @@ pub struct ClassNames {
 
 /// True when the extension is one of [`IMAGE_EXTENSIONS`] (case-insensitive). Content is not inspected:
 /// decoding is the `clip` module's job.
+/// The folder hegraph keeps a folder's project and features in (`FOLDER/.hegraph/`).
+pub const PROJECT_DIR_NAME: &str = ".hegraph";
+
 pub fn is_image_path(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
@@ -701,7 +704,10 @@ fn walk(
         let path = dir.join(&name);
         let name_str = name.to_string_lossy();
         if name_str.starts_with('.') {
-            problems.push(Problem::new(&path, "hidden, skipped"));
+            // hegraph's own project folder is not a person's hidden file: nothing to report.
+            if name != PROJECT_DIR_NAME {
+                problems.push(Problem::new(&path, "hidden, skipped"));
+            }
             continue;
         }
         let child_rel = if rel.is_empty() {

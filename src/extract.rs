@@ -480,13 +480,10 @@ pub fn extract_dataset(
     Ok((fs, report))
 }
 
-/// The default features file of `extract`: `<folder name>.features.safetensors` in the working directory,
-/// as command-line tools do, rather than inside the person's image folder.
+/// The default features file of `extract`: in the folder's project directory (`FOLDER/.hegraph/`), next to
+/// the project file the GUI keeps there, so a folder's features travel with it and `train FOLDER` style
+/// commands and the GUI find the same files.
 pub fn default_features_path(root: &Path) -> PathBuf {
-    let name = root
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "images".to_string());
-    PathBuf::from(format!("{name}.features.safetensors"))
+    root.join(crate::data::PROJECT_DIR_NAME)
+        .join("features.safetensors")
 }

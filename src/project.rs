@@ -34,7 +34,35 @@ pub const PROJECT_VERSION: u32 = 2;
 /// Where a folder's project lives by default: next to its features (`.hegraph/`), so a folder carries its own
 /// state and opening the folder again finds it.
 pub fn default_project_path(folder: &Path) -> PathBuf {
-    folder.join(".hegraph").join("project.json")
+    folder
+        .join(crate::data::PROJECT_DIR_NAME)
+        .join("project.json")
+}
+
+/// Where a folder's project goes when the folder cannot hold it (read-only media, a file named `.hegraph` in
+/// the way): under hegraph's per-user folder, one sub-folder per image folder. The name starts with the
+/// folder's own name so a person can find it, and ends with a hash of the whole path so two folders of the
+/// same name never share a project.
+pub fn fallback_project_path(user_dir: &Path, folder: &Path) -> PathBuf {
+    let name: String = folder
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    let hash = blake3::hash(folder.as_os_str().as_encoded_bytes()).to_hex();
+    user_dir
+        .join("projects")
+        .join(format!("{name}-{}", &hash[..16]))
+        .join("project.json")
 }
 
 /// The prompt template used when the person gives none (the SPEC's default for a user folder).
@@ -48,13 +76,14 @@ pub enum ProjectError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot write the project file {}: {source}; your labels are still in memory, free some disk space or \
-             check the folder's permissions and save again", path.display())]
+    #[error("cannot write the project file {}: {source}", path.display())]
     Write {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot save the project as {}: {} is a file, not a folder", path.display(), blocker.display())]
+    NotAFolder { path: PathBuf, blocker: PathBuf },
     #[error("{} is not a readable hegraph project ({detail}); it was left untouched. Fix it by hand, or move it \
              aside (the GUI offers to rename it to a .bak file) and open the image folder again", path.display())]
     Corrupt { path: PathBuf, detail: String },
@@ -131,6 +160,32 @@ pub struct TrainingRecord {
     pub seconds: f64,
 }
 
+/// Where a label came from. A person can then tell their own labels from those they accepted in bulk or
+/// imported, and an export carries the difference.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LabelOrigin {
+    /// Given by the person, image by image.
+    #[default]
+    Human,
+    /// A prediction the person accepted without looking at each image (a bulk label that agrees with the
+    /// model's top class, or "accept predictions ≥ X").
+    Accepted,
+    /// Read from the folder: class sub-folders, a labels CSV.
+    Imported,
+}
+
+impl LabelOrigin {
+    /// Words for the GUI.
+    pub fn describe(self) -> &'static str {
+        match self {
+            LabelOrigin::Human => "your label",
+            LabelOrigin::Accepted => "accepted prediction",
+            LabelOrigin::Imported => "imported",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Project {
     pub version: u32,
@@ -144,6 +199,10 @@ pub struct Project {
     /// Image path relative to `folder` (with `/`) → class name.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Where a label came from, for labels a person did not give one by one (absent = [`LabelOrigin::Human`],
+    /// so files from before this field read as they were meant). Entries without a label mean nothing.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub label_origins: BTreeMap<String, LabelOrigin>,
     #[serde(default)]
     pub settings: Settings,
     #[serde(default)]
@@ -188,6 +247,7 @@ impl Project {
             classes,
             templates: default_templates(),
             labels: BTreeMap::new(),
+            label_origins: BTreeMap::new(),
             settings: Settings::default(),
             adapter_path: None,
             last_training: None,
@@ -301,6 +361,12 @@ impl Project {
     /// Saves atomically (see the module docs), refusing to replace a file this build cannot read, and keeping
     /// an older-version file as `<file>.v<N>.bak` the first time it is replaced.
     pub fn save(&self, path: &Path) -> Result<(), ProjectError> {
+        if let Some(blocker) = file_in_the_way(path) {
+            return Err(ProjectError::NotAFolder {
+                path: path.to_path_buf(),
+                blocker,
+            });
+        }
         if let Some(existing) = existing_version(path)? {
             if existing < PROJECT_VERSION {
                 let bak = version_backup_path(path, existing);
@@ -336,6 +402,29 @@ impl Project {
             path: path.to_path_buf(),
             source,
         })
+    }
+
+    /// Where the label of `rel` came from (meaningful only while it has one).
+    pub fn origin(&self, rel: &str) -> LabelOrigin {
+        self.label_origins.get(rel).copied().unwrap_or_default()
+    }
+
+    /// Sets (or, with `None`, removes) the label of `rel` with its origin.
+    pub fn set_label(&mut self, rel: &str, label: Option<(String, LabelOrigin)>) {
+        match label {
+            Some((class, origin)) => {
+                self.labels.insert(rel.to_string(), class);
+                if origin == LabelOrigin::Human {
+                    self.label_origins.remove(rel);
+                } else {
+                    self.label_origins.insert(rel.to_string(), origin);
+                }
+            }
+            None => {
+                self.labels.remove(rel);
+                self.label_origins.remove(rel);
+            }
+        }
     }
 
     /// The label of an image as a class index, `None` when unlabelled or when the name is not a class.
@@ -405,8 +494,21 @@ impl Project {
         self.classes.remove(idx);
         let before = self.labels.len();
         self.labels.retain(|_, c| c != name);
+        let labels = &self.labels;
+        self.label_origins.retain(|rel, _| labels.contains_key(rel));
         Ok(before - self.labels.len())
     }
+}
+
+/// The nearest ancestor of `path` that exists but is not a folder (e.g. a file named `.hegraph` where the
+/// project folder should be): saving below it can only fail, with an OS message that does not say why.
+fn file_in_the_way(path: &Path) -> Option<PathBuf> {
+    path.ancestors()
+        .skip(1)
+        .filter(|a| !a.as_os_str().is_empty())
+        .find(|a| a.exists())
+        .filter(|a| !a.is_dir())
+        .map(Path::to_path_buf)
 }
 
 /// `Some(version)` of an existing, readable project file at `path`, `None` when there is no file; an error when
@@ -593,6 +695,42 @@ mod tests {
         assert!(!path.exists() && moved.exists());
         p.save(&path).unwrap();
         assert_eq!(Project::load(&path).unwrap().project, p);
+    }
+
+    #[test]
+    fn a_file_where_the_project_folder_goes_is_named_and_the_fallback_is_per_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("photos");
+        fs::create_dir_all(&folder).unwrap();
+        fs::write(folder.join(".hegraph"), "not a folder").unwrap();
+        let p = Project::new(folder.clone(), vec!["a".into()]);
+        let err = p.save(&default_project_path(&folder)).unwrap_err();
+        match &err {
+            ProjectError::NotAFolder { blocker, .. } => {
+                assert_eq!(blocker, &folder.join(".hegraph"))
+            }
+            other => panic!("{other}"),
+        }
+        assert!(err.to_string().contains("is a file, not a folder"), "{err}");
+        assert_eq!(
+            fs::read_to_string(folder.join(".hegraph")).unwrap(),
+            "not a folder"
+        );
+
+        let user = dir.path().join("user");
+        let fallback = fallback_project_path(&user, &folder);
+        assert!(fallback.starts_with(user.join("projects")));
+        assert!(fallback.to_string_lossy().contains("photos-"));
+        assert_ne!(
+            fallback,
+            fallback_project_path(&user, &dir.path().join("x").join("photos"))
+        );
+        p.save(&fallback).unwrap();
+        let back = Project::load(&fallback).unwrap().project;
+        assert_eq!(
+            back.folder, folder,
+            "a project outside its folder stores the folder's full path"
+        );
     }
 
     #[test]

@@ -74,6 +74,7 @@ fn fixture() -> Fixture {
         thumb_threads: 2,
         thumb_capacity: 600,
         backend: hegraph::gpu::BackendRequest::Auto,
+        user_dir: Some(dir.path().join("user")),
     };
     Fixture {
         _dir: dir,
@@ -1014,5 +1015,77 @@ fn esc_does_not_cancel_and_t_resumes_a_cancelled_embedding() {
         1,
         "training after the resumed embedding failed: {:?}",
         h.state().last_error()
+    );
+}
+
+/// Issue 11 (1): a file named `.hegraph` where the project folder goes. The app says so at once, refuses every
+/// label until the project has a place it can be written to, offers hegraph's own folder, and finds the project
+/// there when the folder is opened again.
+#[test]
+fn a_folder_that_cannot_hold_its_project_refuses_labels_until_another_place_is_chosen() {
+    let f = fixture();
+    // The demo's images live in `images/`, beside its class list: that is the project's folder.
+    let blocker = f.folder.join("images").join(".hegraph");
+    std::fs::write(&blocker, "in the way").unwrap();
+    let mut app = HeGraphApp::new(AppOptions {
+        auto_embed: false,
+        ..f.opts.clone()
+    });
+    app.open_path(&f.folder).unwrap();
+    assert!(
+        app.modal_open(),
+        "the app must say at once that it cannot save"
+    );
+    let folder = app.session().unwrap().project.folder.clone();
+    let fallback = app.fallback_project_path(&folder).unwrap();
+    let Some(mut h) = harness(app) else { return };
+    h.step();
+    h.get_by_label_contains("Labels cannot be saved here");
+    screenshot(&mut h, "cannot-save");
+    h.key_press(egui::Key::Escape);
+    h.step();
+    assert!(!h.state().modal_open());
+
+    let unlabelled = {
+        let s = h.state().session().unwrap();
+        (0..s.len()).find(|&i| s.label(i).is_none()).unwrap()
+    };
+    h.state_mut().session_mut().unwrap().click(unlabelled);
+    h.key_press(egui::Key::Num2);
+    h.step();
+    assert_eq!(
+        h.state().session().unwrap().label(unlabelled),
+        None,
+        "a label that cannot be saved is refused"
+    );
+    assert!(h.state().modal_open(), "and the question comes back");
+    h.key_press(egui::Key::Enter);
+    h.step();
+    assert!(!h.state().modal_open());
+    assert!(fallback.is_file(), "the project is in hegraph's folder now");
+
+    h.state_mut().session_mut().unwrap().click(unlabelled);
+    h.key_press(egui::Key::Num2);
+    h.step();
+    assert_eq!(h.state().session().unwrap().label(unlabelled), Some(1));
+    let rel = h.state().session().unwrap().images[unlabelled].rel.clone();
+    let want = h.state().session().unwrap().classes()[1].clone();
+    let saved = Project::load(&fallback).unwrap().project;
+    assert_eq!(saved.labels.get(&rel), Some(&want));
+    assert_eq!(std::fs::read_to_string(&blocker).unwrap(), "in the way");
+    drop(h);
+
+    let mut again = HeGraphApp::new(AppOptions {
+        auto_embed: false,
+        ..f.opts.clone()
+    });
+    again.open_path(&f.folder).unwrap();
+    assert!(!again.modal_open());
+    let s = again.session().unwrap();
+    assert_eq!(s.project_path.as_deref(), Some(fallback.as_path()));
+    assert_eq!(
+        s.label(unlabelled),
+        Some(1),
+        "reopening the folder finds the project"
     );
 }

@@ -487,11 +487,12 @@ pub enum AdapterError {
     Input(String),
     #[error("cannot build the graph: {0}")]
     Graph(#[from] GraphError),
-    #[error("training stopped at step {step}: {what} became NaN or infinite. The weights of the last good step were kept; lower the learning rate or check the features")]
+    #[error("training stopped at step {step}: {what} became NaN or infinite, so no adapter was produced; lower the learning rate, or check the features (all-zero or identical features carry no signal)")]
     NonFinite {
         step: usize,
         what: String,
-        /// The adapter with the weights of the last good step, when the driver could recover them.
+        /// The adapter with the weights of the last good step, when the driver could recover them (a caller may
+        /// offer it; nothing is written on its behalf).
         last_good: Option<Box<TrainedAdapter>>,
     },
     #[error("the GPU device was lost: {0}")]

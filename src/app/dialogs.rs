@@ -136,8 +136,17 @@ pub(super) struct Dialogs {
     pub relabel: Option<ConfirmRelabel>,
     /// "Stop training?" is asked.
     pub stop_training: bool,
+    /// Labels cannot be saved where the project is: where else?
+    pub cannot_save: Option<CannotSave>,
     /// A native file dialog just closed: the input that queued up meanwhile is dropped.
     pub drop_input: bool,
+}
+
+/// The project could not be saved where it is, so the last labelling action was not taken.
+pub(super) struct CannotSave {
+    pub error: String,
+    /// hegraph's own place for this folder's project, when it is not the place that failed.
+    pub fallback: Option<PathBuf>,
 }
 
 /// Labelling several images of which `overwrites` already carry another label.
@@ -157,9 +166,13 @@ impl Dialogs {
             || self.templates.is_some()
             || self.relabel.is_some()
             || self.stop_training
+            || self.cannot_save.is_some()
     }
 
     pub fn close_top(&mut self) {
+        if self.cannot_save.take().is_some() {
+            return;
+        }
         if self.relabel.take().is_some() {
             return;
         }
@@ -242,6 +255,7 @@ impl HeGraphApp {
     pub(super) fn show_dialogs(&mut self, ctx: &egui::Context) {
         self.new_project_dialog(ctx);
         self.error_dialog(ctx);
+        self.cannot_save_dialog(ctx);
         self.relabel_dialog(ctx);
         self.stop_training_dialog(ctx);
         self.picker_dialog(ctx);
@@ -345,6 +359,79 @@ impl HeGraphApp {
                     }
                 }
             }
+        }
+    }
+
+    /// Offers another place for the project. Until one works every label is refused (and this comes back), so
+    /// a label on screen is always a label on disk.
+    fn cannot_save_dialog(&mut self, ctx: &egui::Context) {
+        let Some(d) = self.dialogs.cannot_save.as_ref() else {
+            return;
+        };
+        enum Choice {
+            Fallback(PathBuf),
+            SaveAs,
+            Close,
+        }
+        let mut choice = None;
+        egui::Modal::new(egui::Id::unique("hegraph-cannot-save")).show(ctx, |ui| {
+            ui.set_width(560.0);
+            ui.heading("Labels cannot be saved here");
+            ui.add_space(4.0);
+            ui.colored_label(style::WARNING_FG, &d.error);
+            ui.add_space(4.0);
+            ui.label(
+                "A label is only kept once it is saved, so nothing was labelled. Choose another place for this \
+                 folder's project; opening the folder again finds it there.",
+            );
+            ui.add_space(8.0);
+            if let Some(f) = &d.fallback {
+                if ui
+                    .button(RichText::new("Save in hegraph's folder (Enter)").strong())
+                    .on_hover_text(f.display().to_string())
+                    .clicked()
+                    || ui.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Enter))
+                {
+                    choice = Some(Choice::Fallback(f.clone()));
+                }
+                ui.small(f.display().to_string());
+            }
+            ui.horizontal(|ui| {
+                if ui.button("Save as…").clicked() {
+                    choice = Some(Choice::SaveAs);
+                }
+                if ui.button("Not now (Esc)").clicked() {
+                    choice = Some(Choice::Close);
+                }
+            });
+        });
+        match choice {
+            Some(Choice::Fallback(path)) => {
+                let Some(s) = self.session.as_mut() else {
+                    return;
+                };
+                match s.relocate(path.clone()) {
+                    Ok(()) => {
+                        self.dialogs.cannot_save = None;
+                        self.notify(
+                            Level::Info,
+                            format!("the project is saved in {}", path.display()),
+                        );
+                    }
+                    Err(e) => {
+                        self.dialogs.cannot_save = Some(CannotSave {
+                            error: e.to_string(),
+                            fallback: None,
+                        })
+                    }
+                }
+            }
+            Some(Choice::SaveAs) => {
+                self.dialogs.cannot_save = None;
+                self.save_as();
+            }
+            Some(Choice::Close) => self.dialogs.cannot_save = None,
+            None => {}
         }
     }
 
@@ -796,7 +883,7 @@ impl HeGraphApp {
                 ui.radio_value(
                     &mut d.format,
                     ExportFormat::Csv,
-                    "CSV: path,label,confidence",
+                    "CSV: path,label,confidence,source",
                 );
                 ui.radio_value(&mut d.format, ExportFormat::Json, "JSON");
                 ui.radio_value(
@@ -1176,7 +1263,7 @@ mod tests {
         assert!(msg.contains("exported 3 images"), "{msg}");
         let csv = std::fs::read_to_string(dir.path().join("l.csv")).unwrap();
         assert!(
-            csv.starts_with("path,label,confidence\n1.png,a,1.0000\n"),
+            csv.starts_with("path,label,confidence,source\n1.png,a,,human\n"),
             "{csv}"
         );
         export_session(s, ExportFormat::Json, &opts, &dir.path().join("l.json")).unwrap();

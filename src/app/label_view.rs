@@ -438,6 +438,9 @@ impl HeGraphApp {
                             .color(style::class_color(l))
                             .strong(),
                     );
+                    if let Some(o) = s.origin(c) {
+                        ui.label(RichText::new(format!("· {}", o.describe())).weak());
+                    }
                 });
             }
             None => {

@@ -41,7 +41,7 @@ use crate::data::{self, DataError};
 use crate::extract::Embedder;
 use crate::gpu::GpuContext;
 use crate::linalg::Mat;
-use crate::project::{default_project_path, Project, ProjectError, TrainingRecord};
+use crate::project::{default_project_path, LabelOrigin, Project, ProjectError, TrainingRecord};
 
 use graph_view::GraphView;
 use jobs::{EmbedOutput, EmbedRequest, Job, Polled, TrainOutput, TrainRequest};
@@ -124,6 +124,9 @@ pub struct AppOptions {
     /// Where HeGraphAdapter trains (`HEGRAPH_BACKEND=auto|cpu|candle|wgpu`, default auto: the window's GPU unless it
     /// is a software adapter).
     pub backend: crate::gpu::BackendRequest,
+    /// hegraph's per-user folder (`None` = the platform's data directory, e.g. `~/.local/share/hegraph`): the
+    /// projects of folders that cannot hold their own.
+    pub user_dir: Option<PathBuf>,
 }
 
 impl Default for AppOptions {
@@ -139,7 +142,17 @@ impl Default for AppOptions {
                 .ok()
                 .and_then(|s| s.parse().ok())
                 .unwrap_or_default(),
+            user_dir: None,
         }
+    }
+}
+
+impl AppOptions {
+    /// [`Self::user_dir`], resolved; `None` on a system without a data directory.
+    pub fn user_dir(&self) -> Option<PathBuf> {
+        self.user_dir
+            .clone()
+            .or_else(|| dirs::data_dir().map(|d| d.join("hegraph")))
     }
 }
 
@@ -363,6 +376,11 @@ impl HeGraphApp {
         if pp.exists() {
             return self.open_project_file(&pp);
         }
+        if let Some(fallback) = self.fallback_project_path(&folder) {
+            if fallback.exists() {
+                return self.open_project_file(&fallback);
+            }
+        }
         self.new_project_from_folder(&folder)
     }
 
@@ -380,9 +398,10 @@ impl HeGraphApp {
                 let mut project = Project::new(ds.root.clone(), ds.classes.clone());
                 for img in &ds.images {
                     if let Some(l) = img.label {
-                        project
-                            .labels
-                            .insert(img.rel.clone(), ds.classes[l].clone());
+                        project.set_label(
+                            &img.rel,
+                            Some((ds.classes[l].clone(), LabelOrigin::Imported)),
+                        );
                     }
                 }
                 self.report_problems(&ds.problems);
@@ -396,13 +415,9 @@ impl HeGraphApp {
                     .collect();
                 let path = default_project_path(&ds.root);
                 self.install(project, Some(path), images);
-                if let Some(s) = &self.session {
-                    if let Err(e) = s.save() {
-                        self.notify(
-                            Level::Warn,
-                            format!("{e}; use Project ▸ Save as… to keep your labels"),
-                        );
-                    }
+                // Asked now, before the first label: a label is only accepted once it is saved.
+                if let Some(Err(e)) = self.session.as_ref().map(Session::save) {
+                    self.cannot_save(e);
                 }
                 Ok(())
             }
@@ -443,9 +458,10 @@ impl HeGraphApp {
         }
         for img in &ds.images {
             if let Some(l) = img.label {
-                project
-                    .labels
-                    .insert(img.rel.clone(), ds.classes[l].clone());
+                project.set_label(
+                    &img.rel,
+                    Some((ds.classes[l].clone(), LabelOrigin::Imported)),
+                );
             }
         }
         self.report_problems(&ds.problems);
@@ -553,6 +569,26 @@ impl HeGraphApp {
             }
         }
         Ok(())
+    }
+
+    /// Where this folder's project goes when the folder cannot hold it (see
+    /// [`crate::project::fallback_project_path`]).
+    pub fn fallback_project_path(&self, folder: &Path) -> Option<PathBuf> {
+        let user = self.opts.user_dir()?;
+        Some(crate::project::fallback_project_path(&user, folder))
+    }
+
+    /// The project cannot be saved where it is: the labelling action was not taken; ask where to save instead.
+    fn cannot_save(&mut self, error: ProjectError) {
+        let fallback = self
+            .session
+            .as_ref()
+            .and_then(|s| self.fallback_project_path(&s.project.folder))
+            .filter(|f| self.session.as_ref().and_then(|s| s.project_path.as_ref()) != Some(f));
+        self.dialogs.cannot_save = Some(dialogs::CannotSave {
+            error: error.to_string(),
+            fallback,
+        });
     }
 
     /// Makes a project the open one and starts what follows (thumbnails, embedding).
@@ -1007,7 +1043,7 @@ impl HeGraphApp {
         let auto = s.project.settings.auto_train_every as usize;
         let due = auto > 0 && s.labels_changed_since_training() >= auto;
         if let Err(e) = out.saved {
-            self.notify(Level::Error, format!("{e}"));
+            self.cannot_save(e);
         }
         if out.changed > 0 {
             self.grid.scroll_to_cursor = true;
@@ -1022,7 +1058,7 @@ impl HeGraphApp {
     pub fn undo(&mut self) {
         if let Some(out) = self.session.as_mut().and_then(Session::undo) {
             if let Err(e) = out.saved {
-                self.notify(Level::Error, e.to_string());
+                self.cannot_save(e);
             }
             self.grid.scroll_to_cursor = true;
         }
@@ -1031,7 +1067,7 @@ impl HeGraphApp {
     pub fn redo(&mut self) {
         if let Some(out) = self.session.as_mut().and_then(Session::redo) {
             if let Err(e) = out.saved {
-                self.notify(Level::Error, e.to_string());
+                self.cannot_save(e);
             }
             self.grid.scroll_to_cursor = true;
         }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use crate::linalg::{argmax, Mat};
-use crate::project::{Project, ProjectError};
+use crate::project::{LabelOrigin, Project, ProjectError};
 
 /// One image of the folder.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,14 +69,17 @@ pub struct GridFilter {
     pub sort: SortKey,
 }
 
+/// A label with where it came from.
+type Labelled = Option<(String, LabelOrigin)>;
+
 /// One undoable labelling action: `(image, label before, label after)` for every image it touched.
 #[derive(Clone, Debug, PartialEq)]
 struct Edit {
-    changes: Vec<(usize, Option<String>, Option<String>)>,
+    changes: Vec<(usize, Labelled, Labelled)>,
 }
 
-/// How a labelling action went: whether the project was saved (a failed save keeps the label in memory and is
-/// reported; the next action tries again).
+/// How a labelling action went. A label is only accepted once it is saved: when the save fails the action is
+/// rolled back (`changed` = 0) and the error says why, so no label the person sees can be lost.
 #[derive(Debug)]
 pub struct LabelOutcome {
     pub changed: usize,
@@ -416,7 +419,22 @@ impl Session {
         } else {
             None
         };
-        let outcome = self.set_labels(targets, class);
+        // Several images given the class the model already predicts for them: the person accepted predictions
+        // without judging each image, and the label says so. One image, or a class other than the
+        // prediction, is the person's own judgement.
+        let bulk = targets.len() > 1;
+        let origins: Vec<LabelOrigin> = targets
+            .iter()
+            .map(|&i| {
+                let predicted = self.summary.get(i).copied().flatten().map(|p| p.0);
+                if bulk && class.is_some() && predicted == class {
+                    LabelOrigin::Accepted
+                } else {
+                    LabelOrigin::Human
+                }
+            })
+            .collect();
+        let outcome = self.set_labels_from(targets, class, &origins);
         if advance && outcome.changed > 0 {
             if let Some(n) = next {
                 self.cursor = Some(n);
@@ -450,8 +468,19 @@ impl Session {
             .find(|&x| !targets.contains(&x) && self.labels[x].is_none())
     }
 
-    /// Sets labels of `images` (an undoable action) and saves.
+    /// Sets labels of `images` as the person's own (an undoable action) and saves.
     pub fn set_labels(&mut self, images: &[usize], class: Option<usize>) -> LabelOutcome {
+        self.set_labels_from(images, class, &vec![LabelOrigin::Human; images.len()])
+    }
+
+    /// [`Self::set_labels`] with the origin of each image's new label (`origins[k]` for `images[k]`). A label
+    /// the person gave is never downgraded: accepting a prediction that agrees with it leaves it theirs.
+    pub fn set_labels_from(
+        &mut self,
+        images: &[usize],
+        class: Option<usize>,
+        origins: &[LabelOrigin],
+    ) -> LabelOutcome {
         let name = class.and_then(|c| self.classes().get(c).cloned());
         if class.is_some() && name.is_none() {
             return LabelOutcome {
@@ -459,12 +488,26 @@ impl Session {
                 saved: Ok(()),
             };
         }
-        let changes: Vec<(usize, Option<String>, Option<String>)> = images
+        let changes: Vec<(usize, Labelled, Labelled)> = images
             .iter()
-            .filter(|&&i| i < self.images.len())
-            .filter_map(|&i| {
-                let old = self.project.labels.get(&self.images[i].rel).cloned();
-                (old != name).then(|| (i, old, name.clone()))
+            .zip(origins.iter().chain(std::iter::repeat(&LabelOrigin::Human)))
+            .filter(|&(&i, _)| i < self.images.len())
+            .filter_map(|(&i, &origin)| {
+                let old = self.labelled(i);
+                let new = name.clone().map(|n| {
+                    let keep_human = old
+                        .as_ref()
+                        .is_some_and(|(o, from)| *o == n && *from == LabelOrigin::Human);
+                    (
+                        n,
+                        if keep_human {
+                            LabelOrigin::Human
+                        } else {
+                            origin
+                        },
+                    )
+                });
+                (old != new).then_some((i, old, new))
             })
             .collect();
         if changes.is_empty() {
@@ -476,29 +519,41 @@ impl Session {
         let changed = changes.len();
         let edit = Edit { changes };
         self.apply(&edit, false);
+        if let Err(e) = self.save() {
+            self.apply(&edit, true);
+            return LabelOutcome {
+                changed: 0,
+                saved: Err(e),
+            };
+        }
         self.undo.push(edit);
         self.redo.clear();
         LabelOutcome {
             changed,
-            saved: self.save(),
+            saved: Ok(()),
         }
+    }
+
+    /// Image `i`'s label and its origin.
+    fn labelled(&self, i: usize) -> Labelled {
+        let rel = &self.images[i].rel;
+        let name = self.project.labels.get(rel)?.clone();
+        Some((name, self.project.origin(rel)))
+    }
+
+    /// Where image `i`'s label came from; `None` when it has none.
+    pub fn origin(&self, i: usize) -> Option<LabelOrigin> {
+        self.labelled(i).map(|l| l.1)
     }
 
     fn apply(&mut self, edit: &Edit, backwards: bool) {
         for (i, before, after) in &edit.changes {
             let value = if backwards { before } else { after };
             let rel = self.images[*i].rel.clone();
-            match value {
-                Some(c) => {
-                    self.project.labels.insert(rel, c.clone());
-                }
-                None => {
-                    self.project.labels.remove(&rel);
-                }
-            }
+            self.project.set_label(&rel, value.clone());
             self.labels[*i] = value
                 .as_ref()
-                .and_then(|c| self.project.classes.iter().position(|x| x == c));
+                .and_then(|(c, _)| self.project.classes.iter().position(|x| x == c));
         }
         self.label_generation += 1;
         self.visible_dirty = true;
@@ -515,27 +570,55 @@ impl Session {
 
     /// Undoes the last labelling action (the cursor goes back to the first image it touched) and saves.
     pub fn undo(&mut self) -> Option<LabelOutcome> {
-        let edit = self.undo.pop()?;
-        self.apply(&edit, true);
-        self.cursor = edit.changes.first().map(|c| c.0);
-        let changed = edit.changes.len();
-        self.redo.push(edit);
-        Some(LabelOutcome {
-            changed,
-            saved: self.save(),
-        })
+        self.step_history(true)
     }
 
     pub fn redo(&mut self) -> Option<LabelOutcome> {
-        let edit = self.redo.pop()?;
-        self.apply(&edit, false);
+        self.step_history(false)
+    }
+
+    /// Moves one edit between the undo and redo stacks. Like a new label, a step that cannot be saved is not
+    /// taken: the labels in memory never differ from the labels on disk.
+    fn step_history(&mut self, backwards: bool) -> Option<LabelOutcome> {
+        let edit = if backwards {
+            self.undo.pop()?
+        } else {
+            self.redo.pop()?
+        };
+        self.apply(&edit, backwards);
+        if let Err(e) = self.save() {
+            self.apply(&edit, !backwards);
+            if backwards {
+                self.undo.push(edit);
+            } else {
+                self.redo.push(edit);
+            }
+            return Some(LabelOutcome {
+                changed: 0,
+                saved: Err(e),
+            });
+        }
         self.cursor = edit.changes.first().map(|c| c.0);
         let changed = edit.changes.len();
-        self.undo.push(edit);
+        if backwards {
+            self.redo.push(edit);
+        } else {
+            self.undo.push(edit);
+        }
         Some(LabelOutcome {
             changed,
-            saved: self.save(),
+            saved: Ok(()),
         })
+    }
+
+    /// Saves the project at `path` from now on; on failure the old place is kept.
+    pub fn relocate(&mut self, path: PathBuf) -> Result<(), ProjectError> {
+        let old = self.project_path.replace(path);
+        let saved = self.save();
+        if saved.is_err() {
+            self.project_path = old;
+        }
+        saved
     }
 
     /// The unlabelled image the model is least sure about (smallest top-1 − top-2 margin); without predictions,
@@ -648,6 +731,46 @@ mod tests {
     }
 
     #[test]
+    fn a_label_that_cannot_be_saved_is_not_accepted_and_relocating_saves_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = session(4, Some(dir.path()));
+        s.click(0);
+        s.label_targets(Some(0), true).saved.unwrap();
+        // Something takes the place of the project's folder: every save now fails.
+        let blocked = dir.path().join("blocked");
+        std::fs::write(&blocked, "a file").unwrap();
+        s.project_path = Some(blocked.join("p.json"));
+        s.click(1);
+        let out = s.label_targets(Some(1), true);
+        assert_eq!(out.changed, 0);
+        assert!(matches!(out.saved, Err(ProjectError::NotAFolder { .. })));
+        assert_eq!(s.label(1), None, "the label was rolled back");
+        assert_eq!(
+            s.cursor,
+            Some(1),
+            "the cursor stays on the image that was not labelled"
+        );
+        assert_eq!(s.labels_changed_since_training(), 1);
+        // Undo cannot be saved either: image 0 keeps its label and the step stays undoable.
+        assert_eq!(s.undo().map(|o| o.changed), Some(0));
+        assert_eq!(s.label(0), Some(0));
+        assert!(s.can_undo() && !s.can_redo());
+
+        assert!(s.relocate(blocked.join("again.json")).is_err());
+        assert_eq!(
+            s.project_path,
+            Some(blocked.join("p.json")),
+            "a failed move keeps the old place"
+        );
+        let elsewhere = dir.path().join("elsewhere").join("p.json");
+        s.relocate(elsewhere.clone()).unwrap();
+        s.label_targets(Some(1), true).saved.unwrap();
+        let saved = Project::load(&elsewhere).unwrap().project;
+        assert_eq!(saved.labels.len(), 2);
+        assert_eq!(saved.labels.get("img01.png").map(String::as_str), Some("b"));
+    }
+
+    #[test]
     fn labelling_undo_redo_and_save_after_each_action() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = session(6, Some(dir.path()));
@@ -682,6 +805,59 @@ mod tests {
         s.label_targets(None, false);
         assert_eq!(s.label(0), None);
         assert_eq!(s.labelled_count(), 1);
+    }
+
+    #[test]
+    fn bulk_labels_that_agree_with_the_model_are_marked_accepted_and_saved_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = session(4, Some(dir.path()));
+        // The model predicts class 0 for images 0–2 and class 1 for image 3.
+        let probs = Mat::from_vec(
+            4,
+            3,
+            vec![0.8, 0.1, 0.1, 0.7, 0.2, 0.1, 0.6, 0.3, 0.1, 0.1, 0.8, 0.1],
+        );
+        s.set_predictions(Some(probs));
+        s.click(0);
+        s.label_targets(Some(0), false).saved.unwrap();
+        assert_eq!(
+            s.origin(0),
+            Some(LabelOrigin::Human),
+            "one image is the person's judgement"
+        );
+        s.click(1);
+        s.ctrl_click(2);
+        s.ctrl_click(3);
+        s.label_targets(Some(0), false).saved.unwrap();
+        assert_eq!(s.origin(1), Some(LabelOrigin::Accepted));
+        assert_eq!(s.origin(2), Some(LabelOrigin::Accepted));
+        assert_eq!(
+            s.origin(3),
+            Some(LabelOrigin::Human),
+            "a class other than the prediction is a correction"
+        );
+        let saved = Project::load(&dir.path().join("p.json")).unwrap().project;
+        assert_eq!(saved.origin("img01.png"), LabelOrigin::Accepted);
+        assert_eq!(saved.origin("img00.png"), LabelOrigin::Human);
+        // Accepting over the person's own label leaves it theirs; confirming an accepted one makes it theirs.
+        s.click(0);
+        s.ctrl_click(1);
+        assert_eq!(s.label_targets(Some(0), false).changed, 0);
+        assert_eq!(s.origin(0), Some(LabelOrigin::Human));
+        s.click(1);
+        assert_eq!(s.label_targets(Some(0), false).changed, 1);
+        assert_eq!(s.origin(1), Some(LabelOrigin::Human));
+        s.undo();
+        assert_eq!(
+            s.origin(1),
+            Some(LabelOrigin::Accepted),
+            "undo restores the origin"
+        );
+        s.click(2);
+        s.label_targets(None, false).saved.unwrap();
+        assert_eq!(s.origin(2), None);
+        let saved = Project::load(&dir.path().join("p.json")).unwrap().project;
+        assert!(!saved.label_origins.contains_key("img02.png"));
     }
 
     #[test]

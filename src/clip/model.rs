@@ -305,7 +305,8 @@ fn looks_like_repo_id(s: &str) -> bool {
 
 /// The 8-byte length prefix and JSON header of a safetensors file, checked for plausibility so a truncated
 /// download is reported as such.
-fn read_safetensors_header(path: &Path) -> Result<(Vec<u8>, u64), ClipError> {
+/// `remedy` says what fixes a damaged file: a download is fetched again, a test checkpoint is generated again.
+fn read_safetensors_header(path: &Path, remedy: &str) -> Result<(Vec<u8>, u64), ClipError> {
     let io = |source| ClipError::Io {
         path: path.to_path_buf(),
         source,
@@ -319,19 +320,23 @@ fn read_safetensors_header(path: &Path) -> Result<(Vec<u8>, u64), ClipError> {
     let mut len = [0u8; 8];
     f.read_exact(&mut len).map_err(|_| {
         bad(format!(
-            "the file has {size} bytes, too short for a safetensors file (interrupted download?)"
+            "the file has {size} bytes, too short for a safetensors file; {remedy}"
         ))
     })?;
     let n = u64::from_le_bytes(len);
     if n == 0 || n > 100 << 20 || n + 8 > size {
         return Err(bad(format!(
-            "not a safetensors file, or truncated (header length {n}, file size {size}); download it again"
+            "not a safetensors file, or truncated (header length {n}, file size {size}); {remedy}"
         )));
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header).map_err(io)?;
     Ok((header, size))
 }
+
+/// What fixes a damaged test checkpoint: it is generated, never downloaded.
+pub const TEST_CHECKPOINT_REMEDY: &str =
+    "this is a generated test checkpoint: delete its folder and it is written again";
 
 fn model_id(name: &str, config: &[u8], header: &[u8], size: u64) -> String {
     let mut h = blake3::Hasher::new();
@@ -380,7 +385,12 @@ impl ClipModel {
         })?;
 
         let weights_path = dir.join(WEIGHTS_FILE);
-        let (header, size) = read_safetensors_header(&weights_path)?;
+        let remedy = if parsed.is_test_checkpoint {
+            TEST_CHECKPOINT_REMEDY
+        } else {
+            "an interrupted download? download it again"
+        };
+        let (header, size) = read_safetensors_header(&weights_path, remedy)?;
         let name = if parsed.is_test_checkpoint {
             parsed
                 .name
@@ -392,7 +402,8 @@ impl ClipModel {
         let id = model_id(&name, &config_bytes, &header, size);
 
         let device = Device::Cpu;
-        let weights_err = |hint: &'static str| {
+        let weights_err = |hint: &str| {
+            let hint = hint.to_string();
             let path = weights_path.clone();
             move |e: candle_core::Error| ClipError::Weights {
                 path,
@@ -409,9 +420,9 @@ impl ClipModel {
                 &device,
             )
         }
-        .map_err(weights_err(
-            "the file looks damaged or incomplete: download it again",
-        ))?;
+        .map_err(weights_err(&format!(
+            "the file looks damaged or incomplete; {remedy}"
+        )))?;
         let model = cclip::ClipModel::new(vb, &parsed.clip)
             .map_err(weights_err("config.json does not describe these weights"))?;
 

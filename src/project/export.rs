@@ -1,10 +1,12 @@
 //! Exports of a project's labels (and, optionally, the model's predictions for unlabelled images): an
-//! ImageNet-style tree of class folders, a CSV `path,label,confidence` and a JSON document. Shared by the GUI
+//! ImageNet-style tree of class folders, a CSV `path,label,confidence,source` and a JSON document. Shared by the GUI
 //! and the CLI, so it knows nothing of either.
 //!
 //! Choices:
-//! - A person's label always wins over a prediction; its confidence is written as 1 (the person is sure) and the
-//!   JSON says which rows are human (`"source": "human"`).
+//! - A label always wins over a prediction. Every row says where it came from (`source`: `human` for the
+//!   person's own labels, `accepted` for predictions accepted in bulk, `imported` for sub-folder or CSV labels,
+//!   `predicted` for the model's guess); only predictions carry a confidence (a label is not a probability:
+//!   the CSV leaves the field empty, the JSON writes `null`).
 //! - In the tree, an image's file name is its relative path with `/` replaced by `__`, so images with the same
 //!   name in different sub-folders cannot collide, and the origin stays visible.
 //! - CSV and JSON are written atomically like the project file; the tree is written file by file (it is a copy,
@@ -15,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::{atomic_write, Project};
+use super::{atomic_write, LabelOrigin, Project};
 use crate::linalg::{argmax, Mat};
 
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +56,30 @@ pub enum ExportError {
 #[serde(rename_all = "lowercase")]
 pub enum LabelSource {
     Human,
+    Accepted,
+    Imported,
     Predicted,
+}
+
+impl LabelSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LabelSource::Human => "human",
+            LabelSource::Accepted => "accepted",
+            LabelSource::Imported => "imported",
+            LabelSource::Predicted => "predicted",
+        }
+    }
+}
+
+impl From<LabelOrigin> for LabelSource {
+    fn from(o: LabelOrigin) -> Self {
+        match o {
+            LabelOrigin::Human => LabelSource::Human,
+            LabelOrigin::Accepted => LabelSource::Accepted,
+            LabelOrigin::Imported => LabelSource::Imported,
+        }
+    }
 }
 
 /// One exported image.
@@ -63,8 +88,8 @@ pub struct ExportRow {
     /// Path relative to the project folder, with `/`.
     pub path: String,
     pub label: String,
-    /// 1 for a person's label; the model's probability of `label` for a prediction.
-    pub confidence: f32,
+    /// The model's probability of `label` for a prediction; `None` for a label.
+    pub confidence: Option<f32>,
     pub source: LabelSource,
 }
 
@@ -110,8 +135,8 @@ pub fn export_rows(
             rows.push(ExportRow {
                 path: rel.clone(),
                 label: project.classes[c].clone(),
-                confidence: 1.0,
-                source: LabelSource::Human,
+                confidence: None,
+                source: project.origin(rel).into(),
             });
         } else if let (true, Some(p)) = (opts.include_predicted, probs) {
             let row = p.row(i);
@@ -123,7 +148,7 @@ pub fn export_rows(
                 rows.push(ExportRow {
                     path: rel.clone(),
                     label: project.classes[c].clone(),
-                    confidence: row[c],
+                    confidence: Some(row[c]),
                     source: LabelSource::Predicted,
                 });
             }
@@ -132,15 +157,16 @@ pub fn export_rows(
     Ok(rows)
 }
 
-/// `path,label,confidence` with a header line.
+/// `path,label,confidence,source` with a header line.
 pub fn write_csv(rows: &[ExportRow], out: &Path) -> Result<(), ExportError> {
     let mut w = csv::Writer::from_writer(Vec::new());
-    w.write_record(["path", "label", "confidence"])?;
+    w.write_record(["path", "label", "confidence", "source"])?;
     for r in rows {
         w.write_record([
             r.path.as_str(),
             r.label.as_str(),
-            &format!("{:.4}", r.confidence),
+            &r.confidence.map(|c| format!("{c:.4}")).unwrap_or_default(),
+            r.source.as_str(),
         ])?;
     }
     let bytes = w.into_inner().map_err(|e| ExportError::Write {
@@ -309,7 +335,8 @@ mod tests {
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[1].path, "sub/a.png");
         assert_eq!(rows[1].label, "cat/dog");
-        assert!((rows[1].confidence - 0.7).abs() < 1e-6);
+        assert!((rows[1].confidence.unwrap() - 0.7).abs() < 1e-6);
+        assert_eq!(rows[0].confidence, None, "a label is not a probability");
         let bad = Mat::zeros(2, 2);
         assert!(matches!(
             export_rows(&p, &images, Some(&bad), &opts),
@@ -319,7 +346,8 @@ mod tests {
 
     #[test]
     fn csv_json_and_tree_are_written() {
-        let (d, p, images, probs) = setup();
+        let (d, mut p, images, probs) = setup();
+        p.set_label("c.png", Some(("bird".into(), LabelOrigin::Accepted)));
         let opts = RowOptions {
             include_predicted: true,
             min_confidence: 0.0,
@@ -330,14 +358,16 @@ mod tests {
         let text = fs::read_to_string(&csv_path).unwrap();
         assert_eq!(
             text,
-            "path,label,confidence\na.png,bird,1.0000\nsub/a.png,cat/dog,0.7000\nc.png,bird,0.5500\n"
+            "path,label,confidence,source\na.png,bird,,human\nsub/a.png,cat/dog,0.7000,predicted\nc.png,bird,,accepted\n"
         );
         let json_path = d.path().join("labels.json");
         write_json(&p, &rows, &json_path).unwrap();
         let v: serde_json::Value =
             serde_json::from_str(&fs::read_to_string(&json_path).unwrap()).unwrap();
         assert_eq!(v["images"][0]["source"], "human");
-        assert_eq!(v["images"][2]["source"], "predicted");
+        assert_eq!(v["images"][0]["confidence"], serde_json::Value::Null);
+        assert_eq!(v["images"][1]["source"], "predicted");
+        assert_eq!(v["images"][2]["source"], "accepted");
 
         for mode in [TreeMode::Copy, TreeMode::Symlink] {
             let out = d.path().join(format!("tree-{mode:?}"));
