@@ -381,3 +381,45 @@ fn tuxpaint_stamps_go_through_extract_train_and_eval() {
         assert!(table.contains(m), "{m} in the table");
     }
 }
+
+/// Issue 11 (11, 12): without `-o` the features go to the folder's own `.hegraph/`, as `--help` says; a folder
+/// the GUI has a project for is read with that project's classes, labels and templates; a damaged test
+/// checkpoint is generated again rather than sent for a download.
+#[test]
+fn extract_writes_into_the_folder_uses_its_gui_project_and_rewrites_a_damaged_test_checkpoint() {
+    use hegraph::project::{default_project_path, LabelOrigin, Project};
+    let tmp = tempfile::tempdir().unwrap();
+    let images = demo_copy(tmp.path()).join("images");
+    let folder = images.canonicalize().unwrap();
+    let mut p = Project::new(folder.clone(), vec!["planet".into(), "not a planet".into()]);
+    p.templates = vec!["a picture of a {}.".into()];
+    p.set_label("3_earth.png", Some(("planet".into(), LabelOrigin::Human)));
+    p.set_label("4_mars.png", Some(("planet".into(), LabelOrigin::Accepted)));
+    p.set_label("0_sun.png", Some(("not a planet".into(), LabelOrigin::Human)));
+    p.save(&default_project_path(&folder)).unwrap();
+
+    let d = images.to_str().unwrap();
+    let o = run(tmp.path(), &["extract", d, "--test-checkpoint", "--views", "1"]);
+    assert!(o.status.success());
+    assert!(all_output(&o).contains("using the project"), "the project is named");
+    let written = folder.join(".hegraph").join("features.safetensors");
+    let fs = hegraph::features::FeatureSet::load(&written).unwrap();
+    assert_eq!(fs.classes, ["planet", "not a planet"]);
+    assert_eq!(fs.templates, ["a picture of a {}."]);
+    let train = fs.train.as_ref().unwrap();
+    let mut labels = train.labels.clone();
+    labels.sort();
+    assert_eq!(labels, [0, 0, 1], "exactly the project's three labels");
+    assert!(!all_output(&o).contains(".hegraph: hidden"), "hegraph's own folder is not a hidden file");
+
+    let weights = tmp
+        .path()
+        .join("cache/hegraph/models/hegraph-test-checkpoint/model.safetensors");
+    assert!(weights.is_file(), "the test checkpoint lives in the private cache");
+    std::fs::write(&weights, b"damaged").unwrap();
+    let o = run(tmp.path(), &["extract", d, "--test-checkpoint", "--views", "1"]);
+    assert!(o.status.success(), "a damaged test checkpoint is written again");
+    let text = all_output(&o);
+    assert!(text.contains("writing it again"), "{text}");
+    assert!(!text.contains("download"), "a generated checkpoint is never sent for a download");
+}
