@@ -401,48 +401,28 @@ impl Drop for Bar {
 
 /// Finds CLIP weights in the documented order, or writes/uses the test checkpoint when asked to.
 fn load_model(m: &ModelArgs) -> Result<Arc<ClipModel>> {
-    let dir = if m.test_checkpoint {
-        test_checkpoint_dir()?
-    } else {
-        clip::hub::resolve_model_dir(m.model.as_deref(), !m.offline)?
-    };
-    let model = match ClipModel::load(&dir) {
-        // The test checkpoint is generated from a fixed seed: a damaged one is simply written again.
-        Err(e) if m.test_checkpoint => {
-            eprintln!(
-                "the test checkpoint in {} was damaged ({e}); writing it again",
-                dir.display()
-            );
-            write_test_checkpoint_to(&dir)?;
-            ClipModel::load(&dir)
+    let model = if m.test_checkpoint {
+        let dir = test_checkpoint_dir();
+        let (model, note) = clip::test_checkpoint::load_or_write_app_test_checkpoint(&dir)
+            .with_context(|| format!("the test checkpoint in {}", dir.display()))?;
+        if let Some(n) = note {
+            eprintln!("{n}");
         }
-        other => other,
-    }
-    .with_context(|| format!("loading CLIP from {}", dir.display()))?;
+        model
+    } else {
+        let dir = clip::hub::resolve_model_dir(m.model.as_deref(), !m.offline)?;
+        ClipModel::load(&dir).with_context(|| format!("loading CLIP from {}", dir.display()))?
+    };
     eprintln!("model: {}", model.info().banner());
     Ok(Arc::new(model))
 }
 
-fn write_test_checkpoint_to(dir: &Path) -> Result<()> {
-    clip::test_checkpoint::write_test_checkpoint(
-        dir,
-        &clip::test_checkpoint::TestCheckpointConfig::tiny(),
-        0,
-    )
-    .with_context(|| format!("writing the test checkpoint to {}", dir.display()))
-}
-
 /// The test checkpoint lives in the user cache; it is written once, from a fixed seed.
-fn test_checkpoint_dir() -> Result<PathBuf> {
+fn test_checkpoint_dir() -> PathBuf {
     let base = dirs::cache_dir().unwrap_or_else(std::env::temp_dir);
-    let dir = base
-        .join("hegraph")
+    base.join("hegraph")
         .join("models")
-        .join("hegraph-test-checkpoint");
-    if !dir.join("model.safetensors").exists() {
-        write_test_checkpoint_to(&dir)?;
-    }
-    Ok(dir)
+        .join("hegraph-test-checkpoint")
 }
 
 fn templates_of(f: &FolderArgs) -> Vec<String> {

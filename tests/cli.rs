@@ -395,13 +395,22 @@ fn extract_writes_into_the_folder_uses_its_gui_project_and_rewrites_a_damaged_te
     p.templates = vec!["a picture of a {}.".into()];
     p.set_label("3_earth.png", Some(("planet".into(), LabelOrigin::Human)));
     p.set_label("4_mars.png", Some(("planet".into(), LabelOrigin::Accepted)));
-    p.set_label("0_sun.png", Some(("not a planet".into(), LabelOrigin::Human)));
+    p.set_label(
+        "0_sun.png",
+        Some(("not a planet".into(), LabelOrigin::Human)),
+    );
     p.save(&default_project_path(&folder)).unwrap();
 
     let d = images.to_str().unwrap();
-    let o = run(tmp.path(), &["extract", d, "--test-checkpoint", "--views", "1"]);
+    let o = run(
+        tmp.path(),
+        &["extract", d, "--test-checkpoint", "--views", "1"],
+    );
     assert!(o.status.success());
-    assert!(all_output(&o).contains("using the project"), "the project is named");
+    assert!(
+        all_output(&o).contains("using the project"),
+        "the project is named"
+    );
     let written = folder.join(".hegraph").join("features.safetensors");
     let fs = hegraph::features::FeatureSet::load(&written).unwrap();
     assert_eq!(fs.classes, ["planet", "not a planet"]);
@@ -410,16 +419,31 @@ fn extract_writes_into_the_folder_uses_its_gui_project_and_rewrites_a_damaged_te
     let mut labels = train.labels.clone();
     labels.sort();
     assert_eq!(labels, [0, 0, 1], "exactly the project's three labels");
-    assert!(!all_output(&o).contains(".hegraph: hidden"), "hegraph's own folder is not a hidden file");
+    assert!(
+        !all_output(&o).contains(".hegraph: hidden"),
+        "hegraph's own folder is not a hidden file"
+    );
 
     let weights = tmp
         .path()
         .join("cache/hegraph/models/hegraph-test-checkpoint/model.safetensors");
-    assert!(weights.is_file(), "the test checkpoint lives in the private cache");
+    assert!(
+        weights.is_file(),
+        "the test checkpoint lives in the private cache"
+    );
     std::fs::write(&weights, b"damaged").unwrap();
-    let o = run(tmp.path(), &["extract", d, "--test-checkpoint", "--views", "1"]);
-    assert!(o.status.success(), "a damaged test checkpoint is written again");
+    let o = run(
+        tmp.path(),
+        &["extract", d, "--test-checkpoint", "--views", "1"],
+    );
+    assert!(
+        o.status.success(),
+        "a damaged test checkpoint is written again"
+    );
     let text = all_output(&o);
     assert!(text.contains("writing it again"), "{text}");
-    assert!(!text.contains("download"), "a generated checkpoint is never sent for a download");
+    assert!(
+        !text.contains("download"),
+        "a generated checkpoint is never sent for a download"
+    );
 }

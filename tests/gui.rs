@@ -1089,3 +1089,50 @@ fn a_folder_that_cannot_hold_its_project_refuses_labels_until_another_place_is_c
         "reopening the folder finds the project"
     );
 }
+
+/// Issue 10 (7): a first run without weights is not a dead end. Opening a folder asks where CLIP's weights
+/// come from (download, a folder, or the test checkpoint, labelled as such); the answer is remembered for every
+/// project, so the next folder embeds without asking.
+#[test]
+fn a_first_run_without_weights_asks_once_for_the_model_and_remembers() {
+    if std::env::var_os("HEGRAPH_MODEL_DIR").is_some()
+        || hegraph::clip::user_model_dir().is_some_and(|d| d.join("model.safetensors").is_file())
+    {
+        println!("skipped: a CLIP model is installed here, so there is no first run to test");
+        return;
+    }
+    let f = fixture();
+    let opts = AppOptions {
+        model_dir: None,
+        ..f.opts.clone()
+    };
+    let mut app = HeGraphApp::new(opts.clone());
+    app.open_path(&f.folder).unwrap();
+    assert!(
+        app.modal_open(),
+        "the model question comes up instead of an error"
+    );
+    assert!(!app.is_busy(), "nothing runs until the person chooses");
+    let Some(mut h) = harness(app) else { return };
+    h.step();
+    h.get_by_label_contains("Download openai/clip-vit-base-patch32");
+    h.get_by_label("Use this folder").click();
+    h.step();
+    h.get_by_label_contains("type or browse to a folder first");
+    screenshot(&mut h, "model-choice");
+    h.get_by_label("Use the test checkpoint").click();
+    h.step();
+    assert!(!h.state().modal_open());
+    settle(&mut h);
+    let info = h.state().model().expect("the test checkpoint is loaded");
+    assert!(info.is_test_checkpoint);
+    assert!(h.state().has_features());
+    let prefs = std::fs::read_to_string(opts.user_dir().unwrap().join("prefs.json")).unwrap();
+    assert!(prefs.contains("test_checkpoint"), "{prefs}");
+    drop(h);
+
+    let mut again = HeGraphApp::new(opts);
+    again.open_path(&f.folder).unwrap();
+    assert!(!again.modal_open(), "asked once, for every project");
+    assert!(again.is_busy(), "the remembered model embeds at once");
+}

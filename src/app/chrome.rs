@@ -53,6 +53,7 @@ impl HeGraphApp {
                 self.notify(Level::Error, e.to_string());
             } else {
                 self.notify(Level::Info, format!("saved as {}", file.display()));
+                self.remember_project();
             }
         }
     }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use egui::{Key, Modifiers, RichText};
 
+use super::prefs::ModelChoice;
 use super::{style, HeGraphApp, Level};
 use crate::adapter::{Method, TrainParams};
 use crate::data;
@@ -138,8 +139,17 @@ pub(super) struct Dialogs {
     pub stop_training: bool,
     /// Labels cannot be saved where the project is: where else?
     pub cannot_save: Option<CannotSave>,
+    /// Where should CLIP's weights come from?
+    pub model_choice: Option<ModelChooser>,
     /// A native file dialog just closed: the input that queued up meanwhile is dropped.
     pub drop_input: bool,
+}
+
+/// The first folder that needs CLIP weights, when none are on disk and none were chosen.
+#[derive(Default)]
+pub(super) struct ModelChooser {
+    pub folder_text: String,
+    pub error: Option<String>,
 }
 
 /// The project could not be saved where it is, so the last labelling action was not taken.
@@ -167,9 +177,13 @@ impl Dialogs {
             || self.relabel.is_some()
             || self.stop_training
             || self.cannot_save.is_some()
+            || self.model_choice.is_some()
     }
 
     pub fn close_top(&mut self) {
+        if self.model_choice.take().is_some() {
+            return;
+        }
         if self.cannot_save.take().is_some() {
             return;
         }
@@ -255,6 +269,7 @@ impl HeGraphApp {
     pub(super) fn show_dialogs(&mut self, ctx: &egui::Context) {
         self.new_project_dialog(ctx);
         self.error_dialog(ctx);
+        self.model_choice_dialog(ctx);
         self.cannot_save_dialog(ctx);
         self.relabel_dialog(ctx);
         self.stop_training_dialog(ctx);
@@ -362,6 +377,91 @@ impl HeGraphApp {
         }
     }
 
+    /// Download, a folder, or the test checkpoint: asked once, remembered for every project.
+    fn model_choice_dialog(&mut self, ctx: &egui::Context) {
+        let Some(d) = self.dialogs.model_choice.as_mut() else {
+            return;
+        };
+        let mut choice = None;
+        let mut close = false;
+        let mut browse = false;
+        egui::Modal::new(egui::Id::unique("hegraph-model-choice")).show(ctx, |ui| {
+            ui.set_width(560.0);
+            ui.heading("Which CLIP weights?");
+            ui.add_space(4.0);
+            ui.label(
+                "hegraph embeds the images with CLIP. Choose where its weights come from; the choice holds \
+                 for every project (Settings changes it).",
+            );
+            ui.add_space(8.0);
+            if ui
+                .button(RichText::new(format!(
+                    "Download {} (about 600 MB, once)",
+                    crate::clip::DEFAULT_MODEL_REPO
+                )).strong())
+                .on_hover_text("Needs network access to the Hugging Face hub; the progress shows in the status bar")
+                .clicked()
+            {
+                choice = Some(ModelChoice::Download);
+            }
+            ui.add_space(6.0);
+            let l = ui.label("Or a model folder on disk (config.json, model.safetensors, tokenizer.json):");
+            ui.horizontal(|ui| {
+                ui.add(
+                    egui::TextEdit::singleline(&mut d.folder_text)
+                        .hint_text("/path/to/clip-vit-base-patch32")
+                        .desired_width(330.0),
+                )
+                .labelled_by(l.id);
+                if ui.button("Browse…").clicked() {
+                    browse = true;
+                }
+                if ui.button("Use this folder").clicked() {
+                    let dir = PathBuf::from(d.folder_text.trim());
+                    let missing = crate::clip::hub::missing_files(&dir);
+                    if d.folder_text.trim().is_empty() {
+                        d.error = Some("type or browse to a folder first".into());
+                    } else if missing.is_empty() {
+                        choice = Some(ModelChoice::Folder { path: dir });
+                    } else {
+                        d.error = Some(format!("{} lacks {}", dir.display(), missing.join(", ")));
+                    }
+                }
+            });
+            if let Some(e) = &d.error {
+                ui.colored_label(style::WARNING_FG, e);
+            }
+            ui.add_space(6.0);
+            if ui.button("Use the test checkpoint").clicked() {
+                choice = Some(ModelChoice::TestCheckpoint);
+            }
+            ui.colored_label(
+                style::WARNING_FG,
+                "The test checkpoint has random weights in CLIP's layout: every part of the app works, but \
+                 its predictions mean nothing. It is marked in red wherever it is used.",
+            );
+            ui.add_space(8.0);
+            if ui.button("Not now (Esc)").clicked() {
+                close = true;
+            }
+        });
+        if browse {
+            self.dialogs.drop_input = true;
+            if let Some(dir) = rfd::FileDialog::new().pick_folder() {
+                if let Some(d) = self.dialogs.model_choice.as_mut() {
+                    d.folder_text = dir.display().to_string();
+                }
+            }
+        }
+        if close {
+            self.dialogs.model_choice = None;
+        }
+        if let Some(c) = choice {
+            self.dialogs.model_choice = None;
+            self.choose_model(c);
+        }
+    }
+
     /// Offers another place for the project. Until one works every label is refused (and this comes back), so
     /// a label on screen is always a label on disk.
     fn cannot_save_dialog(&mut self, ctx: &egui::Context) {
@@ -413,6 +513,7 @@ impl HeGraphApp {
                 match s.relocate(path.clone()) {
                     Ok(()) => {
                         self.dialogs.cannot_save = None;
+                        self.remember_project();
                         self.notify(
                             Level::Info,
                             format!("the project is saved in {}", path.display()),
@@ -972,6 +1073,15 @@ impl HeGraphApp {
         });
         let mut reload_model = false;
         let mut browsed = false;
+        let mut change_default = false;
+        let default_model = match &self.prefs.model {
+            ModelChoice::Unset => "not chosen (the default look-up)".to_string(),
+            ModelChoice::Download => {
+                format!("{} (downloaded once)", crate::clip::DEFAULT_MODEL_REPO)
+            }
+            ModelChoice::Folder { path } => path.display().to_string(),
+            ModelChoice::TestCheckpoint => "the test checkpoint (random weights)".to_string(),
+        };
         egui::Window::new("Settings")
             .open(&mut open)
             .collapsible(false)
@@ -980,7 +1090,14 @@ impl HeGraphApp {
                 let st = &mut s.project.settings;
                 ui.heading("Model");
                 ui.horizontal(|ui| {
-                    let l = ui.label("CLIP folder:");
+                    ui.label("For every project:");
+                    ui.label(RichText::new(&default_model).strong());
+                    if ui.button("Change…").clicked() {
+                        change_default = true;
+                    }
+                });
+                ui.horizontal(|ui| {
+                    let l = ui.label("This project only:");
                     ui.add(
                         egui::TextEdit::singleline(text)
                             .hint_text("default look-up (HEGRAPH_MODEL_DIR, user cache)")
@@ -1032,6 +1149,10 @@ impl HeGraphApp {
         }
         if browsed {
             self.dialogs.drop_input = true;
+        }
+        if change_default {
+            self.dialogs.settings = false;
+            self.dialogs.model_choice = Some(ModelChooser::default());
         }
         if reload_model {
             self.engine.embedder = None;

@@ -206,10 +206,30 @@ impl<T: Send + 'static> Job<T> {
 // -------------------------------------------------------------------------------------------------------------
 // Embedding.
 
+/// Where the CLIP weights come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelSource {
+    /// A model folder; `None` = the default look-up ([`crate::clip::hub::resolve_model_dir`]).
+    pub dir: Option<PathBuf>,
+    /// The default look-up may download the default model.
+    pub allow_download: bool,
+    /// `dir` holds the generated test checkpoint: written there when absent or damaged.
+    pub test_checkpoint: bool,
+}
+
+impl ModelSource {
+    pub fn folder(dir: PathBuf) -> Self {
+        Self {
+            dir: Some(dir),
+            allow_download: false,
+            test_checkpoint: false,
+        }
+    }
+}
+
 /// Everything the embedding worker needs.
 pub struct EmbedRequest {
-    pub model_dir: Option<PathBuf>,
-    pub allow_download: bool,
+    pub model: ModelSource,
     pub cache_dir: Option<PathBuf>,
     /// Reused when the model is already loaded (re-embedding after a class edit costs no model load).
     pub embedder: Option<Arc<Embedder>>,
@@ -245,9 +265,28 @@ pub fn run_embed(
         Some(e) => e,
         None => {
             progress.set_stage("loading the CLIP model");
-            let dir = crate::clip::resolve_model_dir(req.model_dir.as_deref(), req.allow_download)
-                .map_err(|e| e.to_string())?;
-            let model = ClipModel::load(&dir).map_err(|e| e.to_string())?;
+            let src = &req.model;
+            let model = match (&src.dir, src.test_checkpoint) {
+                (Some(dir), true) => {
+                    let (m, note) =
+                        crate::clip::test_checkpoint::load_or_write_app_test_checkpoint(dir)
+                            .map_err(|e| e.to_string())?;
+                    if let Some(n) = note {
+                        progress.message(&n);
+                    }
+                    m
+                }
+                _ => {
+                    let dir = crate::clip::resolve_model_dir_reporting(
+                        src.dir.as_deref(),
+                        src.allow_download,
+                        Some(progress),
+                    )
+                    .map_err(|e| e.to_string())?;
+                    progress.set_stage("loading the CLIP model");
+                    ClipModel::load(&dir).map_err(|e| e.to_string())?
+                }
+            };
             let opts = EmbedOptions {
                 cache_dir: req.cache_dir.clone(),
                 ..EmbedOptions::default()

@@ -1,11 +1,13 @@
 //! The labelling view: classes and filters (left), the virtualised thumbnail grid (centre), the preview with
 //! per-class confidence bars (right), and the welcome page when nothing is open.
 
+use std::path::PathBuf;
+
 use egui::{Align2, Color32, FontId, Pos2, Rect, RichText, Sense, Stroke, Vec2};
 
 use super::state::{GridFilter, Show, SortKey};
 use super::thumbs::{Thumb, ThumbKey};
-use super::{style, HeGraphApp};
+use super::{style, HeGraphApp, Level};
 
 /// Space under a thumbnail for its caption.
 const CAPTION: f32 = 22.0;
@@ -52,6 +54,37 @@ impl HeGraphApp {
                 }
                 ui.add_space(8.0);
                 ui.label(RichText::new("or drop a folder on this window").weak());
+                let recent: Vec<PathBuf> = self.prefs.existing_recent().cloned().collect();
+                if !recent.is_empty() {
+                    ui.add_space(20.0);
+                    ui.label(RichText::new("Recent projects").strong());
+                    let mut open = None;
+                    for (k, p) in recent.iter().enumerate() {
+                        let shown = project_title(p);
+                        let key = if k < 9 { format!("{}  ", k + 1) } else { String::new() };
+                        if ui
+                            .link(format!("{key}{shown}"))
+                            .on_hover_text(p.display().to_string())
+                            .clicked()
+                        {
+                            open = Some(p.clone());
+                        }
+                    }
+                    // The digits open them from the keyboard (a modal, e.g. the model question, has it first).
+                    if !self.dialogs.modal_open() {
+                        for (k, p) in recent.iter().enumerate().take(9) {
+                            let key = super::shortcuts::DIGITS[k];
+                            if ui.input_mut(|i| i.consume_key(egui::Modifiers::NONE, key)) {
+                                open = Some(p.clone());
+                            }
+                        }
+                    }
+                    if let Some(p) = open {
+                        if let Err(e) = self.open_path(&p) {
+                            self.notify(Level::Error, e.to_string());
+                        }
+                    }
+                }
                 ui.add_space(28.0);
                 for line in [
                     "1.  Open a folder of photos (class sub-folders, or give the class names).",
@@ -686,4 +719,19 @@ fn confidence_bar(ui: &mut egui::Ui, name: &str, p: f32, color: Color32, is_labe
         FontId::monospace(12.0),
         ui.visuals().weak_text_color(),
     );
+}
+
+/// A project as a person knows it: its folder's name (the default layout `<folder>/.hegraph/project.json`),
+/// else the file's path.
+fn project_title(p: &std::path::Path) -> String {
+    let parent = p.parent();
+    match parent.filter(|d| {
+        d.file_name()
+            .is_some_and(|n| n == crate::data::PROJECT_DIR_NAME)
+    }) {
+        Some(d) => d
+            .parent()
+            .map_or_else(|| p.display().to_string(), |f| f.display().to_string()),
+        None => p.display().to_string(),
+    }
 }

@@ -18,6 +18,7 @@
 
 pub mod graph_view;
 pub mod jobs;
+pub mod prefs;
 pub mod state;
 pub mod style;
 pub mod thumbs;
@@ -44,7 +45,8 @@ use crate::linalg::Mat;
 use crate::project::{default_project_path, LabelOrigin, Project, ProjectError, TrainingRecord};
 
 use graph_view::GraphView;
-use jobs::{EmbedOutput, EmbedRequest, Job, Polled, TrainOutput, TrainRequest};
+use jobs::{EmbedOutput, EmbedRequest, Job, ModelSource, Polled, TrainOutput, TrainRequest};
+use prefs::ModelChoice;
 use shortcuts::Action;
 use state::{ImageItem, Session};
 use thumbs::ThumbCache;
@@ -263,11 +265,26 @@ pub struct HeGraphApp {
     grid: GridUi,
     train_after_embed: bool,
     styled: bool,
+    /// The person's choices for every project (model, recent projects).
+    prefs: prefs::Prefs,
 }
 
 impl HeGraphApp {
     pub fn new(opts: AppOptions) -> Self {
+        let (prefs, prefs_problem) = opts
+            .user_dir()
+            .map(|d| prefs::Prefs::load(&d))
+            .unwrap_or_default();
+        let mut notices = Vec::new();
+        if let Some(e) = prefs_problem {
+            notices.push(Notice {
+                text: e.to_string(),
+                level: Level::Warn,
+                at: Instant::now(),
+            });
+        }
         Self {
+            prefs,
             opts,
             ctx: None,
             session: None,
@@ -278,7 +295,7 @@ impl HeGraphApp {
             graph_key: None,
             graph_note: String::new(),
             gpu: None,
-            notices: Vec::new(),
+            notices,
             dialogs: dialogs::Dialogs::default(),
             grid: GridUi::default(),
             train_after_embed: false,
@@ -416,8 +433,9 @@ impl HeGraphApp {
                 let path = default_project_path(&ds.root);
                 self.install(project, Some(path), images);
                 // Asked now, before the first label: a label is only accepted once it is saved.
-                if let Some(Err(e)) = self.session.as_ref().map(Session::save) {
-                    self.cannot_save(e);
+                match self.session.as_ref().map(Session::save) {
+                    Some(Err(e)) => self.cannot_save(e),
+                    _ => self.remember_project(),
                 }
                 Ok(())
             }
@@ -478,6 +496,7 @@ impl HeGraphApp {
         if let Some(s) = &self.session {
             s.save()?;
         }
+        self.remember_project();
         Ok(())
     }
 
@@ -571,6 +590,84 @@ impl HeGraphApp {
         Ok(())
     }
 
+    /// Where the CLIP weights come from for `project`: the command line, then the project's own model folder,
+    /// then the person's choice for every project. `None` when nothing was chosen and the default look-up
+    /// finds no model on disk: the person is asked (download, a folder, or the test checkpoint).
+    pub fn model_source(&self, project: &Project) -> Option<ModelSource> {
+        if let Some(d) = self
+            .opts
+            .model_dir
+            .clone()
+            .or_else(|| project.settings.model_dir.clone())
+        {
+            return Some(ModelSource::folder(d));
+        }
+        let default_look_up = |allow_download| ModelSource {
+            dir: None,
+            allow_download,
+            test_checkpoint: false,
+        };
+        match &self.prefs.model {
+            ModelChoice::Download => Some(default_look_up(true)),
+            ModelChoice::Folder { path } => Some(ModelSource::folder(path.clone())),
+            ModelChoice::TestCheckpoint => Some(ModelSource {
+                dir: Some(self.test_checkpoint_dir()?),
+                allow_download: false,
+                test_checkpoint: true,
+            }),
+            ModelChoice::Unset if project.settings.allow_download => Some(default_look_up(true)),
+            ModelChoice::Unset => crate::clip::resolve_model_dir(None, false)
+                .ok()
+                .map(|_| default_look_up(false)),
+        }
+    }
+
+    /// The GUI's test checkpoint, in hegraph's user folder.
+    fn test_checkpoint_dir(&self) -> Option<PathBuf> {
+        Some(
+            self.opts
+                .user_dir()?
+                .join("models")
+                .join("hegraph-test-checkpoint"),
+        )
+    }
+
+    /// The person's choices for every project.
+    pub fn prefs(&self) -> &prefs::Prefs {
+        &self.prefs
+    }
+
+    /// Records the model choice for every project and loads that model.
+    pub(super) fn choose_model(&mut self, choice: ModelChoice) {
+        self.prefs.model = choice;
+        self.save_prefs();
+        self.engine.embedder = None;
+        self.engine.model = None;
+        self.engine.model_request = None;
+        self.start_embedding();
+    }
+
+    /// Puts the open project first among the recent ones (once its file exists: a project that could not be
+    /// saved is remembered when it finds a place).
+    pub(super) fn remember_project(&mut self) {
+        let Some(path) = self.session.as_ref().and_then(|s| s.project_path.clone()) else {
+            return;
+        };
+        if path.is_file() && self.prefs.recent.first() != Some(&path) {
+            self.prefs.remember(&path);
+            self.save_prefs();
+        }
+    }
+
+    fn save_prefs(&mut self) {
+        let Some(dir) = self.opts.user_dir() else {
+            return;
+        };
+        if let Err(e) = self.prefs.save(&dir) {
+            self.notify(Level::Warn, e.to_string());
+        }
+    }
+
     /// Where this folder's project goes when the folder cannot hold it (see
     /// [`crate::project::fallback_project_path`]).
     pub fn fallback_project_path(&self, folder: &Path) -> Option<PathBuf> {
@@ -600,11 +697,7 @@ impl HeGraphApp {
             job.cancel();
         }
         // The loaded model is kept when the new project asks for the same one (loading CLIP takes seconds).
-        let wanted = self
-            .opts
-            .model_dir
-            .clone()
-            .or_else(|| project.settings.model_dir.clone());
+        let wanted = self.model_source(&project).and_then(|m| m.dir);
         let same_model = self.engine.model_request.as_ref() == Some(&wanted);
         let keep_embedder = self.engine.embedder.take().filter(|_| same_model);
         let keep_model = self.engine.model.take().filter(|_| same_model);
@@ -624,6 +717,7 @@ impl HeGraphApp {
         self.grid = GridUi::default();
         let session = Session::new(project, path, images);
         self.session = Some(session);
+        self.remember_project();
         if self.opts.auto_embed {
             self.start_embedding();
         }
@@ -656,14 +750,21 @@ impl HeGraphApp {
             return;
         }
         let images_needed = self.engine.centre.is_none();
-        let model_dir = self
-            .opts
-            .model_dir
-            .clone()
-            .or_else(|| s.project.settings.model_dir.clone());
+        let model = match self.model_source(&s.project) {
+            Some(m) => m,
+            None if self.engine.embedder.is_none() => {
+                // A first run without weights: ask once, for every project.
+                self.dialogs.model_choice = Some(dialogs::ModelChooser::default());
+                return;
+            }
+            None => ModelSource {
+                dir: None,
+                allow_download: false,
+                test_checkpoint: false,
+            },
+        };
         let req = EmbedRequest {
-            model_dir,
-            allow_download: s.project.settings.allow_download,
+            model,
             cache_dir: self.opts.cache_dir.clone(),
             embedder: self.engine.embedder.clone(),
             paths: images_needed.then(|| s.images.iter().map(|i| i.path.clone()).collect()),
@@ -672,7 +773,7 @@ impl HeGraphApp {
         };
         self.engine.embedded_for = (req.classes.clone(), req.templates.clone());
         if self.engine.embedder.is_none() {
-            self.engine.model_request = Some(req.model_dir.clone());
+            self.engine.model_request = Some(req.model.dir.clone());
         }
         self.engine.model_error = None;
         self.engine.embed_job = Some(Job::spawn("embed", self.ctx.clone(), move |p, c, _| {

@@ -42,7 +42,7 @@ pub(super) struct KeyContext {
     pub classes: usize,
 }
 
-const DIGITS: [Key; 9] = [
+pub(super) const DIGITS: [Key; 9] = [
     Key::Num1,
     Key::Num2,
     Key::Num3,

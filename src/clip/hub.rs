@@ -11,6 +11,7 @@ use hf_hub::{Repo, RepoType};
 
 use super::model::{CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE};
 use super::ClipError;
+use crate::progress::Progress;
 
 pub const DEFAULT_MODEL_REPO: &str = "openai/clip-vit-base-patch32";
 /// Environment variable naming a model directory; it wins over the user cache.
@@ -79,6 +80,16 @@ pub fn resolve_model_dir(
     explicit: Option<&Path>,
     allow_download: bool,
 ) -> Result<PathBuf, ClipError> {
+    resolve_model_dir_reporting(explicit, allow_download, None)
+}
+
+/// [`resolve_model_dir`] with a download's progress sent to `progress` (in MB) instead of hf-hub's bars on
+/// stderr: the GUI shows it.
+pub fn resolve_model_dir_reporting(
+    explicit: Option<&Path>,
+    allow_download: bool,
+    progress: Option<&dyn Progress>,
+) -> Result<PathBuf, ClipError> {
     if let Some(dir) = explicit {
         return check_dir(dir, "the model directory ");
     }
@@ -103,14 +114,44 @@ pub fn resolve_model_dir(
             how_to_provide(None)
         )));
     };
-    download_default_model(&dir)?;
+    download_default_model(&dir, progress)?;
     Ok(dir)
+}
+
+/// Forwards hf-hub's byte counts to a [`Progress`], in MB so the units stay readable.
+struct Reporter<'a> {
+    progress: &'a dyn Progress,
+    total: usize,
+    done: usize,
+}
+
+impl hf_hub::api::Progress for Reporter<'_> {
+    fn init(&mut self, size: usize, filename: &str) {
+        self.total = size;
+        self.done = 0;
+        self.progress.set_stage(&format!(
+            "downloading {filename} of {DEFAULT_MODEL_REPO} ({} MB)",
+            size.div_ceil(1 << 20)
+        ));
+        self.progress.update(0, size.div_ceil(1 << 20));
+    }
+
+    fn update(&mut self, size: usize) {
+        self.done += size;
+        self.progress
+            .update(self.done >> 20, self.total.div_ceil(1 << 20));
+    }
+
+    fn finish(&mut self) {}
 }
 
 /// Downloads [`DEFAULT_MODEL_REPO`] into `target` through hf-hub (honouring `HF_ENDPOINT` for mirrors), with
 /// hf-hub's progress bars. hf-hub's own cache layout lives in a staging directory beside `target` and is
 /// removed afterwards, so the ~600 MB are not kept twice.
-pub fn download_default_model(target: &Path) -> Result<(), ClipError> {
+pub fn download_default_model(
+    target: &Path,
+    progress: Option<&dyn Progress>,
+) -> Result<(), ClipError> {
     let parent = target.parent().unwrap_or(target);
     let staging = parent.join(".hf-download");
     let io = |path: &Path| {
@@ -128,7 +169,7 @@ pub fn download_default_model(target: &Path) -> Result<(), ClipError> {
     };
     let api = ApiBuilder::from_env()
         .with_cache_dir(staging.clone())
-        .with_progress(true)
+        .with_progress(progress.is_none())
         .build()
         .map_err(|e| failed("anything", &e))?;
     eprintln!(
@@ -136,22 +177,32 @@ pub fn download_default_model(target: &Path) -> Result<(), ClipError> {
         target.display()
     );
     let main = api.model(DEFAULT_MODEL_REPO.to_string());
+    let fetch = |repo: &hf_hub::api::sync::ApiRepo, file: &str| match progress {
+        Some(p) => repo.download_with_progress(
+            file,
+            Reporter {
+                progress: p,
+                total: 0,
+                done: 0,
+            },
+        ),
+        None => repo.get(file),
+    };
     for file in REQUIRED_FILES {
         let dest = target.join(file);
         if dest.is_file() {
             continue;
         }
         let fetched = match file {
-            WEIGHTS_FILE => main.get(file).or_else(|first| {
-                api.repo(Repo::with_revision(
+            WEIGHTS_FILE => fetch(&main, file).or_else(|first| {
+                let pr = api.repo(Repo::with_revision(
                     DEFAULT_MODEL_REPO.to_string(),
                     RepoType::Model,
                     SAFETENSORS_REVISION.to_string(),
-                ))
-                .get(file)
-                .map_err(|_| first)
+                ));
+                fetch(&pr, file).map_err(|_| first)
             }),
-            _ => main.get(file),
+            _ => fetch(&main, file),
         };
         match fetched {
             Ok(path) => place(&path, &dest)?,

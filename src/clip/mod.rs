@@ -15,7 +15,7 @@ pub mod test_checkpoint;
 use std::path::PathBuf;
 
 pub use bench::{bench_clip, ClipBench};
-pub use hub::{resolve_model_dir, user_model_dir, DEFAULT_MODEL_REPO};
+pub use hub::{resolve_model_dir, resolve_model_dir_reporting, user_model_dir, DEFAULT_MODEL_REPO};
 pub use model::{ClipModel, ModelInfo};
 pub use preprocess::ImageTensor;
 pub use test_checkpoint::{write_test_checkpoint, TestCheckpointConfig};

@@ -331,6 +331,34 @@ fn make_tensor(spec: &Spec, index: usize, seed: u64, dtype: DType) -> candle_cor
     Tensor::from_vec(values, spec.shape.as_slice(), dev)?.to_dtype(dtype)
 }
 
+/// The seed of the test checkpoint that the CLI (`--test-checkpoint`) and the GUI write, so both produce the
+/// same weights and share cache entries.
+pub const APP_TEST_CHECKPOINT_SEED: u64 = 0;
+
+/// Loads the app's test checkpoint ([`TestCheckpointConfig::tiny`]) from `dir`, writing it first when it is
+/// absent and again when it is damaged: it is generated, so there is never anything to download. The note
+/// says when a damaged one was replaced.
+pub fn load_or_write_app_test_checkpoint(
+    dir: &Path,
+) -> Result<(super::ClipModel, Option<String>), ClipError> {
+    let write =
+        || write_test_checkpoint(dir, &TestCheckpointConfig::tiny(), APP_TEST_CHECKPOINT_SEED);
+    if !dir.join(WEIGHTS_FILE).exists() {
+        write()?;
+    }
+    match super::ClipModel::load(dir) {
+        Ok(m) => Ok((m, None)),
+        Err(e) => {
+            let note = format!(
+                "the test checkpoint in {} was damaged ({e}); writing it again",
+                dir.display()
+            );
+            write()?;
+            Ok((super::ClipModel::load(dir)?, Some(note)))
+        }
+    }
+}
+
 /// Writes `config.json`, `model.safetensors` (random values from `seed`) and `tokenizer.json` into `dir`
 /// (created if needed).
 pub fn write_test_checkpoint(
