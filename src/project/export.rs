@@ -60,7 +60,8 @@ pub enum LabelSource {
 /// One exported image.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ExportRow {
-    /// Path relative to the project folder, with `/`.
+    /// Path relative to the project folder, with `/`, in the stored form of [`crate::stored_path`] (exact
+    /// even for names that are not UTF-8).
     pub path: String,
     pub label: String,
     /// 1 for a person's label; the model's probability of `label` for a prediction.
@@ -155,7 +156,8 @@ pub fn write_csv(rows: &[ExportRow], out: &Path) -> Result<(), ExportError> {
 
 #[derive(Serialize)]
 struct JsonExport<'a> {
-    folder: &'a Path,
+    /// Stored form: serde refuses a `Path` that is not UTF-8, and a lossy one would name another folder.
+    folder: String,
     classes: &'a [String],
     images: &'a [ExportRow],
 }
@@ -163,7 +165,7 @@ struct JsonExport<'a> {
 /// `{ "folder", "classes", "images": [{path, label, confidence, source}] }`.
 pub fn write_json(project: &Project, rows: &[ExportRow], out: &Path) -> Result<(), ExportError> {
     let doc = JsonExport {
-        folder: &project.folder,
+        folder: crate::stored_path::path_to_stored(&project.folder),
         classes: &project.classes,
         images: rows,
     };
@@ -233,8 +235,11 @@ pub fn export_tree(
         if classes.insert(dir.clone()) {
             fs::create_dir_all(&dir).map_err(write_err(&dir))?;
         }
-        let target = dir.join(r.path.replace('/', "__"));
-        let source = folder.join(&r.path);
+        // The real bytes of the name, so the copy is named like the original even when that is not UTF-8.
+        let target = dir.join(crate::stored_path::path_from_stored(
+            &r.path.replace('/', "__"),
+        ));
+        let source = folder.join(crate::stored_path::path_from_stored(&r.path));
         match mode {
             TreeMode::Copy => {
                 fs::copy(&source, &target).map_err(write_err(&target))?;
