@@ -94,8 +94,18 @@ impl Problem {
 }
 
 impl fmt::Display for Problem {
+    /// Control characters in the path (a file name may hold a line break or a tab) are shown escaped, so one
+    /// problem stays on one line and the name can be told apart.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path.display(), self.message)
+        let mut path = String::new();
+        for c in self.path.display().to_string().chars() {
+            if c.is_control() {
+                path.extend(c.escape_default());
+            } else {
+                path.push(c);
+            }
+        }
+        write!(f, "{path}: {}", self.message)
     }
 }
 

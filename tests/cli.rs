@@ -426,8 +426,8 @@ fn odd_file_names_round_trip_through_extract_train_and_predict() {
     );
     assert!(o.status.success(), "{}", all_output(&o));
     assert!(
-        all_output(&o).contains("line break"),
-        "the class folder with a line break is pointed out"
+        all_output(&o).contains("odd/new\\nclass: class name 'new\\nclass' (from this folder's name) holds a line break"),
+        "the class folder with a line break is pointed out, on one line"
     );
 
     let fs = FeatureSet::load(&features).unwrap();

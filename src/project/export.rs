@@ -322,6 +322,54 @@ mod tests {
         ));
     }
 
+    /// Names that are not UTF-8, or hold a line break, are written in the stored form to the CSV and JSON
+    /// (so a reader finds the exact file) and copied under their real bytes into the tree.
+    #[cfg(unix)]
+    #[test]
+    fn odd_file_names_are_exported_exactly() {
+        use std::ffi::OsStr;
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("imgs");
+        fs::create_dir_all(folder.join("sub")).unwrap();
+        let names: [&[u8]; 3] = [b"x\xe9.png", b"x\xe8.png", b"sub/new\nline.png"];
+        let rels: Vec<String> = names
+            .iter()
+            .map(|n| {
+                fs::write(folder.join(OsStr::from_bytes(n)), n).unwrap();
+                crate::stored_path::os_to_stored(OsStr::from_bytes(n))
+            })
+            .collect();
+        let mut p = Project::new(folder, vec!["cat".into()]);
+        for r in &rels {
+            p.labels.insert(r.clone(), "cat".into());
+        }
+        let rows = export_rows(&p, &rels, None, &RowOptions::default()).unwrap();
+        let csv_path = dir.path().join("labels.csv");
+        write_csv(&rows, &csv_path).unwrap();
+        let mut r = csv::Reader::from_path(&csv_path).unwrap();
+        let got: Vec<String> = r.records().map(|rec| rec.unwrap()[0].to_string()).collect();
+        assert_eq!(got, rels);
+        let json_path = dir.path().join("labels.json");
+        write_json(&p, &rows, &json_path).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&json_path).unwrap()).unwrap();
+        assert_eq!(v["images"][1]["path"], "x\\xE8.png");
+
+        let out = dir.path().join("tree");
+        export_tree(&p.folder, &rows, &out, TreeMode::Copy).unwrap();
+        for (n, want) in [
+            (&b"x\xe9.png"[..], &b"x\xe9.png"[..]),
+            (b"x\xe8.png", b"x\xe8.png"),
+            (b"sub__new\nline.png", b"sub/new\nline.png"),
+        ] {
+            assert_eq!(
+                fs::read(out.join("cat").join(OsStr::from_bytes(n))).unwrap(),
+                want
+            );
+        }
+    }
+
     #[test]
     fn csv_json_and_tree_are_written() {
         let (d, p, images, probs) = setup();
