@@ -342,6 +342,19 @@ fn csv_file_path(root: &Path, field: &str) -> PathBuf {
     }
 }
 
+/// A CSV path field that is not UTF-8, taken as the raw bytes of a file name where names are bytes.
+#[cfg(unix)]
+fn raw_file_name(bytes: &[u8]) -> Option<std::ffi::OsString> {
+    use std::os::unix::ffi::OsStrExt;
+    Some(std::ffi::OsStr::from_bytes(bytes).to_os_string())
+}
+
+/// A CSV path field that is not UTF-8 names no file here (names are UTF-16).
+#[cfg(not(unix))]
+fn raw_file_name(_bytes: &[u8]) -> Option<std::ffi::OsString> {
+    None
+}
+
 fn read_labels_csv_rows(
     path: &Path,
     root: &Path,
@@ -362,10 +375,11 @@ fn read_labels_csv_rows(
     let mut conflicted: HashSet<PathBuf> = HashSet::new();
     let mut problems = Vec::new();
     let mut first = true;
-    let mut record = csv::StringRecord::new();
+    // Bytes, not text: a path field may be a raw file name that is not UTF-8 (e.g. `ls > labels.csv`).
+    let mut record = csv::ByteRecord::new();
     loop {
         let line = reader.position().line();
-        match reader.read_record(&mut record) {
+        match reader.read_byte_record(&mut record) {
             Ok(false) => break,
             Ok(true) => {}
             Err(e) => {
@@ -380,16 +394,7 @@ fn read_labels_csv_rows(
                         source,
                     });
                 }
-                let why = if matches!(e.kind(), csv::ErrorKind::Utf8 { .. }) {
-                    "not valid UTF-8 (save the CSV as UTF-8; write a file name's non-UTF-8 bytes as \\xNN)"
-                        .to_string()
-                } else {
-                    e.to_string()
-                };
-                problems.push(Problem::new(
-                    path,
-                    format!("line {line}: {why}; row skipped"),
-                ));
+                problems.push(Problem::new(path, format!("line {line}: {e}; row skipped")));
                 first = false;
                 continue;
             }
@@ -398,20 +403,46 @@ fn read_labels_csv_rows(
         // Line breaks inside quoted fields: the row runs from `line` to `last_line`.
         let breaks = record
             .iter()
-            .map(|f| f.matches('\n').count() as u64)
+            .map(|f| f.iter().filter(|&&b| b == b'\n').count() as u64)
             .sum::<u64>();
         let last_line = line + breaks;
         let is_first = std::mem::replace(&mut first, false);
-        let path_field = record.get(0).unwrap_or("").trim_start_matches('\u{feff}');
-        let label_field = record.get(1).unwrap_or("");
-        if record.iter().all(str::is_empty) {
+        if record.iter().all(<[u8]>::is_empty) {
             problems.push(Problem::new(
                 path,
                 format!("line {line}: empty row; skipped"),
             ));
             continue;
         }
-        if is_first && is_header_row(path_field, label_field) {
+        let raw_path = record.get(0).unwrap_or(b"");
+        let raw_path = raw_path.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw_path);
+        let Ok(label_field) = std::str::from_utf8(record.get(1).unwrap_or(b"")) else {
+            problems.push(Problem::new(
+                path,
+                format!("line {line}: the label is not valid UTF-8 (save the CSV as UTF-8); row skipped"),
+            ));
+            continue;
+        };
+        let (path_field, file_path) = match std::str::from_utf8(raw_path) {
+            Ok(text) => (text.to_string(), csv_file_path(root, text)),
+            Err(_) => match raw_file_name(raw_path) {
+                Some(name) => (
+                    name.to_string_lossy().into_owned(),
+                    normalize(&root.join(name)),
+                ),
+                None => {
+                    problems.push(Problem::new(
+                        path,
+                        format!(
+                            "line {line}: the path is not valid UTF-8; write a file name's non-UTF-8 bytes \
+                             as \\xNN; row skipped"
+                        ),
+                    ));
+                    continue;
+                }
+            },
+        };
+        if is_first && is_header_row(&path_field, label_field) {
             continue;
         }
         if path_field.is_empty() {
@@ -421,7 +452,6 @@ fn read_labels_csv_rows(
             ));
             continue;
         }
-        let file_path = csv_file_path(root, path_field);
         let label = resolve_label(label_field, classes);
         if breaks > 0 && !(file_path.is_file() && label.is_ok()) {
             problems.push(Problem::new(

@@ -1026,18 +1026,22 @@ fn csv_paths_with_line_breaks_and_stored_non_utf8_bytes_label_the_exact_file() {
     let nl = root.join("new\nline.png");
     let e9 = root.join(OsStr::from_bytes(b"x\xe9.png"));
     let e8 = root.join(OsStr::from_bytes(b"x\xe8.png"));
-    for p in [&nl, &e9, &e8] {
+    let raw = root.join(OsStr::from_bytes(b"y\xe9.png"));
+    for p in [&nl, &e9, &e8, &raw] {
         put(p, "chelsea.png");
     }
+    // The last row names a file by its raw (Latin-1) bytes, as `ls > labels.csv` would.
     let (map, msgs) = read_csv_text(
         tmp.path(),
         &root,
-        b"path,label\n\"new\nline.png\",dog\nx\\xE9.png,cat\nx\\xE8.png,dog\n",
+        b"path,label\n\"new\nline.png\",dog\nx\\xE9.png,cat\nx\\xE8.png,dog\ny\xe9.png,cat\n",
     );
     assert!(msgs.is_empty(), "{msgs:?}");
     assert_eq!(map.get(&nl), Some(&1));
     assert_eq!(map.get(&e9), Some(&0));
     assert_eq!(map.get(&e8), Some(&1));
+    assert_eq!(map.get(&raw), Some(&0));
+    assert_eq!(map.len(), 4);
 }
 
 // ---------------------------------------------------------------- features file: paths and versions
