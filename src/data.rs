@@ -434,8 +434,7 @@ fn read_labels_csv_rows(
                     problems.push(Problem::new(
                         path,
                         format!(
-                            "line {line}: the path is not valid UTF-8; write a file name's non-UTF-8 bytes \
-                             as \\xNN; row skipped"
+                            "line {line}: the path is not valid UTF-8 (save the CSV as UTF-8); row skipped"
                         ),
                     ));
                     continue;
