@@ -695,7 +695,7 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
             let p = probs.row(r);
             let top = argmax(p);
             PredictionRow {
-                path: paths[i].display().to_string(),
+                path: hegraph::stored_path::path_to_stored(&paths[i]),
                 label: trained.classes[top].clone(),
                 confidence: p[top],
                 probabilities: p.to_vec(),
@@ -724,6 +724,7 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
 
 #[derive(serde::Serialize)]
 struct PredictionRow {
+    /// The stored form (`hegraph::stored_path`), so a program reading the output finds the exact file.
     path: String,
     label: String,
     confidence: f32,
@@ -738,7 +739,7 @@ struct PredictionsJson {
 }
 
 fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
+    if s.contains([',', '"', '\n', '\r']) || s.trim() != s {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
         s.to_string()
@@ -876,7 +877,7 @@ fn cmd_demo(a: DemoArgs) -> Result<()> {
         }
         println!(
             "{:<36} {:<12} {:>9.1}%  {}",
-            path,
+            hegraph::stored_path::display(path),
             fs.classes[top],
             100.0 * p[top],
             t.unwrap_or("?")

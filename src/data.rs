@@ -70,7 +70,8 @@ pub struct ImageEntry {
     /// Absolute path (the root is canonicalised; symlinks below it are kept as walked, not resolved).
     pub path: PathBuf,
     /// Path relative to the root with `/` separators on every platform, so it is stable in saved projects
-    /// and CSVs.
+    /// and CSVs; each component in the stored form of [`crate::stored_path`], so it names the file exactly
+    /// even when the name is not UTF-8 (show it with [`crate::stored_path::display`]).
     pub rel: String,
     /// Index into [`Dataset::classes`], or `None` for an unlabelled image.
     pub label: Option<usize>,
@@ -93,8 +94,18 @@ impl Problem {
 }
 
 impl fmt::Display for Problem {
+    /// Control characters in the path (a file name may hold a line break or a tab) are shown escaped, so one
+    /// problem stays on one line and the name can be told apart.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path.display(), self.message)
+        let mut path = String::new();
+        for c in self.path.display().to_string().chars() {
+            if c.is_control() {
+                path.extend(c.escape_default());
+            } else {
+                path.push(c);
+            }
+        }
+        write!(f, "{path}: {}", self.message)
     }
 }
 
@@ -256,14 +267,19 @@ fn check_names<'a>(
 /// Reads a labels CSV (`path,label` per row; header optional; extra columns ignored).
 ///
 /// Paths are relative to `root` or absolute; the map's keys are absolute, lexically normalised paths
-/// (`root.join(rel)` without `.`/`..`). A label is a class name (exact, then case-insensitive) or a 0-based
-/// class index; a name wins over an index when a class is itself named like a number.
+/// (`root.join(rel)` without `.`/`..`). A path is taken literally first; when no such file exists, it is read
+/// as a stored name (see [`crate::stored_path`]: `\xNN` escapes), so a CSV this program wrote (an export, the
+/// predictions) names non-UTF-8 files exactly. A label is a class name (exact, then case-insensitive) or a
+/// 0-based class index; a name wins over an index when a class is itself named like a number.
 ///
-/// Choices: the first row is taken as a header when its path names no existing file and its label is not a
-/// class (or its first field is a usual header word such as `path` or `file`). A path listed twice with the
-/// same label is accepted; with conflicting labels it becomes unlabelled (we cannot know which is right) and
-/// both lines are reported. Rows with unknown classes, missing files or missing labels are problems; only an
-/// unreadable file is an error.
+/// Choices: the first row is a header only when its content says so: a path word (`path`, `file`, `image`,
+/// `filename`, …) then a label word (`label`, `class`, `category`, …), case-insensitive. Any other first row is
+/// data, and dropped like any other row if it is bad (a typo such as `aa.png,kat` is reported, not taken for a
+/// header). Every dropped row is a problem naming its line and why. A quoted field that runs over several lines
+/// is kept only when it names an existing file (a file name may hold a line break); otherwise it is an
+/// unterminated quote, reported with the line where it opened and the lines it swallowed. A path listed twice
+/// with the same label is accepted; with conflicting labels it becomes unlabelled (we cannot know which is
+/// right) and both lines are reported. Only an unreadable file is an error.
 pub fn read_labels_csv(
     path: &Path,
     root: &Path,
@@ -282,7 +298,8 @@ struct CsvRow {
     line: u64,
 }
 
-const HEADER_WORDS: &[&str] = &[
+/// First fields of a header row (compared lowercased).
+const HEADER_PATH_WORDS: &[&str] = &[
     "path",
     "file",
     "filename",
@@ -291,9 +308,55 @@ const HEADER_WORDS: &[&str] = &[
     "file_path",
     "image",
     "image_path",
+    "image_name",
     "img",
     "name",
 ];
+
+/// Second fields of a header row (compared lowercased).
+const HEADER_LABEL_WORDS: &[&str] = &[
+    "label",
+    "labels",
+    "class",
+    "class_name",
+    "classname",
+    "category",
+    "label_name",
+    "target",
+];
+
+/// True when a row's content is a header: a path word then a label word.
+fn is_header_row(path_field: &str, label_field: &str) -> bool {
+    HEADER_PATH_WORDS.contains(&path_field.to_lowercase().as_str())
+        && HEADER_LABEL_WORDS.contains(&label_field.to_lowercase().as_str())
+}
+
+/// The file a CSV path field names: literally, or (when no such file exists) as a stored name.
+fn csv_file_path(root: &Path, field: &str) -> PathBuf {
+    let literal = normalize(&root.join(field));
+    if literal.exists() || !field.contains("\\x") {
+        return literal;
+    }
+    let decoded = normalize(&root.join(crate::stored_path::path_from_stored(field)));
+    if decoded.exists() {
+        decoded
+    } else {
+        literal
+    }
+}
+
+/// A CSV path field that is not UTF-8, taken as the raw bytes of a file name where names are bytes.
+#[cfg(unix)]
+fn raw_file_name(bytes: &[u8]) -> Option<std::ffi::OsString> {
+    use std::os::unix::ffi::OsStrExt;
+    Some(std::ffi::OsStr::from_bytes(bytes).to_os_string())
+}
+
+/// A CSV path field that is not UTF-8 names no file here (names are UTF-16).
+#[cfg(not(unix))]
+fn raw_file_name(_bytes: &[u8]) -> Option<std::ffi::OsString> {
+    None
+}
 
 fn read_labels_csv_rows(
     path: &Path,
@@ -315,10 +378,11 @@ fn read_labels_csv_rows(
     let mut conflicted: HashSet<PathBuf> = HashSet::new();
     let mut problems = Vec::new();
     let mut first = true;
-    let mut record = csv::StringRecord::new();
+    // Bytes, not text: a path field may be a raw file name that is not UTF-8 (e.g. `ls > labels.csv`).
+    let mut record = csv::ByteRecord::new();
     loop {
         let line = reader.position().line();
-        match reader.read_record(&mut record) {
+        match reader.read_byte_record(&mut record) {
             Ok(false) => break,
             Ok(true) => {}
             Err(e) => {
@@ -339,24 +403,66 @@ fn read_labels_csv_rows(
             }
         }
         let line = record.position().map_or(line, |p| p.line());
+        // Line breaks inside quoted fields: the row runs from `line` to `last_line`.
+        let breaks = record
+            .iter()
+            .map(|f| f.iter().filter(|&&b| b == b'\n').count() as u64)
+            .sum::<u64>();
+        let last_line = line + breaks;
         let is_first = std::mem::replace(&mut first, false);
-        let path_field = record.get(0).unwrap_or("").trim_start_matches('\u{feff}');
-        let label_field = record.get(1).unwrap_or("");
-        if record.iter().all(str::is_empty) {
+        if record.iter().all(<[u8]>::is_empty) {
+            problems.push(Problem::new(
+                path,
+                format!("line {line}: empty row; skipped"),
+            ));
             continue;
         }
-        let file_path = normalize(&root.join(path_field));
-        let label = resolve_label(label_field, classes);
-        if is_first
-            && !file_path.is_file()
-            && (label.is_err() || HEADER_WORDS.contains(&path_field.to_lowercase().as_str()))
-        {
+        let raw_path = record.get(0).unwrap_or(b"");
+        let raw_path = raw_path.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw_path);
+        let Ok(label_field) = std::str::from_utf8(record.get(1).unwrap_or(b"")) else {
+            problems.push(Problem::new(
+                path,
+                format!("line {line}: the label is not valid UTF-8 (save the CSV as UTF-8); row skipped"),
+            ));
+            continue;
+        };
+        let (path_field, file_path) = match std::str::from_utf8(raw_path) {
+            Ok(text) => (text.to_string(), csv_file_path(root, text)),
+            Err(_) => match raw_file_name(raw_path) {
+                Some(name) => (
+                    name.to_string_lossy().into_owned(),
+                    normalize(&root.join(name)),
+                ),
+                None => {
+                    problems.push(Problem::new(
+                        path,
+                        format!(
+                            "line {line}: the path is not valid UTF-8 (save the CSV as UTF-8); row skipped"
+                        ),
+                    ));
+                    continue;
+                }
+            },
+        };
+        if is_first && is_header_row(&path_field, label_field) {
             continue;
         }
         if path_field.is_empty() {
             problems.push(Problem::new(
                 path,
                 format!("line {line}: empty path; row skipped"),
+            ));
+            continue;
+        }
+        let label = resolve_label(label_field, classes);
+        if breaks > 0 && !(file_path.is_file() && label.is_ok()) {
+            problems.push(Problem::new(
+                path,
+                format!(
+                    "line {line}: a quote opened on this line is not closed before line {last_line} (or \
+                     never), so lines {line} to {last_line} were read as one row; those rows are skipped: \
+                     close the quote"
+                ),
             ));
             continue;
         }
@@ -546,17 +652,34 @@ pub fn open_folder(root: &Path, opts: &OpenOptions) -> Result<Dataset, DataError
     } else if folders.is_empty() {
         return Err(DataError::NoClassFolders { path: root });
     } else {
-        // Folder names are used verbatim: they are distinct on disk, and trimming would break the match.
-        folders.clone()
+        // Folder names are used verbatim: they are distinct on disk, and trimming would break the match. A
+        // name with a line break or tab is kept (every file that holds class names stores them as a JSON
+        // array, and refusing would make a folder the person may not control unusable), but it is pointed
+        // out, since it is rarely meant and looks like another name on screen.
+        for f in &folders {
+            let name = folder_class_name(f);
+            if name.chars().any(char::is_control) {
+                problems.push(Problem::new(
+                    root.join(crate::stored_path::path_from_stored(f)),
+                    format!(
+                        "class name '{}' (from this folder's name) holds a line break, tab or other control \
+                         character; kept as it is, rename the folder if that is a mistake",
+                        name.escape_debug()
+                    ),
+                ));
+            }
+        }
+        folders.iter().map(|f| folder_class_name(f)).collect()
     };
 
     // Labels from sub-folders named like classes.
     let mut folder_class: HashMap<&str, Option<usize>> = HashMap::new();
     for f in &folders {
-        let idx = classes.iter().position(|c| c == f).or_else(|| {
+        let name = folder_class_name(f);
+        let idx = classes.iter().position(|c| *c == name).or_else(|| {
             classes
                 .iter()
-                .position(|c| c.to_lowercase() == f.to_lowercase())
+                .position(|c| c.to_lowercase() == name.to_lowercase())
         });
         folder_class.insert(f.as_str(), idx);
     }
@@ -564,7 +687,7 @@ pub fn open_folder(root: &Path, opts: &OpenOptions) -> Result<Dataset, DataError
         for (f, idx) in &folder_class {
             if idx.is_none() {
                 problems.push(Problem::new(
-                    root.join(f),
+                    root.join(crate::stored_path::path_from_stored(f)),
                     "sub-folder matches no class name; its images are unlabelled",
                 ));
             }
@@ -603,6 +726,15 @@ pub fn open_folder(root: &Path, opts: &OpenOptions) -> Result<Dataset, DataError
         images,
         problems,
     })
+}
+
+/// The class a top-level folder (a stored `rel` component) stands for: its real name when that is UTF-8
+/// (so `a\b` is the class `a\b`, matching a class-names file), else the stored form, which keeps two
+/// folders that differ only in non-UTF-8 bytes two distinct classes.
+fn folder_class_name(stored: &str) -> String {
+    crate::stored_path::path_from_stored(stored)
+        .to_str()
+        .map_or_else(|| stored.to_string(), str::to_string)
 }
 
 /// Applies CSV labels to walked images. A CSV row is matched by its normalised path first, then through
@@ -702,7 +834,7 @@ fn walk(
     names.sort();
     for name in names {
         let path = dir.join(&name);
-        let name_str = name.to_string_lossy();
+        let name_str = crate::stored_path::os_to_stored(&name);
         if name_str.starts_with('.') {
             // hegraph's own project folder is not a person's hidden file: nothing to report.
             if name != PROJECT_DIR_NAME {
@@ -711,7 +843,7 @@ fn walk(
             continue;
         }
         let child_rel = if rel.is_empty() {
-            name_str.to_string()
+            name_str
         } else {
             format!("{rel}/{name_str}")
         };

@@ -22,14 +22,20 @@
 //! rows are already the mean of 10 augmented views.
 //!
 //! Metadata (all strings, all optional):
-//! - `classes`: class names, one per line, in label order. Absent → "class 0", "class 1", … . The shared
-//!   benchmark files store a bare count there (e.g. "100"); a single line that is a number is read as a count.
-//! - `format` = `hegraph-features`, `version` = `1`: written by this program (`extract`).
+//! - `format` = `hegraph-features`, `version` = `2`: written by this program (`extract`).
+//! - `classes`: class names in label order, a JSON array of strings (`["cat", "dog"]`). Absent → "class 0",
+//!   "class 1", … .
 //! - `model`: the CLIP model the features came from; `test_checkpoint`: `true` when that model is the tiny
 //!   random test checkpoint (features good for plumbing only, not accuracy).
-//! - `templates`: the prompt templates used for the text nodes, one per line.
+//! - `templates`: the prompt templates used for the text nodes, a JSON array of strings.
 //! - `paths.{split}` (e.g. `paths.train`, `paths.unlabelled`): the image paths of that split's rows, relative
-//!   to the project folder, one per line.
+//!   to the project folder, a JSON array of strings in the stored form of [`crate::stored_path`] (exact bytes:
+//!   `\xNN` for bytes that are not UTF-8 and for the backslash), one per row.
+//!
+//! Version 1 (and files without a version, such as the shared benchmark files) kept `classes`, `templates`
+//! and `paths.{split}` one per line, which cannot hold a name with a line break; they are still read that way
+//! (their paths literally). There, a `classes` value that is a single number is a class count (the shared
+//! files store e.g. "100").
 //!
 //! Loading validates shapes (every tensor of a split has the same row count, every feature tensor the same
 //! `D`, text tensors `C` rows), labels (`< C`) and values (no NaN/∞ row), and names the offending tensor, so
@@ -46,8 +52,9 @@ use crate::linalg::Mat;
 
 /// The `format` metadata value this program writes.
 pub const FORMAT: &str = "hegraph-features";
-/// The `version` metadata value this program writes and the newest it reads.
-pub const VERSION: u32 = 1;
+/// The `version` metadata value this program writes and the newest it reads. Version 2 stores lists as JSON
+/// arrays (see the module docs); version 1 stored them one per line.
+pub const VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FeaturesError {
@@ -83,6 +90,8 @@ pub struct LabelledSplit {
     pub labels: Vec<usize>,
     /// `views[a]` is N×D: view `a` of every image (same row order as `features`).
     pub views: Option<Vec<Mat>>,
+    /// One path per row, relative to the project folder, in the stored form of [`crate::stored_path`] (so
+    /// names that differ only in non-UTF-8 bytes stay distinct); show them with [`crate::stored_path::display`].
     pub paths: Option<Vec<String>>,
 }
 
@@ -136,7 +145,7 @@ impl LabelledSplit {
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct UnlabelledSplit {
     pub features: Mat,
-    /// One path per row, or empty when the file recorded none.
+    /// One path per row (stored form, as [`LabelledSplit::paths`]), or empty when the file recorded none.
     pub paths: Vec<String>,
 }
 
@@ -182,9 +191,11 @@ impl FeatureSet {
         let st = SafeTensors::deserialize(&bytes).map_err(|e| format_err(e.to_string()))?;
         let r = Reader { path, st: &st };
 
+        let ours = meta.get("format").map(String::as_str) == Some(FORMAT);
+        let version = meta.get("version").map(|v| v.trim().parse::<u32>());
         if let Some(v) = meta.get("version") {
             let newer = v.trim().parse::<u32>().map(|v| v > VERSION).unwrap_or(true);
-            if meta.get("format").map(String::as_str) == Some(FORMAT) && newer {
+            if ours && newer {
                 return Err(FeaturesError::Invalid {
                     path: path.to_path_buf(),
                     msg: format!(
@@ -195,13 +206,19 @@ impl FeatureSet {
             }
         }
 
+        let lists = Lists {
+            path,
+            meta: &meta,
+            json: ours && matches!(version, Some(Ok(v)) if v >= 2),
+        };
+
         let mut fs = FeatureSet {
             model: meta.get("model").cloned().filter(|s| !s.is_empty()),
             test_checkpoint: meta
                 .get("test_checkpoint")
                 .map(|s| s.trim().eq_ignore_ascii_case("true"))
                 .unwrap_or(false),
-            templates: lines(meta.get("templates")),
+            templates: lists.strings("templates")?.unwrap_or_default(),
             ..Default::default()
         };
 
@@ -212,30 +229,34 @@ impl FeatureSet {
                 .and_then(|s| s.strip_suffix(".features"))
                 .and_then(|k| k.parse::<usize>().ok())
             {
-                let split = r.labelled(&format!("shots{k}"), &meta)?;
+                let split = r.labelled(&format!("shots{k}"), &lists)?;
                 if let Some(s) = split {
                     fs.shots.insert(k, s);
                 }
             }
         }
-        fs.train = r.labelled("train", &meta)?;
-        fs.val = r.labelled("val", &meta)?;
-        fs.test = r.labelled("test", &meta)?;
+        fs.train = r.labelled("train", &lists)?;
+        fs.val = r.labelled("val", &lists)?;
+        fs.test = r.labelled("test", &lists)?;
         if let Some(features) = r.mat("unlabelled.features")? {
-            let paths = lines(meta.get("paths.unlabelled"));
+            let paths = lists.paths("paths.unlabelled")?.unwrap_or_default();
             fs.unlabelled = Some(UnlabelledSplit { features, paths });
         }
         fs.text = r.mat("text.features")?;
         fs.text_neg = r.mat("text_neg.features")?;
 
-        // Classes: names from the metadata, a bare count, or inferred.
-        let named = lines(meta.get("classes"));
+        // Classes: names from the metadata, a bare count (version 1 only), or inferred.
+        let named = lists.strings("classes")?.unwrap_or_default();
         let max_label = fs
             .labelled_splits()
             .flat_map(|(_, s)| s.labels.iter().copied())
             .max();
         fs.classes = match named.as_slice() {
-            [one] if one.trim().parse::<usize>().is_ok() && !is_plausible_single_class(&fs) => {
+            [one]
+                if !lists.json
+                    && one.trim().parse::<usize>().is_ok()
+                    && !is_plausible_single_class(&fs) =>
+            {
                 let c = one.trim().parse::<usize>().unwrap_or(0);
                 Self::default_class_names(c)
             }
@@ -268,7 +289,7 @@ impl FeatureSet {
         let mut meta = HashMap::new();
         meta.insert("format".to_string(), FORMAT.to_string());
         meta.insert("version".to_string(), VERSION.to_string());
-        meta.insert("classes".to_string(), self.classes.join("\n"));
+        meta.insert("classes".to_string(), json_list(&self.classes));
         if let Some(m) = &self.model {
             meta.insert("model".to_string(), m.clone());
         }
@@ -277,7 +298,7 @@ impl FeatureSet {
             self.test_checkpoint.to_string(),
         );
         if !self.templates.is_empty() {
-            meta.insert("templates".to_string(), self.templates.join("\n"));
+            meta.insert("templates".to_string(), json_list(&self.templates));
         }
 
         let mut tensors: Vec<(String, OwnedTensor)> = Vec::new();
@@ -294,7 +315,7 @@ impl FeatureSet {
                 ));
             }
             if let Some(paths) = &split.paths {
-                meta.insert(format!("paths.{name}"), paths.join("\n"));
+                meta.insert(format!("paths.{name}"), json_list(paths));
             }
         }
         if let Some(u) = &self.unlabelled {
@@ -303,7 +324,7 @@ impl FeatureSet {
                 OwnedTensor::f32_mat(&u.features),
             ));
             if !u.paths.is_empty() {
-                meta.insert("paths.unlabelled".to_string(), u.paths.join("\n"));
+                meta.insert("paths.unlabelled".to_string(), json_list(&u.paths));
             }
         }
         if let Some(t) = &self.text {
@@ -407,29 +428,13 @@ impl FeatureSet {
                 }
             }
             if let Some(p) = &s.paths {
-                if p.len() != s.features.rows {
-                    return Err(FeaturesError::Invalid {
-                        path: path.to_path_buf(),
-                        msg: format!(
-                            "metadata paths.{name} lists {} paths for {} rows",
-                            p.len(),
-                            s.features.rows
-                        ),
-                    });
-                }
+                paths_fit(path, &name, p, s.features.rows)?;
             }
         }
         if let Some(u) = &self.unlabelled {
             check_mat("unlabelled.features", &u.features)?;
-            if !u.paths.is_empty() && u.paths.len() != u.features.rows {
-                return Err(FeaturesError::Invalid {
-                    path: path.to_path_buf(),
-                    msg: format!(
-                        "metadata paths.unlabelled lists {} paths for {} rows",
-                        u.paths.len(),
-                        u.features.rows
-                    ),
-                });
+            if !u.paths.is_empty() {
+                paths_fit(path, "unlabelled", &u.paths, u.features.rows)?;
             }
         }
         for (name, t) in [
@@ -458,6 +463,92 @@ fn is_plausible_single_class(fs: &FeatureSet) -> bool {
         .flat_map(|(_, s)| s.labels.iter().copied())
         .max();
     max_label == Some(0) || fs.text.as_ref().map(|t| t.rows) == Some(1)
+}
+
+/// Checks that a split lists one path per row. When it does not, names the split and the first path that does
+/// not fit: a path with no image extension (a name cut in two at a line break by a version-1 file, or a
+/// hand edit) if there is one, else the first path beyond the rows or the last one listed.
+fn paths_fit(file: &Path, split: &str, paths: &[String], rows: usize) -> Result<(), FeaturesError> {
+    if paths.len() == rows {
+        return Ok(());
+    }
+    let odd = paths
+        .iter()
+        .enumerate()
+        .find(|(_, p)| !crate::data::is_image_path(Path::new(&crate::stored_path::display(p))));
+    let which = match (odd, paths.get(rows), paths.last()) {
+        (Some((i, p)), _, _) => format!(
+            "path {} ('{}') is not an image file name",
+            i + 1,
+            crate::stored_path::display(p).escape_debug()
+        ),
+        (None, Some(p), _) => format!(
+            "path {} ('{}') has no row",
+            rows + 1,
+            crate::stored_path::display(p).escape_debug()
+        ),
+        (None, None, Some(p)) => format!(
+            "rows {} to {rows} have no path; the last path listed is '{}'",
+            paths.len() + 1,
+            crate::stored_path::display(p).escape_debug()
+        ),
+        (None, None, None) => "no path is listed".to_string(),
+    };
+    Err(FeaturesError::Invalid {
+        path: file.to_path_buf(),
+        msg: format!(
+            "metadata paths.{split} lists {} paths for {rows} rows: {which}; re-extract the features \
+             (files written before version 2 split a file name holding a line break in two)",
+            paths.len()
+        ),
+    })
+}
+
+/// A list as version 2 writes it: a JSON array of strings.
+fn json_list(items: &[String]) -> String {
+    // Serialising strings to JSON cannot fail; the fallback only keeps the function total.
+    serde_json::to_string(items).unwrap_or_else(|_| "[]".to_string())
+}
+
+/// Reads the list-valued metadata of one file in the form its version wrote.
+struct Lists<'a> {
+    path: &'a Path,
+    meta: &'a HashMap<String, String>,
+    /// Version 2 or later of our own format: JSON arrays; otherwise one item per line.
+    json: bool,
+}
+
+impl Lists<'_> {
+    fn strings(&self, key: &str) -> Result<Option<Vec<String>>, FeaturesError> {
+        let Some(v) = self.meta.get(key) else {
+            return Ok(None);
+        };
+        if !self.json {
+            return Ok(Some(lines(Some(v))));
+        }
+        serde_json::from_str::<Vec<String>>(v)
+            .map(Some)
+            .map_err(|e| FeaturesError::Invalid {
+                path: self.path.to_path_buf(),
+                msg: format!(
+                    "metadata {key} is not a JSON array of strings ({e}); re-extract the features"
+                ),
+            })
+    }
+
+    /// Paths in the stored form: version 2 stores exactly that; version 1 kept names literally.
+    fn paths(&self, key: &str) -> Result<Option<Vec<String>>, FeaturesError> {
+        let list = self.strings(key)?;
+        Ok(if self.json {
+            list
+        } else {
+            list.map(|l| {
+                l.iter()
+                    .map(|p| crate::stored_path::str_to_stored(p))
+                    .collect()
+            })
+        })
+    }
 }
 
 fn lines(s: Option<&String>) -> Vec<String> {
@@ -639,11 +730,7 @@ impl Reader<'_, '_> {
         Ok(Some(signed.into_iter().map(|l| l as usize).collect()))
     }
 
-    fn labelled(
-        &self,
-        split: &str,
-        meta: &HashMap<String, String>,
-    ) -> Result<Option<LabelledSplit>, FeaturesError> {
+    fn labelled(&self, split: &str, lists: &Lists) -> Result<Option<LabelledSplit>, FeaturesError> {
         let fname = format!("{split}.features");
         let lname = format!("{split}.labels");
         let features = self.mat(&fname)?;
@@ -658,7 +745,7 @@ impl Reader<'_, '_> {
             }
             (Some(features), Some(labels)) => {
                 let views = self.views(&format!("{split}.views"))?;
-                let paths = meta.get(&format!("paths.{split}")).map(|s| lines(Some(s)));
+                let paths = lists.paths(&format!("paths.{split}"))?;
                 Ok(Some(LabelledSplit {
                     features,
                     labels,

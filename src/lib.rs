@@ -8,6 +8,7 @@
 //! - [`data`]: image folders, class names, label CSVs, robust image decoding.
 //! - [`cache`]: the on-disk feature cache keyed by model, image content and view.
 //! - [`features`]: the features file (per-split features, labels, class names, text features).
+//! - [`stored_path`]: file names in files a program reads back, byte-exact (`\xNN` for non-UTF-8 bytes).
 //! - [`prompts`]: prompt templates and their negative ("a photo of no {}") forms.
 //! - [`graph`]: the heterogeneous graph (visual, positive-text and negative-text nodes, six edge types).
 //! - [`adapter`]: HeGraphAdapter and the baselines (zero-shot, Tip-Adapter, Tip-Adapter-F) on the CPU
@@ -19,6 +20,7 @@
 pub mod linalg;
 pub mod progress;
 pub mod rng;
+pub mod stored_path;
 
 pub mod adapter;
 pub mod app;

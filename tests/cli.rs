@@ -447,3 +447,123 @@ fn extract_writes_into_the_folder_uses_its_gui_project_and_rewrites_a_damaged_te
         "a generated checkpoint is never sent for a download"
     );
 }
+
+/// Issue 11 (2, 3): file and class-folder names with a line break, a tab, quotes, a backslash and bytes that
+/// are not UTF-8 go through `extract`, `train` and `predict`: every path comes back byte for byte, and
+/// `x\xe9.png` and `x\xe8.png` stay two images.
+#[cfg(unix)]
+#[test]
+fn odd_file_names_round_trip_through_extract_train_and_predict() {
+    use hegraph::features::FeatureSet;
+    use hegraph::stored_path::path_from_stored;
+    use std::collections::BTreeSet;
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(tmp.path()).unwrap().join("odd");
+    let photos = manifest().join("../shared/data/photos");
+    let files: Vec<(&[u8], &str)> = vec![
+        (b"cat/new\nline.png", "chelsea.png"),
+        (b"cat/tab\there.png", "coffee.png"),
+        (b"cat/\"quoted\", 'name'.png", "astronaut.png"),
+        (b"new\nclass/x\xe9.png", "rocket.jpg"),
+        (b"new\nclass/x\xe8.png", "coins.png"),
+        (b"new\nclass/back\\slash \\xE9.png", "camera.png"),
+        (b"un\nlabelled \xff.png", "moon.png"),
+    ];
+    for (name, photo) in &files {
+        let p = root.join(OsStr::from_bytes(name));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::copy(photos.join(photo), &p).unwrap();
+    }
+    let features = tmp.path().join("odd.safetensors");
+    let o = run(
+        tmp.path(),
+        &[
+            "extract",
+            root.to_str().unwrap(),
+            "--test-checkpoint",
+            "--views",
+            "1",
+            "-o",
+            features.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", all_output(&o));
+    assert!(
+        all_output(&o).contains("odd/new\\nclass: class name 'new\\nclass' (from this folder's name) holds a line break"),
+        "the class folder with a line break is pointed out, on one line"
+    );
+
+    let fs = FeatureSet::load(&features).unwrap();
+    assert_eq!(fs.classes, vec!["cat", "new\nclass"]);
+    let bytes_of = |stored: &[String]| -> BTreeSet<Vec<u8>> {
+        stored
+            .iter()
+            .map(|s| path_from_stored(s).as_os_str().as_bytes().to_vec())
+            .collect()
+    };
+    let train = fs.train.as_ref().unwrap();
+    let paths = train.paths.as_ref().unwrap();
+    assert_eq!(paths.len(), 6);
+    let want: BTreeSet<Vec<u8>> = files[..6].iter().map(|(n, _)| n.to_vec()).collect();
+    assert_eq!(bytes_of(paths), want, "{paths:?}");
+    for (p, &l) in paths.iter().zip(&train.labels) {
+        let class = if p.starts_with("cat/") { 0 } else { 1 };
+        assert_eq!(l, class, "{p}");
+    }
+    let unl = fs.unlabelled.as_ref().unwrap();
+    assert_eq!(bytes_of(&unl.paths), BTreeSet::from([files[6].0.to_vec()]));
+
+    let adapter = tmp.path().join("odd.hegraph");
+    let o = run(
+        tmp.path(),
+        &[
+            "train",
+            features.to_str().unwrap(),
+            "--epochs",
+            "2",
+            "-o",
+            adapter.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", all_output(&o));
+
+    let want_abs: BTreeSet<Vec<u8>> = files
+        .iter()
+        .map(|(n, _)| {
+            root.join(OsStr::from_bytes(n))
+                .as_os_str()
+                .as_bytes()
+                .to_vec()
+        })
+        .collect();
+    let v = predict_json(tmp.path(), &adapter, std::slice::from_ref(&root));
+    let got: Vec<String> = v["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["path"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got.len(), files.len());
+    assert_eq!(bytes_of(&got), want_abs, "{got:?}");
+
+    // The CSV form holds the same names, quoted where needed.
+    let o = run(
+        tmp.path(),
+        &[
+            "predict",
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--test-checkpoint",
+            "--format",
+            "csv",
+            root.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", all_output(&o));
+    let mut r = csv::Reader::from_reader(o.stdout.as_slice());
+    let got: Vec<String> = r.records().map(|rec| rec.unwrap()[0].to_string()).collect();
+    assert_eq!(bytes_of(&got), want_abs, "{got:?}");
+}

@@ -928,3 +928,298 @@ fn default_dir_is_under_the_user_cache() {
         eprintln!("skipped: this system has no user cache folder");
     }
 }
+
+// ---------------------------------------------------------------- labels CSV: headers, quotes, stored names
+
+/// `read_labels_csv` of `text` (written to a CSV beside `root`) with the classes cat, dog; the problems as text.
+fn read_csv_text(
+    tmp: &Path,
+    root: &Path,
+    text: &[u8],
+) -> (std::collections::HashMap<PathBuf, usize>, Vec<String>) {
+    let csv = tmp.join("labels.csv");
+    fs::write(&csv, text).unwrap();
+    let classes = vec!["cat".to_string(), "dog".to_string()];
+    let (map, problems) = read_labels_csv(&csv, root, &classes).unwrap();
+    assert!(problems.iter().all(|p| p.path == csv));
+    (map, problems.iter().map(|p| p.message.clone()).collect())
+}
+
+#[test]
+fn csv_first_row_is_a_header_only_by_its_content() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = fs::canonicalize(tmp.path()).unwrap().join("imgs");
+    put(&root.join("a.png"), "chelsea.png");
+    put(&root.join("b.png"), "coins.png");
+
+    // A typo'd first data row (no such file, no such class) is a bad row, not a header.
+    let (map, msgs) = read_csv_text(tmp.path(), &root, b"aa.png,kat\nb.png,dog\n");
+    assert_eq!(map.len(), 1);
+    assert_eq!(map.get(&root.join("b.png")), Some(&1));
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    assert!(
+        msgs[0].starts_with("line 1: unknown class 'kat'"),
+        "{msgs:?}"
+    );
+
+    // Header words in any case are a header, skipped silently.
+    let (map, msgs) = read_csv_text(tmp.path(), &root, b"Image,CLASS\na.png,cat\nb.png,dog\n");
+    assert_eq!(map.len(), 2);
+    assert!(msgs.is_empty(), "{msgs:?}");
+
+    // A path word with something that is no label word is data: its row is dropped and named.
+    let (map, msgs) = read_csv_text(tmp.path(), &root, b"file,species\na.png,cat\n");
+    assert_eq!(map.len(), 1);
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    assert!(msgs[0].starts_with("line 1:"), "{msgs:?}");
+
+    // A header word later in the file is just a bad row.
+    let (_, msgs) = read_csv_text(tmp.path(), &root, b"a.png,cat\npath,label\n");
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    assert!(msgs[0].starts_with("line 2:"), "{msgs:?}");
+}
+
+#[test]
+fn csv_unterminated_quote_and_empty_rows_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = fs::canonicalize(tmp.path()).unwrap().join("imgs");
+    for f in ["a.png", "b.png", "c.png", "d.png", "e.png"] {
+        put(&root.join(f), "chelsea.png");
+    }
+    // The quote opened on line 2 swallows lines 3 and 4 up to the quote on line 4.
+    let (map, msgs) = read_csv_text(
+        tmp.path(),
+        &root,
+        b"a.png,cat\n\"b.png,dog\nc.png,cat\nd.png\",dog\n,\ne.png,dog\n",
+    );
+    let mut got: Vec<&PathBuf> = map.keys().collect();
+    got.sort();
+    assert_eq!(got, vec![&root.join("a.png"), &root.join("e.png")]);
+    assert_eq!(msgs.len(), 2, "{msgs:?}");
+    assert!(
+        msgs[0].starts_with("line 2: a quote opened on this line")
+            && msgs[0].contains("lines 2 to 4"),
+        "{msgs:?}"
+    );
+    assert!(msgs[1].starts_with("line 5: empty row"), "{msgs:?}");
+
+    // Never closed: it runs to the end of the file.
+    let (map, msgs) = read_csv_text(tmp.path(), &root, b"a.png,cat\nb.png,\"dog\nc.png,cat\n");
+    assert_eq!(map.len(), 1);
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    assert!(
+        msgs[0].starts_with("line 2: a quote opened") && msgs[0].contains("line 3"),
+        "{msgs:?}"
+    );
+}
+
+/// A quoted field may hold a file name's line break, and a CSV this program wrote names non-UTF-8 files in the
+/// stored `\xNN` form: both label the right file, and the two names that differ only in a non-UTF-8 byte stay
+/// two files.
+#[cfg(unix)]
+#[test]
+fn csv_paths_with_line_breaks_and_stored_non_utf8_bytes_label_the_exact_file() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = fs::canonicalize(tmp.path()).unwrap().join("imgs");
+    let nl = root.join("new\nline.png");
+    let e9 = root.join(OsStr::from_bytes(b"x\xe9.png"));
+    let e8 = root.join(OsStr::from_bytes(b"x\xe8.png"));
+    let raw = root.join(OsStr::from_bytes(b"y\xe9.png"));
+    for p in [&nl, &e9, &e8, &raw] {
+        put(p, "chelsea.png");
+    }
+    // The last row names a file by its raw (Latin-1) bytes, as `ls > labels.csv` would.
+    let (map, msgs) = read_csv_text(
+        tmp.path(),
+        &root,
+        b"path,label\n\"new\nline.png\",dog\nx\\xE9.png,cat\nx\\xE8.png,dog\ny\xe9.png,cat\n",
+    );
+    assert!(msgs.is_empty(), "{msgs:?}");
+    assert_eq!(map.get(&nl), Some(&1));
+    assert_eq!(map.get(&e9), Some(&0));
+    assert_eq!(map.get(&e8), Some(&1));
+    assert_eq!(map.get(&raw), Some(&0));
+    assert_eq!(map.len(), 4);
+}
+
+// ---------------------------------------------------------------- features file: paths and versions
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// A features file written by hand with `meta`: 2 labelled rows, 1 unlabelled row, D = 2.
+fn write_raw_features(path: &Path, meta: &[(&str, &str)]) {
+    use safetensors::{tensor::TensorView, Dtype};
+    let train = f32_bytes(&[1.0, 0.0, 0.0, 1.0]);
+    let labels: Vec<u8> = [0i64, 1].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let unl = f32_bytes(&[0.6, 0.8]);
+    let tensors = vec![
+        (
+            "train.features",
+            TensorView::new(Dtype::F32, vec![2, 2], &train).unwrap(),
+        ),
+        (
+            "train.labels",
+            TensorView::new(Dtype::I64, vec![2], &labels).unwrap(),
+        ),
+        (
+            "unlabelled.features",
+            TensorView::new(Dtype::F32, vec![1, 2], &unl).unwrap(),
+        ),
+    ];
+    let meta = meta
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    fs::write(path, safetensors::serialize(tensors, Some(meta)).unwrap()).unwrap();
+}
+
+#[test]
+fn version_1_features_files_still_load_and_are_rewritten_as_version_2() {
+    use hegraph::features::FeatureSet;
+    use hegraph::stored_path::display;
+    let tmp = tempfile::tempdir().unwrap();
+    let v1 = tmp.path().join("v1.safetensors");
+    write_raw_features(
+        &v1,
+        &[
+            ("format", "hegraph-features"),
+            ("version", "1"),
+            ("classes", "cat\ndog"),
+            ("templates", "a photo of a {}.\nart of the {}."),
+            ("paths.train", "cat/a.png\ndog/b\\c.png"),
+            ("paths.unlabelled", "u.png"),
+        ],
+    );
+    let fs1 = FeatureSet::load(&v1).unwrap();
+    assert_eq!(fs1.classes, vec!["cat", "dog"]);
+    assert_eq!(fs1.templates, vec!["a photo of a {}.", "art of the {}."]);
+    let paths = fs1.train.as_ref().unwrap().paths.clone().unwrap();
+    // Version 1 kept names literally: the backslash is a character of the name.
+    assert_eq!(paths, vec!["cat/a.png", "dog/b\\x5Cc.png"]);
+    assert_eq!(display(&paths[1]), "dog/b\\c.png");
+    assert_eq!(fs1.unlabelled.as_ref().unwrap().paths, vec!["u.png"]);
+
+    // Saved again, it is version 2 with JSON arrays, and reads back the same.
+    let v2 = tmp.path().join("v2.safetensors");
+    fs1.save(&v2).unwrap();
+    let bytes = fs::read(&v2).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = header.metadata().clone().unwrap();
+    assert_eq!(meta["version"], "2");
+    let stored: Vec<String> = serde_json::from_str(&meta["paths.train"]).unwrap();
+    assert_eq!(stored, paths);
+    let classes: Vec<String> = serde_json::from_str(&meta["classes"]).unwrap();
+    assert_eq!(classes, vec!["cat", "dog"]);
+    assert_eq!(FeatureSet::load(&v2).unwrap(), fs1);
+}
+
+#[test]
+fn a_path_list_that_does_not_fit_the_rows_names_the_split_and_the_path() {
+    use hegraph::features::FeatureSet;
+    let tmp = tempfile::tempdir().unwrap();
+    // What version 1 made of `cat/new\nline.png`: two "paths" for one row.
+    let p = tmp.path().join("split.safetensors");
+    write_raw_features(
+        &p,
+        &[
+            ("format", "hegraph-features"),
+            ("version", "1"),
+            ("classes", "cat\ndog"),
+            ("paths.train", "cat/new\nline.png\ndog/b.png"),
+        ],
+    );
+    let e = FeatureSet::load(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("paths.train") && e.contains("3 paths for 2 rows") && e.contains("'cat/new'"),
+        "{e}"
+    );
+
+    // Too few paths: the rows without one are named, with the last path listed.
+    write_raw_features(
+        &p,
+        &[
+            ("format", "hegraph-features"),
+            ("version", "2"),
+            ("classes", r#"["cat","dog"]"#),
+            ("paths.unlabelled", r#"[]"#),
+            ("paths.train", r#"["cat/a.png"]"#),
+        ],
+    );
+    let e = FeatureSet::load(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("paths.train")
+            && e.contains("rows 2 to 2 have no path")
+            && e.contains("cat/a.png"),
+        "{e}"
+    );
+
+    // Version 2 metadata that is not a JSON array is named.
+    write_raw_features(
+        &p,
+        &[
+            ("format", "hegraph-features"),
+            ("version", "2"),
+            ("paths.train", "cat/a.png\ndog/b.png"),
+        ],
+    );
+    let e = FeatureSet::load(&p).unwrap_err().to_string();
+    assert!(e.contains("paths.train") && e.contains("JSON array"), "{e}");
+}
+
+/// Every legal name survives a save and a load byte for byte, class names with a line break included.
+#[cfg(unix)]
+#[test]
+fn features_file_paths_round_trip_any_file_name() {
+    use hegraph::features::{FeatureSet, LabelledSplit, UnlabelledSplit};
+    use hegraph::linalg::Mat;
+    use hegraph::stored_path::{os_from_stored, os_to_stored};
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let names: Vec<&[u8]> = vec![
+        b"cat/new\nline.png",
+        b"cat/tab\there.png",
+        b"new\nclass/\"quoted\" 'name'.png",
+        b"new\nclass/x\xe9.png",
+        b"new\nclass/x\xe8.png",
+        b"new\nclass/back\\slash \\xE9.png",
+    ];
+    let stored: Vec<String> = names
+        .iter()
+        .map(|n| os_to_stored(OsStr::from_bytes(n)))
+        .collect();
+    let n = names.len();
+    let feats = Mat::from_vec(n, 2, (0..n).flat_map(|i| [1.0, i as f32]).collect());
+    let mut train = LabelledSplit::new(feats.clone(), vec![0, 0, 1, 1, 1, 1]);
+    train.paths = Some(stored.clone());
+    let fs1 = FeatureSet {
+        classes: vec!["cat".into(), "new\nclass".into()],
+        dim: 2,
+        templates: vec!["a photo\nof a {}.".into()],
+        train: Some(train),
+        unlabelled: Some(UnlabelledSplit {
+            features: feats,
+            paths: stored.iter().rev().cloned().collect(),
+        }),
+        ..Default::default()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("f.safetensors");
+    fs1.save(&p).unwrap();
+    let back = FeatureSet::load(&p).unwrap();
+    assert_eq!(back, fs1);
+    let got: Vec<Vec<u8>> = back
+        .train
+        .unwrap()
+        .paths
+        .unwrap()
+        .iter()
+        .map(|s| os_from_stored(s).as_bytes().to_vec())
+        .collect();
+    let want: Vec<Vec<u8>> = names.iter().map(|n| n.to_vec()).collect();
+    assert_eq!(got, want);
+    assert_ne!(got[3], got[4], "the two non-UTF-8 names stay distinct");
+}

@@ -85,7 +85,8 @@ impl From<LabelOrigin> for LabelSource {
 /// One exported image.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ExportRow {
-    /// Path relative to the project folder, with `/`.
+    /// Path relative to the project folder, with `/`, in the stored form of [`crate::stored_path`] (exact
+    /// even for names that are not UTF-8).
     pub path: String,
     pub label: String,
     /// The model's probability of `label` for a prediction; `None` for a label.
@@ -181,7 +182,8 @@ pub fn write_csv(rows: &[ExportRow], out: &Path) -> Result<(), ExportError> {
 
 #[derive(Serialize)]
 struct JsonExport<'a> {
-    folder: &'a Path,
+    /// Stored form: serde refuses a `Path` that is not UTF-8, and a lossy one would name another folder.
+    folder: String,
     classes: &'a [String],
     images: &'a [ExportRow],
 }
@@ -189,7 +191,7 @@ struct JsonExport<'a> {
 /// `{ "folder", "classes", "images": [{path, label, confidence, source}] }`.
 pub fn write_json(project: &Project, rows: &[ExportRow], out: &Path) -> Result<(), ExportError> {
     let doc = JsonExport {
-        folder: &project.folder,
+        folder: crate::stored_path::path_to_stored(&project.folder),
         classes: &project.classes,
         images: rows,
     };
@@ -259,8 +261,11 @@ pub fn export_tree(
         if classes.insert(dir.clone()) {
             fs::create_dir_all(&dir).map_err(write_err(&dir))?;
         }
-        let target = dir.join(r.path.replace('/', "__"));
-        let source = folder.join(&r.path);
+        // The real bytes of the name, so the copy is named like the original even when that is not UTF-8.
+        let target = dir.join(crate::stored_path::path_from_stored(
+            &r.path.replace('/', "__"),
+        ));
+        let source = folder.join(crate::stored_path::path_from_stored(&r.path));
         match mode {
             TreeMode::Copy => {
                 fs::copy(&source, &target).map_err(write_err(&target))?;
@@ -342,6 +347,54 @@ mod tests {
             export_rows(&p, &images, Some(&bad), &opts),
             Err(ExportError::Shape { .. })
         ));
+    }
+
+    /// Names that are not UTF-8, or hold a line break, are written in the stored form to the CSV and JSON
+    /// (so a reader finds the exact file) and copied under their real bytes into the tree.
+    #[cfg(unix)]
+    #[test]
+    fn odd_file_names_are_exported_exactly() {
+        use std::ffi::OsStr;
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("imgs");
+        fs::create_dir_all(folder.join("sub")).unwrap();
+        let names: [&[u8]; 3] = [b"x\xe9.png", b"x\xe8.png", b"sub/new\nline.png"];
+        let rels: Vec<String> = names
+            .iter()
+            .map(|n| {
+                fs::write(folder.join(OsStr::from_bytes(n)), n).unwrap();
+                crate::stored_path::os_to_stored(OsStr::from_bytes(n))
+            })
+            .collect();
+        let mut p = Project::new(folder, vec!["cat".into()]);
+        for r in &rels {
+            p.labels.insert(r.clone(), "cat".into());
+        }
+        let rows = export_rows(&p, &rels, None, &RowOptions::default()).unwrap();
+        let csv_path = dir.path().join("labels.csv");
+        write_csv(&rows, &csv_path).unwrap();
+        let mut r = csv::Reader::from_path(&csv_path).unwrap();
+        let got: Vec<String> = r.records().map(|rec| rec.unwrap()[0].to_string()).collect();
+        assert_eq!(got, rels);
+        let json_path = dir.path().join("labels.json");
+        write_json(&p, &rows, &json_path).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&json_path).unwrap()).unwrap();
+        assert_eq!(v["images"][1]["path"], "x\\xE8.png");
+
+        let out = dir.path().join("tree");
+        export_tree(&p.folder, &rows, &out, TreeMode::Copy).unwrap();
+        for (n, want) in [
+            (&b"x\xe9.png"[..], &b"x\xe9.png"[..]),
+            (b"x\xe8.png", b"x\xe8.png"),
+            (b"sub__new\nline.png", b"sub/new\nline.png"),
+        ] {
+            assert_eq!(
+                fs::read(out.join("cat").join(OsStr::from_bytes(n))).unwrap(),
+                want
+            );
+        }
     }
 
     #[test]
