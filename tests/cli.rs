@@ -478,6 +478,8 @@ fn peak_rss(home: &Path, args: &[&str], env: &[(&str, &str)]) -> u64 {
     for (k, v) in env {
         cmd.env(k, v);
     }
+    // Reaped by `wait4` below, which also returns its resource usage (`Child::wait` does not).
+    #[allow(clippy::zombie_processes)]
     let child = cmd.spawn().expect("the hegraph binary runs");
     let pid = child.id() as libc::pid_t;
     let mut status = 0;

@@ -650,6 +650,37 @@ mod tests {
         }
     }
 
+    /// Two scans (as in a progressive JPEG) with byte stuffing, restart markers and fill bytes: complete
+    /// only with its EOI, whatever follows it; every shorter cut is reported.
+    #[test]
+    fn jpeg_structure_needs_the_end_of_image_marker() {
+        let sos = [0xFF, 0xDA, 0x00, 0x04, 0x01, 0x02];
+        let mut jpeg = vec![0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x04, 0xFF, 0xD9];
+        jpeg.extend_from_slice(&sos);
+        jpeg.extend_from_slice(&[0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD0, 0x56]);
+        jpeg.extend_from_slice(&[0xFF, 0xFF, 0xC4, 0x00, 0x03, 0x00]);
+        jpeg.extend_from_slice(&sos);
+        jpeg.extend_from_slice(&[0x78, 0xFF, 0xD7, 0x9A, 0xFF, 0xD9]);
+        assert_eq!(check_jpeg_structure(&jpeg), Ok(()));
+        let mut trailer = jpeg.clone();
+        trailer.extend_from_slice(b"\xff\x00 appended video");
+        assert_eq!(check_jpeg_structure(&trailer), Ok(()));
+        for len in 0..jpeg.len() {
+            assert!(check_jpeg_structure(&jpeg[..len]).is_err(), "cut at {len}");
+        }
+    }
+
+    #[test]
+    fn jpeg_scale_keeps_the_short_side() {
+        assert_eq!(jpeg_scale(640, 427, 448), None);
+        assert_eq!(jpeg_scale(640, 427, 64), Some(2));
+        assert_eq!(jpeg_scale(2560, 1708, 448), Some(4));
+        assert_eq!(jpeg_scale(16_384, 16_384, 448), Some(1));
+        assert_eq!(jpeg_scale(4000, 3584, 448), Some(1));
+        assert_eq!(jpeg_scale(4000, 3577, 448), Some(1));
+        assert_eq!(jpeg_scale(4000, 3576, 448), Some(2));
+    }
+
     #[test]
     fn extreme_strips_are_cut_before_resizing() {
         let img = RgbImage::from_pixel(10_000, 2, image::Rgb([10, 20, 30]));
