@@ -464,9 +464,7 @@ fn open_dataset(folder: &Path, f: &FolderArgs) -> Result<(Dataset, Option<Vec<St
         },
     )
     .with_context(|| format!("opening {}", folder.display()))?;
-    for p in &ds.problems {
-        eprintln!("warning: {p}");
-    }
+    warn_folder_problems(&ds);
     let templates = project.map(|p| {
         for img in &mut ds.images {
             img.label = p.label_index(&img.rel);
@@ -480,6 +478,23 @@ fn open_dataset(folder: &Path, f: &FolderArgs) -> Result<(Dataset, Option<Vec<St
         p.templates
     });
     Ok((ds, templates))
+}
+
+/// What the folder walker found wrong (empty files, FIFOs, broken links, loops, ...), printed the same way
+/// by every command that opens a folder.
+fn warn_folder_problems(ds: &Dataset) {
+    for p in &ds.problems {
+        eprintln!("warning: {p}");
+    }
+}
+
+/// The files that could not be decoded, in the one wording every command uses.
+fn skipped_report(problems: &[data::Problem]) -> String {
+    let mut out = format!("{} file(s) skipped:\n", problems.len());
+    for p in problems {
+        out.push_str(&format!("  {p}\n"));
+    }
+    out
 }
 
 fn embedder(model: Arc<ClipModel>, m: &ModelArgs, f: &FolderArgs) -> Result<Embedder> {
@@ -524,10 +539,7 @@ fn extract_folder(folder: &Path, f: &FolderArgs, m: &ModelArgs) -> Result<Featur
         s.features_from_cache
     );
     if !s.problems.is_empty() {
-        println!("{} file(s) skipped:", s.problems.len());
-        for p in &s.problems {
-            println!("  {p}");
-        }
+        print!("{}", skipped_report(&s.problems));
     }
     println!("model: {banner}");
     Ok(fs)
@@ -662,7 +674,9 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
                     labels_csv: None,
                     max_images: None,
                 },
-            )?;
+            )
+            .with_context(|| format!("opening {}", p.display()))?;
+            warn_folder_problems(&ds);
             paths.extend(ds.images.into_iter().map(|e| e.path));
         } else {
             paths.push(p.clone());
@@ -682,8 +696,9 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
         let bar = Bar::new();
         e.embed_images(&paths, &[0], &bar, &cancel)?
     };
-    for p in &stats.problems {
-        eprintln!("skipped {p}");
+    // stdout may carry the predictions, so the same report goes to stderr here.
+    if !stats.problems.is_empty() {
+        eprint!("{}", skipped_report(&stats.problems));
     }
     let ok_idx: Vec<usize> = (0..paths.len()).filter(|&i| feats.ok[i]).collect();
     let z = feats.per_view[0].select_rows(&ok_idx);

@@ -236,7 +236,8 @@ impl Embedder {
                 needed
                     .into_par_iter()
                     .map(|(i, h, need)| {
-                        let r = preprocess::load_rgb(&paths[i]).map(|img| {
+                        // `img` holds its share of the decode budget until every view is cut.
+                        let r = preprocess::load_for_model(&paths[i], size).map(|img| {
                             let key = u64::from_le_bytes([
                                 h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7],
                             ]);

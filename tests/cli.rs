@@ -567,3 +567,182 @@ fn odd_file_names_round_trip_through_extract_train_and_predict() {
     let got: Vec<String> = r.records().map(|rec| rec.unwrap()[0].to_string()).collect();
     assert_eq!(bytes_of(&got), want_abs, "{got:?}");
 }
+
+/// The lines of `text` that mention `name`.
+fn lines_naming<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+    text.lines().filter(|l| l.contains(name)).collect()
+}
+
+/// Issue 11 (8): `predict FOLDER` used to drop zero-byte files, FIFOs, dangling links and symlink loops
+/// silently where `extract` named each; both now print the walker's and the decoder's report in the same
+/// words.
+#[cfg(unix)]
+#[test]
+fn predict_on_a_folder_reports_the_bad_entries_exactly_as_extract_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = demo_copy(tmp.path());
+    let adapter = tmp.path().join("demo.hegraph");
+    assert!(train_demo(tmp.path(), &demo, &adapter, &[])
+        .status
+        .success());
+
+    let root = tmp.path().join("mixed");
+    std::fs::create_dir_all(&root).unwrap();
+    let photos = manifest().join("../shared/data/photos");
+    std::fs::copy(photos.join("chelsea.png"), root.join("good.png")).unwrap();
+    std::fs::write(root.join("zero.png"), b"").unwrap();
+    let fifo = std::ffi::CString::new(root.join("fifo.png").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    std::os::unix::fs::symlink(root.join("missing.png"), root.join("dangling.png")).unwrap();
+    std::os::unix::fs::symlink(root.join("self.png"), root.join("self.png")).unwrap();
+    std::os::unix::fs::symlink(&root, root.join("loop")).unwrap();
+    let jpeg = std::fs::read(photos.join("rocket.jpg")).unwrap();
+    std::fs::write(root.join("half.jpg"), &jpeg[..jpeg.len() / 2]).unwrap();
+
+    let d = root.to_str().unwrap();
+    let classes = demo.join("classes.txt");
+    let extract = run(
+        tmp.path(),
+        &[
+            "extract",
+            d,
+            "--classes",
+            classes.to_str().unwrap(),
+            "--test-checkpoint",
+            "-o",
+            tmp.path().join("mixed.safetensors").to_str().unwrap(),
+        ],
+    );
+    assert!(extract.status.success());
+    let predict = run(
+        tmp.path(),
+        &[
+            "predict",
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--test-checkpoint",
+            d,
+        ],
+    );
+    assert!(predict.status.success());
+    let (from_extract, from_predict) = (all_output(&extract), all_output(&predict));
+    for bad in [
+        "zero.png",
+        "fifo.png",
+        "dangling.png",
+        "self.png",
+        "loop",
+        "half.jpg",
+    ] {
+        let want = lines_naming(&from_extract, bad);
+        assert!(!want.is_empty(), "extract names {bad}");
+        assert_eq!(lines_naming(&from_predict, bad), want, "{bad}");
+    }
+    assert!(from_predict.contains("file(s) skipped"));
+    let csv = stdout(&predict);
+    assert_eq!(
+        csv.lines().count(),
+        2,
+        "header and the one good image: {csv}"
+    );
+    assert!(csv.contains("good.png"));
+}
+
+/// Runs `hegraph` like [`run`] with `env`, and returns the child's peak resident memory in bytes
+/// (`wait4`'s `ru_maxrss`, which counts this child alone, not the other tests' children).
+#[cfg(target_os = "linux")]
+fn peak_rss(home: &Path, args: &[&str], env: &[(&str, &str)]) -> u64 {
+    let mut cmd = bin();
+    cmd.args(args)
+        .current_dir(home)
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .env("HOME", home)
+        .env_remove("HEGRAPH_MODEL_DIR")
+        .env("HEGRAPH_BACKEND", "cpu")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    // Reaped by `wait4` below, which also returns its resource usage (`Child::wait` does not).
+    #[allow(clippy::zombie_processes)]
+    let child = cmd.spawn().expect("the hegraph binary runs");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "hegraph {args:?} {env:?} failed: {status}"
+    );
+    usage.ru_maxrss as u64 * 1024
+}
+
+/// Issue 11 (10): decoded pixels in flight are bounded process-wide, so `extract`'s peak memory does not grow
+/// with the thread count. Four 4096² PNGs (48 MiB decoded each) under a 64 MiB budget are decoded one at a
+/// time; with a budget that holds all four, the four threads hold them at once, which this test tells apart.
+#[cfg(target_os = "linux")]
+#[test]
+fn extract_peak_memory_does_not_grow_with_the_thread_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("big");
+    std::fs::create_dir_all(&root).unwrap();
+    let img = image::RgbImage::from_fn(4096, 4096, |x, y| {
+        image::Rgb([
+            (x / 512 * 30) as u8,
+            (y / 512 * 30) as u8,
+            ((x ^ y) / 1024) as u8,
+        ])
+    });
+    for i in 0..4 {
+        img.save(root.join(format!("big{i}.png"))).unwrap();
+    }
+    drop(img);
+    let classes = tmp.path().join("classes.txt");
+    std::fs::write(&classes, "a\nb\n").unwrap();
+    let mib = 1u64 << 20;
+    let measure = |threads: &str, budget_mib: &str| {
+        let cache = tmp.path().join(format!("cache-{threads}-{budget_mib}"));
+        let rss = peak_rss(
+            tmp.path(),
+            &[
+                "extract",
+                root.to_str().unwrap(),
+                "--classes",
+                classes.to_str().unwrap(),
+                "--test-checkpoint",
+                "--cache-dir",
+                cache.to_str().unwrap(),
+                "-o",
+                tmp.path().join("big.safetensors").to_str().unwrap(),
+            ],
+            &[
+                ("RAYON_NUM_THREADS", threads),
+                ("HEGRAPH_DECODE_BUDGET_MIB", budget_mib),
+            ],
+        );
+        println!(
+            "{threads} thread(s), budget {budget_mib} MiB: peak RSS {} MiB",
+            rss / mib
+        );
+        rss
+    };
+    // The first run writes the test checkpoint; only the runs after it are compared.
+    measure("1", "4096");
+    let one = measure("1", "64");
+    let four = measure("4", "64");
+    let unbounded = measure("4", "4096");
+    assert!(
+        four < one + 40 * mib,
+        "4 threads {} MiB vs 1 thread {} MiB",
+        four / mib,
+        one / mib
+    );
+    assert!(
+        unbounded > four + 96 * mib,
+        "without a budget 4 threads hold 4 images: {} MiB vs {} MiB",
+        unbounded / mib,
+        four / mib
+    );
+}

@@ -368,6 +368,193 @@ fn augmented_views_are_deterministic_per_image_key() {
     assert_eq!(augmented_views(&img, 32, 6, 11, 1234)[..4], a[..]);
 }
 
+/// Issue 11 (7): a JPEG cut at half its length used to decode without a word (the decoder pads it with grey
+/// blocks); it is reported as damaged, naming the file, as a truncated PNG is. Bytes after the end-of-image
+/// marker (camera trailers, motion photos) are not damage.
+#[test]
+fn a_jpeg_cut_in_half_is_reported_as_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["rocket.jpg", "china.jpg", "flower.jpg"] {
+        let bytes = std::fs::read(photo(name)).unwrap();
+        let cut = dir.path().join(format!("half-{name}"));
+        std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+        let e = err_text(load_rgb(&cut).unwrap_err());
+        assert!(
+            e.contains(&format!("half-{name}")) && e.contains("damaged, truncated"),
+            "{e}"
+        );
+        assert!(e.contains("end-of-image"), "{e}");
+        assert!(load_rgb_from_memory(&bytes[..bytes.len() / 2]).is_err());
+        // Only the last two bytes (the EOI marker) missing.
+        let eoi = dir.path().join(format!("no-eoi-{name}"));
+        std::fs::write(&eoi, &bytes[..bytes.len() - 2]).unwrap();
+        assert!(load_rgb(&eoi).is_err(), "{name} without EOI");
+        let results = prepare_batch(&[photo(name), cut.clone()], 32);
+        assert!(results[0].is_ok() && results[1].is_err());
+
+        let mut trailer = bytes.clone();
+        trailer.extend_from_slice(b"\0\0ftypmp42 a video appended after the image");
+        let tpath = dir.path().join(format!("trailer-{name}"));
+        std::fs::write(&tpath, &trailer).unwrap();
+        assert_eq!(load_rgb(&tpath).unwrap(), load_rgb(&photo(name)).unwrap());
+    }
+}
+
+/// The JPEG `bytes` with the frame header's height and width replaced (the SOF0 segment).
+fn patch_jpeg_size(bytes: &mut [u8], w: u16, h: u16) {
+    let sof = bytes
+        .windows(2)
+        .position(|m| m == [0xFF, 0xC0])
+        .expect("a baseline JPEG");
+    bytes[sof + 5..sof + 7].copy_from_slice(&h.to_be_bytes());
+    bytes[sof + 7..sof + 9].copy_from_slice(&w.to_be_bytes());
+}
+
+/// Issue 11 (10): dimensions are checked from the header, before any pixel buffer exists, and the refusal
+/// names the file and its size.
+#[test]
+fn oversized_images_are_refused_from_the_header_naming_file_and_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let wide = dir.path().join("wide.png");
+    RgbImage::new(20_000, 1).save(&wide).unwrap();
+    let e = err_text(load_rgb(&wide).unwrap_err());
+    assert!(
+        e.contains("wide.png") && e.contains("20000×1") && e.contains("too large"),
+        "{e}"
+    );
+
+    // A 64×48 JPEG whose header claims 30000×20000: refused without decoding (the data could not fill it).
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+        .write_image(
+            RgbImage::from_pixel(64, 48, Rgb([1, 2, 3])).as_raw(),
+            64,
+            48,
+            image::ExtendedColorType::Rgb8,
+        )
+        .unwrap();
+    patch_jpeg_size(&mut jpeg, 30_000, 20_000);
+    let bomb = dir.path().join("bomb.jpg");
+    std::fs::write(&bomb, &jpeg).unwrap();
+    for e in [
+        err_text(load_rgb(&bomb).unwrap_err()),
+        err_text(
+            hegraph::clip::preprocess::load_for_model(&bomb, 224)
+                .map(|_| ())
+                .unwrap_err(),
+        ),
+    ] {
+        assert!(
+            e.contains("bomb.jpg") && e.contains("30000×20000") && e.contains("too large"),
+            "{e}"
+        );
+    }
+}
+
+/// Largest and mean absolute difference between two CLIP input tensors (normalised units: one 8-bit level
+/// is about 0.015).
+fn tensor_diff(a: &ImageTensor, b: &ImageTensor) -> (f32, f32) {
+    assert_eq!(a.data.len(), b.data.len());
+    let max = a
+        .data
+        .iter()
+        .zip(&b.data)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    let mean = a
+        .data
+        .iter()
+        .zip(&b.data)
+        .map(|(x, y)| (x - y).abs())
+        .sum::<f32>()
+        / a.data.len() as f32;
+    (max, mean)
+}
+
+/// Issue 11 (10): a JPEG far larger than the model's input is decoded at 1/2, 1/4 or 1/8 scale in the DCT;
+/// the CLIP input tensor stays close to the full-size decode. Images that are not downscaled give exactly
+/// today's tensor.
+#[test]
+fn large_jpegs_are_decoded_at_reduced_scale_and_the_tensor_stays_close() {
+    use hegraph::clip::preprocess::load_for_model;
+    let dir = tempfile::tempdir().unwrap();
+    // Not downscaled: the real photos (short side 427 < 2 × 224) and PNGs give today's tensor exactly.
+    for name in ["rocket.jpg", "china.jpg", "chelsea.png", "coffee.png"] {
+        let d = load_for_model(&photo(name), 224).unwrap();
+        assert_eq!(d.scale_down, 1, "{name}");
+        assert_eq!(
+            center_crop(&d, 224),
+            center_crop(&load_rgb(&photo(name)).unwrap(), 224),
+            "{name}"
+        );
+    }
+    // The real photos for the 32-pixel test model: 427 / 4 ≥ 64, so they are decoded at 1/4.
+    for name in ["rocket.jpg", "china.jpg", "flower.jpg"] {
+        let d = load_for_model(&photo(name), 32).unwrap();
+        assert_eq!(d.scale_down, 4, "{name}");
+        assert_eq!(d.dimensions(), (160, 107), "{name}");
+        let (max, mean) = tensor_diff(
+            &center_crop(&d, 32),
+            &center_crop(&load_rgb(&photo(name)).unwrap(), 32),
+        );
+        println!("{name} at 32 px, decoded at 1/4: tensor differs by max {max:.4}, mean {mean:.4}");
+        assert!(max < 0.4 && mean < 0.03, "{name}: max {max}, mean {mean}");
+    }
+    // Real photos enlarged 4× (2560×1708) and saved as JPEG: for 224 px they decode at 1/2 (854 ≥ 448).
+    for name in ["rocket.jpg", "flower.jpg"] {
+        let src = load_rgb(&photo(name)).unwrap();
+        let big =
+            image::imageops::resize(&src, 2560, 1708, image::imageops::FilterType::CatmullRom);
+        let path = dir.path().join(format!("big-{name}"));
+        let mut f = std::fs::File::create(&path).unwrap();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut f, 92)
+            .write_image(big.as_raw(), 2560, 1708, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        drop(f);
+        let d = load_for_model(&path, 224).unwrap();
+        assert_eq!((d.scale_down, d.dimensions()), (2, (1280, 854)), "{name}");
+        let (max, mean) = tensor_diff(
+            &center_crop(&d, 224),
+            &center_crop(&load_rgb(&path).unwrap(), 224),
+        );
+        println!(
+            "big {name} at 224 px, decoded at 1/2: tensor differs by max {max:.4}, mean {mean:.4}"
+        );
+        assert!(
+            max < 0.25 && mean < 0.03,
+            "big {name}: max {max}, mean {mean}"
+        );
+    }
+}
+
+/// A picture with alpha that is taller than one conversion strip composites on white as before, row for row.
+#[test]
+fn alpha_is_composited_the_same_across_conversion_strips() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = RgbaImage::from_fn(37, 300, |x, y| {
+        Rgba([
+            (x * 7) as u8,
+            (y % 256) as u8,
+            (x * y % 256) as u8,
+            ((x + y) * 3 % 256) as u8,
+        ])
+    });
+    let path = dir.path().join("strips.png");
+    img.save(&path).unwrap();
+    let rgb = load_rgb(&path).unwrap();
+    for (x, y, p) in img.enumerate_pixels() {
+        let a = f32::from(p.0[3]) / 255.0;
+        for c in 0..3 {
+            let v = (f32::from(p.0[c]) / 255.0) * a + (1.0 - a);
+            assert_eq!(
+                rgb.get_pixel(x, y).0[c],
+                (v * 255.0).round() as u8,
+                "({x},{y}) {c}"
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------- the model
 
 #[test]

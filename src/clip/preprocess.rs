@@ -12,9 +12,10 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Cursor, Seek};
 use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, OnceLock, PoisonError};
 
 use image::imageops::{self, FilterType};
-use image::{DynamicImage, ImageDecoder, ImageError, ImageReader, Limits, RgbImage};
+use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits, RgbImage};
 use rayon::prelude::*;
 
 use super::ClipError;
@@ -26,19 +27,106 @@ pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
 #[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 /// Part of every feature-cache key: bump it whenever a change here changes a single output value.
-pub const PREPROCESS_VERSION: &str = "openai-v1";
+/// v2: JPEGs far larger than the input are decoded at reduced DCT scale ([`load_for_model`]).
+pub const PREPROCESS_VERSION: &str = "openai-v2";
 
 /// Largest accepted width or height. Bigger files are almost always mistakes or decompression bombs, and
 /// decoding them would take gigabytes for a 224-pixel result.
 pub const MAX_IMAGE_SIDE: u32 = 16_384;
-/// Upper bound on the decoded pixel buffer.
+/// Largest accepted image in pixels (at the size it is decoded at, see [`load_for_model`]): 16384², 256 Mpx.
+pub const MAX_PIXELS: u64 = 1 << 28;
+/// Upper bound on the decoded pixel buffer of one image.
 pub const MAX_DECODE_BYTES: u64 = 1 << 30;
+/// Default process-wide budget of decoded pixel bytes in flight (see [`decode_budget_bytes`]).
+pub const DEFAULT_DECODE_BUDGET_BYTES: u64 = 1 << 30;
+/// Environment variable that overrides [`DEFAULT_DECODE_BUDGET_BYTES`], in MiB.
+pub const DECODE_BUDGET_ENV: &str = "HEGRAPH_DECODE_BUDGET_MIB";
+/// A JPEG is decoded at 1/2, 1/4 or 1/8 scale (in the DCT, before any pixel buffer exists) only while its
+/// short side stays at least this many times the model's input size, so the bicubic resize that follows still
+/// shrinks by 2× or more and hides the difference between the two downscalers.
+pub const JPEG_SCALE_MARGIN: u32 = 2;
 /// Aspect ratios beyond this are first cut centrally to it, so that resizing the short side to the model's
 /// size cannot produce a gigantic intermediate image (a 1×100000 strip would need ~7 GB). The removed pixels
 /// lie far outside the final centre crop, so ordinary photos are untouched.
 const MAX_ASPECT: u32 = 64;
+/// Rows converted at a time when compositing alpha, so that the float copy stays small for huge images.
+const ALPHA_STRIP_ROWS: u32 = 64;
 
 const RESAMPLE: FilterType = FilterType::CatmullRom;
+
+/// Bytes of decoded pixels currently reserved by all threads, and the wake-up for those waiting.
+static IN_FLIGHT: Mutex<u64> = Mutex::new(0);
+static FREED: Condvar = Condvar::new();
+
+/// The process-wide budget of decoded pixel bytes in flight: without it, every decode thread may hold a
+/// gigabyte-sized image at once and peak memory grows with the core count. An image larger than the budget
+/// is decoded alone. Set through [`DECODE_BUDGET_ENV`] (read once).
+pub fn decode_budget_bytes() -> u64 {
+    static BUDGET: OnceLock<u64> = OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        std::env::var(DECODE_BUDGET_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|&mib| mib > 0)
+            .map_or(DEFAULT_DECODE_BUDGET_BYTES, |mib| {
+                mib.saturating_mul(1 << 20)
+            })
+    })
+}
+
+/// A share of the decode budget, returned when dropped. Code holding one must not wait on rayon work (a
+/// `join` may steal another decode that waits for this very share), so everything done under it is
+/// sequential.
+#[derive(Debug)]
+pub struct DecodePermit {
+    bytes: u64,
+}
+
+impl DecodePermit {
+    /// Waits until `bytes` fit in the budget next to what others hold (alone when it is larger).
+    fn reserve(bytes: u64) -> DecodePermit {
+        let budget = decode_budget_bytes();
+        let want = bytes.min(budget);
+        let mut used = IN_FLIGHT.lock().unwrap_or_else(PoisonError::into_inner);
+        while *used > 0 && *used + want > budget {
+            used = FREED.wait(used).unwrap_or_else(PoisonError::into_inner);
+        }
+        *used += want;
+        DecodePermit { bytes: want }
+    }
+}
+
+impl Drop for DecodePermit {
+    fn drop(&mut self) {
+        let mut used = IN_FLIGHT.lock().unwrap_or_else(PoisonError::into_inner);
+        *used = used.saturating_sub(self.bytes);
+        drop(used);
+        FREED.notify_all();
+    }
+}
+
+/// A decoded image that still counts against the decode budget until it is dropped.
+#[derive(Debug)]
+pub struct Decoded {
+    image: RgbImage,
+    /// The scale the file was decoded at: 1 = full size, 2/4/8 = JPEG DCT scaling.
+    pub scale_down: u32,
+    _permit: DecodePermit,
+}
+
+impl Decoded {
+    /// Releases the budget; the caller now owns the memory.
+    pub fn into_image(self) -> RgbImage {
+        self.image
+    }
+}
+
+impl std::ops::Deref for Decoded {
+    type Target = RgbImage;
+    fn deref(&self) -> &RgbImage {
+        &self.image
+    }
+}
 
 /// One preprocessed image: `3 × size × size` values, channel-major (CHW), CLIP-normalised.
 #[derive(Clone, Debug, PartialEq)]
@@ -67,8 +155,22 @@ impl ImageTensor {
     }
 }
 
-/// Decodes an image file into 8-bit RGB (EXIF orientation applied, alpha composited on white).
+/// Decodes an image file into 8-bit RGB at full size (EXIF orientation applied, alpha composited on white).
 pub fn load_rgb(path: &Path) -> Result<RgbImage, ClipError> {
+    open_file(path, None).map(Decoded::into_image)
+}
+
+/// Decodes an image file for a model whose input is `size × size`: like [`load_rgb`], except that a JPEG far
+/// larger than needed is decoded at 1/2, 1/4 or 1/8 scale (short side kept ≥ [`JPEG_SCALE_MARGIN`]` × size`),
+/// and the result holds its share of the decode budget until dropped.
+pub fn load_for_model(path: &Path, size: usize) -> Result<Decoded, ClipError> {
+    let min_side = u32::try_from(size)
+        .unwrap_or(u32::MAX)
+        .saturating_mul(JPEG_SCALE_MARGIN);
+    open_file(path, Some(min_side))
+}
+
+fn open_file(path: &Path, min_side: Option<u32>) -> Result<Decoded, ClipError> {
     let label = path.display().to_string();
     let err = |msg: String| ClipError::Image {
         file: label.clone(),
@@ -90,6 +192,12 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, ClipError> {
     let reader = reader
         .with_guessed_format()
         .map_err(|e| err(format!("cannot read the file ({e})")))?;
+    if reader.format() == Some(ImageFormat::Jpeg) {
+        // The JPEG decoder reads the whole file into memory anyway; the structure check needs it too.
+        drop(reader);
+        let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read the file ({e})")))?;
+        return decode_jpeg(&bytes, &label, min_side);
+    }
     decode(reader, &label)
 }
 
@@ -108,13 +216,194 @@ pub fn load_rgb_from_memory(bytes: &[u8]) -> Result<RgbImage, ClipError> {
             file: label.into(),
             msg: e.to_string(),
         })?;
-    decode(reader, label)
+    let decoded = if reader.format() == Some(ImageFormat::Jpeg) {
+        decode_jpeg(bytes, label, None)
+    } else {
+        decode(reader, label)
+    };
+    decoded.map(Decoded::into_image)
+}
+
+/// Message of a truncated or damaged file, shared by every format so the person reads one wording.
+fn damaged(detail: impl std::fmt::Display) -> String {
+    format!("the file is damaged, truncated or not an image of its format: {detail}")
+}
+
+/// Walks the JPEG marker structure up to the end-of-image marker. The decoder pads a JPEG cut short with
+/// grey blocks and says nothing, so this is where a truncated file is caught. Bytes after EOI (camera
+/// trailers, motion-photo videos) are allowed; junk between segments is skipped as decoders do.
+fn check_jpeg_structure(bytes: &[u8]) -> Result<(), String> {
+    const EOI: u8 = 0xD9;
+    const SOS: u8 = 0xDA;
+    if bytes.len() < 4 || bytes[0] != 0xFF || bytes[1] != 0xD8 {
+        return Err("no JPEG start-of-image marker".into());
+    }
+    let n = bytes.len();
+    let cut = |what: &str| {
+        Err(format!("the JPEG data ends inside {what}, before its end-of-image marker (the file is cut short)"))
+    };
+    let mut i = 2;
+    loop {
+        // Next marker: skip anything that is not 0xFF, then fill bytes.
+        match bytes[i..].iter().position(|&b| b == 0xFF) {
+            Some(k) => i += k,
+            None => return cut("the headers"),
+        }
+        while i < n && bytes[i] == 0xFF {
+            i += 1;
+        }
+        if i >= n {
+            return cut("the headers");
+        }
+        let marker = bytes[i];
+        i += 1;
+        match marker {
+            EOI => return Ok(()),
+            0x00 | 0x01 | 0xD0..=0xD8 => continue,
+            _ => {}
+        }
+        if i + 2 > n {
+            return cut("a segment header");
+        }
+        let len = usize::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
+        if len < 2 || i + len > n {
+            return cut("a segment");
+        }
+        i += len;
+        if marker == SOS {
+            // Entropy-coded data: 0xFF is followed by 0x00 (stuffing) or a restart marker inside it.
+            loop {
+                match bytes[i..].iter().position(|&b| b == 0xFF) {
+                    Some(k) => i += k,
+                    None => return cut("the compressed image data"),
+                }
+                match bytes.get(i + 1) {
+                    None => return cut("the compressed image data"),
+                    Some(0x00 | 0xD0..=0xD7) => i += 2,
+                    Some(0xFF) => i += 1,
+                    Some(_) => break,
+                }
+            }
+        }
+    }
+}
+
+/// Bytes reserved for decoding a `w × h` image whose decoder output is `decoded_bytes`: the buffer itself,
+/// plus the RGB copy when it is converted or rotated.
+fn reservation(w: u32, h: u32, decoded_bytes: u64, copies_rgb: bool) -> u64 {
+    let rgb = u64::from(w) * u64::from(h) * 3;
+    decoded_bytes + if copies_rgb { rgb } else { 0 }
+}
+
+fn decode_jpeg(bytes: &[u8], label: &str, min_side: Option<u32>) -> Result<Decoded, ClipError> {
+    let err = |msg: String| ClipError::Image {
+        file: label.to_string(),
+        msg,
+    };
+    check_jpeg_structure(bytes).map_err(|e| err(damaged(e)))?;
+    if let Some(min_side) = min_side {
+        if let Some(d) = decode_jpeg_scaled(bytes, label, min_side)? {
+            return Ok(d);
+        }
+    }
+    decode(
+        ImageReader::with_format(Cursor::new(bytes), ImageFormat::Jpeg),
+        label,
+    )
+}
+
+/// The DCT scale (eighths: 1, 2 or 4) that keeps the short side at least `min_side`, or `None` when only
+/// full size (8/8) does.
+fn jpeg_scale(w: u32, h: u32, min_side: u32) -> Option<u32> {
+    let short = u64::from(w.min(h));
+    [1u32, 2, 4]
+        .into_iter()
+        .find(|&s| (short * u64::from(s)).div_ceil(8) >= u64::from(min_side))
+}
+
+/// Decodes a JPEG at reduced scale in `jpeg-decoder`'s IDCT when that is possible and useful; `None` sends
+/// the file to the ordinary full-size path: small images, CMYK and 16-bit JPEGs (which the image crate
+/// converts), and anything `jpeg-decoder` cannot read, so that the image crate's decoder has the last word on
+/// what is damaged.
+fn decode_jpeg_scaled(
+    bytes: &[u8],
+    label: &str,
+    min_side: u32,
+) -> Result<Option<Decoded>, ClipError> {
+    let mut dec = jpeg_decoder::Decoder::new(Cursor::new(bytes));
+    let Some(info) = dec.read_info().ok().and_then(|()| dec.info()) else {
+        return Ok(None);
+    };
+    let (w, h) = (u32::from(info.width), u32::from(info.height));
+    check_size(w, h, 0, label)?;
+    let gray = match info.pixel_format {
+        jpeg_decoder::PixelFormat::RGB24 => false,
+        jpeg_decoder::PixelFormat::L8 => true,
+        _ => return Ok(None),
+    };
+    let Some(s) = jpeg_scale(w, h, min_side) else {
+        return Ok(None);
+    };
+    let want =
+        |len: u32| u16::try_from((u64::from(len) * u64::from(s)).div_ceil(8)).unwrap_or(u16::MAX);
+    let Ok((sw, sh)) = dec.scale(want(w), want(h)) else {
+        return Ok(None);
+    };
+    let (sw, sh) = (u32::from(sw), u32::from(sh));
+    let orientation = ImageReader::with_format(Cursor::new(bytes), ImageFormat::Jpeg)
+        .into_decoder()
+        .ok()
+        .and_then(|mut d| d.orientation().ok())
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let rotates = orientation != image::metadata::Orientation::NoTransforms;
+    let channels: u64 = if gray { 1 } else { 3 };
+    let decoded = u64::from(sw) * u64::from(sh) * channels;
+    let permit = DecodePermit::reserve(reservation(sw, sh, decoded, gray || rotates));
+    dec.set_max_decoding_buffer_size(usize::try_from(MAX_DECODE_BYTES).unwrap_or(usize::MAX));
+    let Ok(pixels) = dec.decode() else {
+        return Ok(None);
+    };
+    let img = if gray {
+        image::GrayImage::from_raw(sw, sh, pixels).map(DynamicImage::ImageLuma8)
+    } else {
+        RgbImage::from_raw(sw, sh, pixels).map(DynamicImage::ImageRgb8)
+    };
+    let Some(img) = img else {
+        return Ok(None);
+    };
+    let mut rgb = DynamicImage::ImageRgb8(img.into_rgb8());
+    rgb.apply_orientation(orientation);
+    Ok(Some(Decoded {
+        image: rgb.into_rgb8(),
+        scale_down: 8 / s,
+        _permit: permit,
+    }))
+}
+
+/// Refuses an image above [`MAX_IMAGE_SIDE`], [`MAX_PIXELS`] or (when `bytes` is known) [`MAX_DECODE_BYTES`],
+/// before anything is allocated.
+fn check_size(w: u32, h: u32, bytes: u64, label: &str) -> Result<(), ClipError> {
+    let pixels = u64::from(w) * u64::from(h);
+    if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE || pixels > MAX_PIXELS || bytes > MAX_DECODE_BYTES {
+        return Err(ClipError::Image {
+            file: label.to_string(),
+            msg: format!(
+                "the image is too large to decode safely ({w}×{h} pixels, {} Mpx, {} MiB decoded; the limits \
+                 are {MAX_IMAGE_SIDE} pixels a side, {} Mpx and {} MiB)",
+                pixels / 1_000_000,
+                bytes.max(pixels * 3) >> 20,
+                MAX_PIXELS / 1_000_000,
+                MAX_DECODE_BYTES >> 20
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn decode<R: BufRead + Seek>(
     mut reader: ImageReader<R>,
     label: &str,
-) -> Result<RgbImage, ClipError> {
+) -> Result<Decoded, ClipError> {
     let err = |msg: String| ClipError::Image {
         file: label.to_string(),
         msg,
@@ -124,30 +413,33 @@ fn decode<R: BufRead + Seek>(
             "not a recognised image format (expected PNG, JPEG, WebP, GIF, BMP, TIFF, ...)".into(),
         ));
     }
+    // Width and height are checked by `check_size` once the header is read, so the message can name the
+    // file's size; the allocation limit guards the decoders' own buffers.
     let mut limits = Limits::default();
-    limits.max_image_width = Some(MAX_IMAGE_SIDE);
-    limits.max_image_height = Some(MAX_IMAGE_SIDE);
     limits.max_alloc = Some(MAX_DECODE_BYTES);
     reader.limits(limits);
     let mut decoder = reader.into_decoder().map_err(|e| err(describe(&e)))?;
-    if decoder.total_bytes() > MAX_DECODE_BYTES {
-        let (w, h) = decoder.dimensions();
-        return Err(err(format!(
-            "the image is too large to decode safely ({w}×{h} pixels needs {} MiB, the limit is {} MiB)",
-            decoder.total_bytes() >> 20,
-            MAX_DECODE_BYTES >> 20
-        )));
-    }
+    let (w, h) = decoder.dimensions();
+    check_size(w, h, decoder.total_bytes(), label)?;
     // A damaged EXIF block should not cost the picture: fall back to no rotation.
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| err(describe(&e)))?;
-    img.apply_orientation(orientation);
+    let converts = decoder.color_type() != image::ColorType::Rgb8
+        || orientation != image::metadata::Orientation::NoTransforms;
+    let permit = DecodePermit::reserve(reservation(w, h, decoder.total_bytes(), converts));
+    let img = DynamicImage::from_decoder(decoder).map_err(|e| err(describe(&e)))?;
     if img.width() == 0 || img.height() == 0 {
         return Err(err("the image has no pixels (0 width or height)".into()));
     }
-    Ok(to_rgb8_on_white(img))
+    // Rotating after the conversion to 8-bit RGB gives the same pixels and copies 3 bytes a pixel, not more.
+    let mut rgb = DynamicImage::ImageRgb8(to_rgb8_on_white(img));
+    rgb.apply_orientation(orientation);
+    Ok(Decoded {
+        image: rgb.into_rgb8(),
+        scale_down: 1,
+        _permit: permit,
+    })
 }
 
 fn describe(e: &ImageError) -> String {
@@ -158,28 +450,34 @@ fn describe(e: &ImageError) -> String {
             MAX_DECODE_BYTES >> 20
         ),
         ImageError::Unsupported(_) => format!("unsupported image format or feature: {e}"),
-        ImageError::Decoding(_) => {
-            format!("the file is damaged, truncated or not an image of its format: {e}")
-        }
+        ImageError::Decoding(_) => damaged(e),
         ImageError::IoError(_) => format!("the file is truncated or unreadable: {e}"),
         _ => e.to_string(),
     }
 }
 
 /// Transparent pixels become white, as PIL's `convert("RGB")` on a white-background paste would show them;
-/// leaving the colour under alpha 0 would expose arbitrary (often black) data to the model.
+/// leaving the colour under alpha 0 would expose arbitrary (often black) data to the model. Strips of
+/// [`ALPHA_STRIP_ROWS`] rows go through float at a time, so a huge RGBA image never has a 16-byte-a-pixel copy.
 fn to_rgb8_on_white(img: DynamicImage) -> RgbImage {
     if !img.color().has_alpha() {
-        return img.to_rgb8();
+        return img.into_rgb8();
     }
-    let rgba = img.to_rgba32f();
-    let mut out = RgbImage::new(rgba.width(), rgba.height());
-    for (dst, src) in out.pixels_mut().zip(rgba.pixels()) {
-        let a = src.0[3].clamp(0.0, 1.0);
-        for c in 0..3 {
-            let v = src.0[c].clamp(0.0, 1.0) * a + (1.0 - a);
-            dst.0[c] = (v * 255.0).round() as u8;
+    let (w, h) = (img.width(), img.height());
+    let mut out = RgbImage::new(w, h);
+    let mut y0 = 0;
+    while y0 < h {
+        let rows = ALPHA_STRIP_ROWS.min(h - y0);
+        let strip = img.crop_imm(0, y0, w, rows).to_rgba32f();
+        for (x, y, src) in strip.enumerate_pixels() {
+            let a = src.0[3].clamp(0.0, 1.0);
+            let dst = out.get_pixel_mut(x, y0 + y);
+            for c in 0..3 {
+                let v = src.0[c].clamp(0.0, 1.0) * a + (1.0 - a);
+                dst.0[c] = (v * 255.0).round() as u8;
+            }
         }
+        y0 += rows;
     }
     out
 }
@@ -278,11 +576,12 @@ pub fn random_resized_crop(img: &RgbImage, size: usize, rng: &mut Rng) -> ImageT
         return ImageTensor::from_square(&RgbImage::new(s, s));
     }
     let (x, y, w, h) = random_crop_box(img.width(), img.height(), rng);
-    let crop = imageops::crop_imm(img, x, y, w, h).to_image();
+    // Resampled straight from the view: a copy of the crop would be up to the size of the whole image.
+    let crop = imageops::crop_imm(img, x, y, w, h);
     let mut out = if (w, h) == (s, s) {
-        crop
+        crop.to_image()
     } else {
-        imageops::resize(&crop, s, s, RESAMPLE)
+        imageops::resize(&*crop, s, s, RESAMPLE)
     };
     if rng.bool(0.5) {
         imageops::flip_horizontal_in_place(&mut out);
@@ -292,7 +591,8 @@ pub fn random_resized_crop(img: &RgbImage, size: usize, rng: &mut Rng) -> ImageT
 
 /// View `v` of an image draws from the stream `(seed, key, v)` alone, so the views of one image do not change
 /// when other images are added, removed or processed in another order or on another thread; `key` is the
-/// caller's stable identity of the image (e.g. a hash of its content).
+/// caller's stable identity of the image (e.g. a hash of its content). Sequential on purpose: it runs while a
+/// [`DecodePermit`] is held (see there); the parallelism is across images.
 pub fn augmented_views(
     img: &RgbImage,
     size: usize,
@@ -301,7 +601,6 @@ pub fn augmented_views(
     key: u64,
 ) -> Vec<ImageTensor> {
     (0..views)
-        .into_par_iter()
         .map(|v| {
             let mut rng = Rng::derive(seed, &[key, v as u64]);
             random_resized_crop(img, size, &mut rng)
@@ -310,11 +609,11 @@ pub fn augmented_views(
 }
 
 /// Decodes and centre-crops many files in parallel (decoding and resizing dominate the time of a small
-/// model); one result per path, in order, so one bad file does not sink a batch.
+/// model), within the decode budget; one result per path, in order, so one bad file does not sink a batch.
 pub fn prepare_batch(paths: &[PathBuf], size: usize) -> Vec<Result<ImageTensor, ClipError>> {
     paths
         .par_iter()
-        .map(|p| load_rgb(p).map(|img| center_crop(&img, size)))
+        .map(|p| load_for_model(p, size).map(|img| center_crop(&img, size)))
         .collect()
 }
 
@@ -349,6 +648,37 @@ mod tests {
             let r = f64::from(cw) / f64::from(ch);
             assert!((0.74..=1.34).contains(&r), "ratio {r}");
         }
+    }
+
+    /// Two scans (as in a progressive JPEG) with byte stuffing, restart markers and fill bytes: complete
+    /// only with its EOI, whatever follows it; every shorter cut is reported.
+    #[test]
+    fn jpeg_structure_needs_the_end_of_image_marker() {
+        let sos = [0xFF, 0xDA, 0x00, 0x04, 0x01, 0x02];
+        let mut jpeg = vec![0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x04, 0xFF, 0xD9];
+        jpeg.extend_from_slice(&sos);
+        jpeg.extend_from_slice(&[0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD0, 0x56]);
+        jpeg.extend_from_slice(&[0xFF, 0xFF, 0xC4, 0x00, 0x03, 0x00]);
+        jpeg.extend_from_slice(&sos);
+        jpeg.extend_from_slice(&[0x78, 0xFF, 0xD7, 0x9A, 0xFF, 0xD9]);
+        assert_eq!(check_jpeg_structure(&jpeg), Ok(()));
+        let mut trailer = jpeg.clone();
+        trailer.extend_from_slice(b"\xff\x00 appended video");
+        assert_eq!(check_jpeg_structure(&trailer), Ok(()));
+        for len in 0..jpeg.len() {
+            assert!(check_jpeg_structure(&jpeg[..len]).is_err(), "cut at {len}");
+        }
+    }
+
+    #[test]
+    fn jpeg_scale_keeps_the_short_side() {
+        assert_eq!(jpeg_scale(640, 427, 448), None);
+        assert_eq!(jpeg_scale(640, 427, 64), Some(2));
+        assert_eq!(jpeg_scale(2560, 1708, 448), Some(4));
+        assert_eq!(jpeg_scale(16_384, 16_384, 448), Some(1));
+        assert_eq!(jpeg_scale(4000, 3584, 448), Some(1));
+        assert_eq!(jpeg_scale(4000, 3577, 448), Some(1));
+        assert_eq!(jpeg_scale(4000, 3576, 448), Some(2));
     }
 
     #[test]
