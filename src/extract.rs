@@ -160,7 +160,7 @@ impl Embedder {
             images: n,
             ..Default::default()
         };
-        progress.set_stage("hashing images");
+        progress.set_stage_counting(&format!("reading {n} images"), "images");
         let hashes: Vec<Result<ContentHash, String>> = paths
             .par_iter()
             .map(|p| cache::hash_file(p).map_err(|e| e.to_string()))
@@ -203,7 +203,12 @@ impl Embedder {
             }
         }
 
-        progress.set_stage("embedding images");
+        let stage = match views {
+            [0] => format!("embedding {n} images"),
+            [_] => format!("embedding a view of {n} images"),
+            _ => format!("embedding {} views of {n} images", views.len()),
+        };
+        progress.set_stage_counting(&stage, "images");
         let total = n;
         let mut done = n - todo.len();
         progress.update(done, total);

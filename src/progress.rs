@@ -26,6 +26,11 @@ impl CancelToken {
 /// Implementations must be cheap: they are called once per batch or step.
 pub trait Progress: Send + Sync {
     fn set_stage(&self, _stage: &str) {}
+    /// A stage whose counts are in `unit` ("images", "steps", "MB"), so a display can say what it counts.
+    fn set_stage_counting(&self, stage: &str, unit: &str) {
+        let _ = unit;
+        self.set_stage(stage);
+    }
     fn update(&self, done: usize, total: usize);
     /// A line worth showing the person (a skipped bad file, a backend fallback).
     fn message(&self, _msg: &str) {}

@@ -448,22 +448,25 @@ fn project_file_survives_a_crash_mid_save() {
     std::fs::write(temp_path(&path), &good.as_bytes()[..good.len() / 3]).unwrap();
     assert_eq!(Project::load(&path).unwrap().project.labels, labels);
 
-    // A save that dies before the rename (here: the temp file cannot be created) changes nothing on disk;
-    // the label stays in memory and the error is reported.
+    // A save that dies before the rename (here: the temp file cannot be created) changes nothing on disk, and
+    // the label is not accepted either: the app asks where else to save.
     std::fs::remove_file(temp_path(&path)).unwrap();
     std::fs::create_dir(temp_path(&path)).unwrap();
     app.session_mut().unwrap().click(unl[1]);
     app.label_with(Some(2));
-    assert!(
-        app.last_error().is_some_and(|e| e.contains("cannot write")),
-        "{:?}",
-        app.last_error()
-    );
+    assert!(app.modal_open(), "the failed save is asked about");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), good);
-    assert_eq!(app.session().unwrap().label(unl[1]), Some(2));
+    assert_eq!(
+        app.session().unwrap().label(unl[1]),
+        None,
+        "no label on screen that is not on disk"
+    );
+    app.dismiss_dialog();
 
-    // Once the obstacle is gone, the next action saves everything, including the label that failed to save.
+    // Once the obstacle is gone, labelling works again.
     std::fs::remove_dir(temp_path(&path)).unwrap();
+    app.session_mut().unwrap().click(unl[1]);
+    app.label_with(Some(2));
     app.session_mut().unwrap().click(unl[2]);
     app.label_with(Some(1));
     let now = Project::load(&path).unwrap().project;
@@ -1135,4 +1138,80 @@ fn a_first_run_without_weights_asks_once_for_the_model_and_remembers() {
     again.open_path(&f.folder).unwrap();
     assert!(!again.modal_open(), "asked once, for every project");
     assert!(again.is_busy(), "the remembered model embeds at once");
+}
+
+/// Issue 10 (12): F1 lists the keys from the table that dispatches them, Esc closes it (and only it), V and S
+/// step through the filter and the sort, Ctrl+F puts the typing into the search field.
+#[test]
+fn help_lists_the_keys_esc_closes_it_and_filter_sort_and_search_have_keys() {
+    use hegraph::app::state::{Show, SortKey};
+    let f = fixture();
+    let mut app = HeGraphApp::new(AppOptions {
+        auto_embed: false,
+        ..f.opts.clone()
+    });
+    app.open_path(&f.folder).unwrap();
+    let Some(mut h) = harness(app) else { return };
+    h.step();
+    h.state_mut().session_mut().unwrap().click(0);
+    h.state_mut().session_mut().unwrap().ctrl_click(1);
+    let selected = h.state().session().unwrap().selection.clone();
+    assert!(!selected.is_empty());
+    h.key_press(egui::Key::F1);
+    h.step();
+    for key in ["Ctrl+Q", "Ctrl+F", "Ctrl+Shift+Z, Ctrl+Y", "1 … 9", "V"] {
+        h.get_by_label(key);
+    }
+    h.get_by_label("show all / unlabelled / labelled images");
+    for _ in 0..4 {
+        h.step();
+    }
+    screenshot(&mut h, "help");
+    h.key_press(egui::Key::Escape);
+    h.step();
+    assert!(
+        h.query_by_label("show all / unlabelled / labelled images")
+            .is_none(),
+        "Esc closed the help"
+    );
+    assert_eq!(
+        h.state().session().unwrap().selection,
+        selected,
+        "and left the selection alone"
+    );
+    h.key_press(egui::Key::Escape);
+    h.step();
+    assert!(
+        h.state().session().unwrap().selection.is_empty(),
+        "a second Esc clears it"
+    );
+
+    let filter = |h: &Harness<'static, HeGraphApp>| h.state().session().unwrap().filter().clone();
+    h.key_press(egui::Key::V);
+    h.step();
+    assert_eq!(filter(&h).show, Show::Unlabelled);
+    h.key_press(egui::Key::V);
+    h.step();
+    assert_eq!(filter(&h).show, Show::Labelled);
+    h.key_press(egui::Key::S);
+    h.step();
+    assert_eq!(filter(&h).sort, SortKey::ALL[1]);
+
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::F);
+    h.step();
+    h.event(egui::Event::Text("venus".into()));
+    h.step();
+    h.step();
+    assert_eq!(
+        filter(&h).search,
+        "venus",
+        "typing after Ctrl+F goes into the search field"
+    );
+    h.key_press(egui::Key::V);
+    h.step();
+    assert_eq!(
+        filter(&h).show,
+        Show::Labelled,
+        "a letter typed into the search is no shortcut"
+    );
 }

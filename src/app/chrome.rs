@@ -91,6 +91,10 @@ impl HeGraphApp {
                         if ui.button("Settings…").clicked() {
                             self.dialogs.settings = true;
                         }
+                        ui.separator();
+                        if ui.button("Quit  (Ctrl+Q)").clicked() {
+                            ui.ctx().send_viewport_cmd(egui::ViewportCommand::Close);
+                        }
                     });
                     ui.menu_button("Edit", |ui| {
                         let (u, r) = self
@@ -310,7 +314,18 @@ impl HeGraphApp {
                                 .on_hover_text(self.engine.model_error.clone().unwrap_or_default());
                         }
                         None => {
-                            ui.label(small("model: not loaded yet".into()).color(weak));
+                            let chosen = self
+                                .session
+                                .as_ref()
+                                .is_some_and(|s| self.model_source(&s.project).is_some());
+                            let state = if self.engine.embed_job.is_some() {
+                                "model: loading…"
+                            } else if chosen {
+                                "model: not loaded (Resume or T loads it)"
+                            } else {
+                                "model: not chosen yet (Resume or T asks)"
+                            };
+                            ui.label(small(state.into()).color(weak));
                         }
                     }
                     ui.separator();
@@ -464,14 +479,17 @@ pub(super) fn drop_overlay(ctx: &egui::Context) {
     );
 }
 
+/// "embedding 10 views of 11 images · 3/11 images · 2.1 images/s · 4 s left": the stage names its unit
+/// when it counts something other than the job's usual one (`unit`).
 fn job_progress<T: Send + 'static>(ui: &mut egui::Ui, job: &Job<T>, unit: &str) {
     let mut text = if job.stage.is_empty() {
         job.name.to_string()
     } else {
         job.stage.clone()
     };
+    let unit = job.unit.as_deref().unwrap_or(unit);
     if job.total > 0 {
-        text.push_str(&format!(" · {}/{}", job.done, job.total));
+        text.push_str(&format!(" · {}/{} {unit}", job.done, job.total));
     }
     if let Some(r) = job.rate() {
         text.push_str(&format!(" · {r:.1} {unit}/s"));

@@ -12,37 +12,13 @@ use crate::data;
 use crate::project::export::{self, RowOptions, TreeMode};
 use crate::project::{self, DEFAULT_TEMPLATE};
 
-/// The keyboard shortcuts, shown in the help window and used for tooltips.
-pub const SHORTCUTS: &[(&str, &str)] = &[
-    ("1 … 9", "label the selected image(s) with class 1 … 9"),
-    ("/ or L", "searchable class picker (any class, by name)"),
-    ("0, Backspace, Delete", "remove the label"),
-    (
-        "N",
-        "label next: jump to the unlabelled image the model is least sure about",
-    ),
-    ("← → ↑ ↓, PgUp, PgDn, Home, End", "move through the grid"),
+/// What the mouse does; the keys come from [`super::shortcuts::BINDINGS`].
+const MOUSE_HELP: &[(&str, &str)] = &[
     (
         "Ctrl+click, Shift+click",
         "select several images (labels then apply to all)",
     ),
-    ("Ctrl+A", "select every image shown"),
-    (
-        "Esc",
-        "clear the selection (a running job has its own Cancel button)",
-    ),
-    (
-        "Ctrl+Z / Ctrl+Shift+Z (Ctrl+Y)",
-        "undo / redo a labelling action",
-    ),
-    ("T", "train the adapter on the labelled images"),
-    ("Ctrl+1 / Ctrl+2 / Ctrl+3", "Label, Graph, Train view"),
-    ("Ctrl+O", "open an image folder"),
-    (
-        "Ctrl+S",
-        "save now (the project also saves after every label)",
-    ),
-    ("F1 or ?", "this help"),
+    ("drop a folder", "open it"),
 ];
 
 pub(super) struct NewProject {
@@ -1176,9 +1152,11 @@ impl HeGraphApp {
             .default_width(520.0)
             .show(ctx, |ui| {
                 egui::Grid::new("hegraph-help").num_columns(2).striped(true).spacing([16.0, 6.0]).show(ui, |ui| {
-                    for (k, what) in SHORTCUTS {
-                        ui.label(RichText::new(*k).monospace().color(style::ACCENT));
-                        ui.label(*what);
+                    let keys = super::shortcuts::help_rows();
+                    let mouse = MOUSE_HELP.iter().map(|&(k, w)| (k.to_string(), w));
+                    for (k, what) in keys.into_iter().chain(mouse) {
+                        ui.label(RichText::new(k).monospace().color(style::ACCENT));
+                        ui.label(what);
                         ui.end_row();
                     }
                 });

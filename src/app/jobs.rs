@@ -22,7 +22,8 @@ use crate::progress::{CancelToken, Progress};
 
 /// A message from a worker.
 pub enum JobMsg<T> {
-    Stage(String),
+    /// A stage and, when it said so, the unit of its counts.
+    Stage(String, Option<String>),
     Progress {
         done: usize,
         total: usize,
@@ -56,7 +57,10 @@ impl<T: Send> ChannelProgress<T> {
 
 impl<T: Send> Progress for ChannelProgress<T> {
     fn set_stage(&self, stage: &str) {
-        self.send(JobMsg::Stage(stage.to_string()));
+        self.send(JobMsg::Stage(stage.to_string(), None));
+    }
+    fn set_stage_counting(&self, stage: &str, unit: &str) {
+        self.send(JobMsg::Stage(stage.to_string(), Some(unit.to_string())));
     }
     fn update(&self, done: usize, total: usize) {
         self.send(JobMsg::Progress { done, total });
@@ -72,6 +76,8 @@ pub struct Job<T> {
     rx: Receiver<JobMsg<T>>,
     cancel: CancelToken,
     pub stage: String,
+    /// What `done` and `total` count in the current stage, when the stage said.
+    pub unit: Option<String>,
     pub done: usize,
     pub total: usize,
     pub started: Instant,
@@ -134,6 +140,7 @@ impl<T: Send + 'static> Job<T> {
             rx,
             cancel,
             stage: String::new(),
+            unit: None,
             done: 0,
             total: 0,
             started: Instant::now(),
@@ -156,8 +163,9 @@ impl<T: Send + 'static> Job<T> {
     pub fn poll(&mut self) -> Polled<T> {
         while let Ok(msg) = self.rx.try_recv() {
             match msg {
-                JobMsg::Stage(s) => {
+                JobMsg::Stage(s, unit) => {
                     self.stage = s;
+                    self.unit = unit;
                     self.stage_start = None;
                 }
                 JobMsg::Progress { done, total } => {
@@ -169,6 +177,9 @@ impl<T: Send + 'static> Job<T> {
                 }
                 JobMsg::Message(m) => self.messages.push(m),
                 JobMsg::Loss { step, total, loss } => {
+                    if self.stage_start.is_none() {
+                        self.stage_start = Some((Instant::now(), step));
+                    }
                     self.losses.push((step, loss));
                     self.total_steps = total;
                     self.done = step;
@@ -506,7 +517,7 @@ pub fn run_train(
         // shown would flatter it.
         val: None,
     };
-    progress.set_stage(&format!("training {}", req.method.title()));
+    progress.set_stage_counting(&format!("training {}", req.method.title()), "steps");
     let mut on_event = |e: &TrainEvent| match e {
         TrainEvent::Step {
             step, total, loss, ..

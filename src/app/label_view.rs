@@ -254,7 +254,7 @@ impl HeGraphApp {
             let l = ui.label("sort by");
             egui::ComboBox::from_id_salt("hegraph-sort")
                 .selected_text(filter.sort.label())
-                .width(170.0)
+                .width(ui.available_width().min(170.0))
                 .show_ui(ui, |ui| {
                     for k in SortKey::ALL {
                         ui.selectable_value(&mut filter.sort, k, k.label());
@@ -265,12 +265,16 @@ impl HeGraphApp {
         });
         ui.horizontal(|ui| {
             let l = ui.label("search");
-            ui.add(
-                egui::TextEdit::singleline(&mut filter.search)
-                    .hint_text("file name")
-                    .desired_width(170.0),
-            )
-            .labelled_by(l.id);
+            let r = ui
+                .add(
+                    egui::TextEdit::singleline(&mut filter.search)
+                        .hint_text("file name (Ctrl+F)")
+                        .desired_width(ui.available_width().min(170.0)),
+                )
+                .labelled_by(l.id);
+            if std::mem::take(&mut self.grid.focus_search) {
+                r.request_focus();
+            }
         });
         if filter != GridFilter::default() && ui.small_button("clear filters").clicked() {
             filter = GridFilter::default();

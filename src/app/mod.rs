@@ -48,7 +48,7 @@ use graph_view::GraphView;
 use jobs::{EmbedOutput, EmbedRequest, Job, ModelSource, Polled, TrainOutput, TrainRequest};
 use prefs::ModelChoice;
 use shortcuts::Action;
-use state::{ImageItem, Session};
+use state::{ImageItem, Session, Show, SortKey};
 use thumbs::ThumbCache;
 
 /// Where a folder's images and class-name/label files are.
@@ -245,6 +245,8 @@ struct Engine {
 #[derive(Default)]
 struct GridUi {
     cols: usize,
+    /// Ctrl+F asked for the search field.
+    focus_search: bool,
     scroll_to_cursor: bool,
     rows_shown: std::ops::Range<usize>,
 }
@@ -328,6 +330,11 @@ impl HeGraphApp {
     /// True while embedding or training runs (or is about to).
     pub fn is_busy(&self) -> bool {
         self.engine.embed_job.is_some() || self.engine.train_job.is_some() || self.train_after_embed
+    }
+
+    /// Closes the dialog on top, as Esc does.
+    pub fn dismiss_dialog(&mut self) {
+        self.dialogs.close_top();
     }
 
     /// Whether a modal dialog (a question, the class picker, an editor) has the keyboard.
@@ -940,19 +947,22 @@ impl HeGraphApp {
             let n = c.rows;
             self.engine.centre = Some(c);
             self.engine.ok = ok;
-            let rate = if stats.seconds > 0.0 {
-                n as f64 / stats.seconds
+            let computed = stats.features_computed;
+            let text = if computed == 0 {
+                format!("all {n} images were in the cache")
             } else {
-                0.0
-            };
-            self.notify(
-                Level::Info,
+                let rate = if stats.seconds > 0.0 {
+                    computed as f64 / stats.seconds
+                } else {
+                    0.0
+                };
                 format!(
-                    "embedded {n} images in {} ({rate:.0} images/s; {} features from the cache)",
+                    "embedded {computed} images in {} ({rate:.1} images/s); {} from the cache",
                     style::short_duration(stats.seconds),
                     stats.features_from_cache
-                ),
-            );
+                )
+            };
+            self.notify(Level::Info, text);
             let bad = self.engine.ok.iter().filter(|o| !**o).count();
             if bad > 0 {
                 self.notify(
@@ -1340,9 +1350,44 @@ impl HeGraphApp {
                     s.select_all_visible();
                 }
             }
-            Action::ClearSelection => {
-                if let Some(s) = self.session.as_mut() {
+            Action::Escape => {
+                if self.dialogs.help {
+                    self.dialogs.help = false;
+                } else if self.dialogs.settings {
+                    self.dialogs.settings = false;
+                    self.dialogs.model_dir_text = None;
+                } else if self.dialogs.export.open {
+                    self.dialogs.export.open = false;
+                } else if let Some(s) = self.session.as_mut() {
                     s.clear_selection();
+                }
+            }
+            Action::Quit => {
+                if let Some(ctx) = &self.ctx {
+                    ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+                }
+            }
+            Action::FocusSearch => {
+                self.view = View::Label;
+                self.grid.focus_search = true;
+            }
+            Action::CycleShow => {
+                if let Some(s) = self.session.as_mut() {
+                    let mut f = s.filter().clone();
+                    f.show = match f.show {
+                        Show::All => Show::Unlabelled,
+                        Show::Unlabelled => Show::Labelled,
+                        Show::Labelled => Show::All,
+                    };
+                    s.set_filter(f);
+                }
+            }
+            Action::CycleSort => {
+                if let Some(s) = self.session.as_mut() {
+                    let mut f = s.filter().clone();
+                    let i = SortKey::ALL.iter().position(|&k| k == f.sort).unwrap_or(0);
+                    f.sort = SortKey::ALL[(i + 1) % SortKey::ALL.len()];
+                    s.set_filter(f);
                 }
             }
             Action::Train => {

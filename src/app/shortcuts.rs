@@ -15,17 +15,24 @@ use super::View;
 pub(super) enum Action {
     OpenFolder,
     Save,
+    Quit,
     Show(View),
     ToggleHelp,
+    FocusSearch,
     Undo,
     Redo,
     SelectAll,
-    ClearSelection,
+    /// Close the window on top (help, settings, export), else clear the selection.
+    Escape,
     Train,
     /// Label the targets with class `Some(c)`, or remove their labels.
     Label(Option<usize>),
     LabelNext,
     ClassPicker,
+    /// Show all → unlabelled → labelled images.
+    CycleShow,
+    /// The next sort order.
+    CycleSort,
     /// Move the cursor by this many positions in the visible order.
     Move(isize),
 }
@@ -54,55 +61,316 @@ pub(super) const DIGITS: [Key; 9] = [
     Key::Num9,
 ];
 
+/// Where a binding works.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Scope {
+    /// Everywhere, also while a text field has the keyboard.
+    Anywhere,
+    /// Unless a text field has the keyboard.
+    NotTyping,
+    /// In the labelling view, without Ctrl or Alt, unless a text field has the keyboard.
+    Grid,
+}
+
+/// Steps of the cursor; the vertical ones depend on the grid's columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Step {
+    Left,
+    Right,
+    Up,
+    Down,
+    PageUp,
+    PageDown,
+    Home,
+    End,
+}
+
+/// What a binding does; the digits and the cursor keys are families resolved with the [`KeyContext`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Act {
+    Do(Action),
+    /// The digit's class (1 = the first), when the project has it.
+    Digit,
+    Move(Step),
+}
+
+/// One entry of the key table: the keys, where they work, what they do, and the line F1 shows.
+pub(super) struct Binding {
+    pub chords: &'static [(Modifiers, Key)],
+    pub scope: Scope,
+    pub act: Act,
+    pub help: &'static str,
+}
+
+const NONE: Modifiers = Modifiers::NONE;
+const CMD: Modifiers = Modifiers::COMMAND;
+const CMD_SHIFT: Modifiers = Modifiers::COMMAND.plus(Modifiers::SHIFT);
+const SHIFT: Modifiers = Modifiers::SHIFT;
+
+const fn digits() -> [(Modifiers, Key); 9] {
+    let mut out = [(NONE, Key::Num1); 9];
+    let mut i = 0;
+    while i < 9 {
+        out[i] = (NONE, DIGITS[i]);
+        i += 1;
+    }
+    out
+}
+
+const DIGIT_CHORDS: [(Modifiers, Key); 9] = digits();
+
+/// Every key the app handles, in the order they are tried (Ctrl+Shift+Z before Ctrl+Z: a pattern without
+/// Shift also matches with it). The F1 window is generated from this table, so it lists exactly what works.
+pub(super) const BINDINGS: &[Binding] = &[
+    Binding {
+        chords: &[(CMD, Key::O)],
+        scope: Scope::Anywhere,
+        act: Act::Do(Action::OpenFolder),
+        help: "open an image folder",
+    },
+    Binding {
+        chords: &[(CMD, Key::S)],
+        scope: Scope::Anywhere,
+        act: Act::Do(Action::Save),
+        help: "save now (the project also saves after every label)",
+    },
+    Binding {
+        chords: &[(CMD, Key::Q)],
+        scope: Scope::Anywhere,
+        act: Act::Do(Action::Quit),
+        help: "quit (everything is saved already)",
+    },
+    Binding {
+        chords: &[(CMD, Key::Num1)],
+        scope: Scope::Anywhere,
+        act: Act::Do(Action::Show(View::Label)),
+        help: "Label view",
+    },
+    Binding {
+        chords: &[(CMD, Key::Num2)],
+        scope: Scope::Anywhere,
+        act: Act::Do(Action::Show(View::Graph)),
+        help: "Graph view",
+    },
+    Binding {
+        chords: &[(CMD, Key::Num3)],
+        scope: Scope::Anywhere,
+        act: Act::Do(Action::Show(View::Train)),
+        help: "Train view",
+    },
+    Binding {
+        chords: &[(CMD, Key::F)],
+        scope: Scope::Anywhere,
+        act: Act::Do(Action::FocusSearch),
+        help: "search the file names",
+    },
+    Binding {
+        chords: &[(NONE, Key::F1)],
+        scope: Scope::Anywhere,
+        act: Act::Do(Action::ToggleHelp),
+        help: "this list",
+    },
+    Binding {
+        chords: &[(NONE, Key::Questionmark), (SHIFT, Key::Questionmark)],
+        scope: Scope::NotTyping,
+        act: Act::Do(Action::ToggleHelp),
+        help: "this list",
+    },
+    Binding {
+        chords: &[(CMD_SHIFT, Key::Z), (CMD, Key::Y)],
+        scope: Scope::NotTyping,
+        act: Act::Do(Action::Redo),
+        help: "redo a labelling action",
+    },
+    Binding {
+        chords: &[(CMD, Key::Z)],
+        scope: Scope::NotTyping,
+        act: Act::Do(Action::Undo),
+        help: "undo a labelling action",
+    },
+    Binding {
+        chords: &[(CMD, Key::A)],
+        scope: Scope::NotTyping,
+        act: Act::Do(Action::SelectAll),
+        help: "select every image shown",
+    },
+    Binding {
+        chords: &[(NONE, Key::Escape)],
+        scope: Scope::NotTyping,
+        act: Act::Do(Action::Escape),
+        help: "close the window on top, else clear the selection (a job has its own Cancel button)",
+    },
+    Binding {
+        chords: &[(NONE, Key::T)],
+        scope: Scope::NotTyping,
+        act: Act::Do(Action::Train),
+        help: "train on the labelled images",
+    },
+    Binding {
+        chords: &DIGIT_CHORDS,
+        scope: Scope::Grid,
+        act: Act::Digit,
+        help: "label the selected image(s) with class 1 … 9",
+    },
+    Binding {
+        chords: &[
+            (NONE, Key::Num0),
+            (NONE, Key::Backspace),
+            (NONE, Key::Delete),
+        ],
+        scope: Scope::Grid,
+        act: Act::Do(Action::Label(None)),
+        help: "remove the label",
+    },
+    Binding {
+        chords: &[(NONE, Key::N)],
+        scope: Scope::Grid,
+        act: Act::Do(Action::LabelNext),
+        help: "next: the unlabelled image the model is least sure about",
+    },
+    Binding {
+        chords: &[(NONE, Key::Slash), (NONE, Key::L)],
+        scope: Scope::Grid,
+        act: Act::Do(Action::ClassPicker),
+        help: "class picker (any class, by name)",
+    },
+    Binding {
+        chords: &[(NONE, Key::V)],
+        scope: Scope::Grid,
+        act: Act::Do(Action::CycleShow),
+        help: "show all / unlabelled / labelled images",
+    },
+    Binding {
+        chords: &[(NONE, Key::S)],
+        scope: Scope::Grid,
+        act: Act::Do(Action::CycleSort),
+        help: "next sort order",
+    },
+    Binding {
+        chords: &[(NONE, Key::ArrowLeft)],
+        scope: Scope::Grid,
+        act: Act::Move(Step::Left),
+        help: "move through the grid",
+    },
+    Binding {
+        chords: &[(NONE, Key::ArrowRight)],
+        scope: Scope::Grid,
+        act: Act::Move(Step::Right),
+        help: "move through the grid",
+    },
+    Binding {
+        chords: &[(NONE, Key::ArrowUp)],
+        scope: Scope::Grid,
+        act: Act::Move(Step::Up),
+        help: "move through the grid",
+    },
+    Binding {
+        chords: &[(NONE, Key::ArrowDown)],
+        scope: Scope::Grid,
+        act: Act::Move(Step::Down),
+        help: "move through the grid",
+    },
+    Binding {
+        chords: &[(NONE, Key::PageUp)],
+        scope: Scope::Grid,
+        act: Act::Move(Step::PageUp),
+        help: "move through the grid",
+    },
+    Binding {
+        chords: &[(NONE, Key::PageDown)],
+        scope: Scope::Grid,
+        act: Act::Move(Step::PageDown),
+        help: "move through the grid",
+    },
+    Binding {
+        chords: &[(NONE, Key::Home)],
+        scope: Scope::Grid,
+        act: Act::Move(Step::Home),
+        help: "move through the grid",
+    },
+    Binding {
+        chords: &[(NONE, Key::End)],
+        scope: Scope::Grid,
+        act: Act::Move(Step::End),
+        help: "move through the grid",
+    },
+];
+
 /// The action of one key press, or `None` when the key is not a shortcut here (it stays for the widgets).
 pub(super) fn action_for(key: Key, mods: Modifiers, cx: &KeyContext) -> Option<Action> {
-    let is = |m: Modifiers| mods.matches_logically(m);
-    let plain = is(Modifiers::NONE);
-    let cmd = is(Modifiers::COMMAND);
-    // These work everywhere, also while a text field has the keyboard.
-    match key {
-        Key::O if cmd => return Some(Action::OpenFolder),
-        Key::S if cmd => return Some(Action::Save),
-        Key::Num1 if cmd => return Some(Action::Show(View::Label)),
-        Key::Num2 if cmd => return Some(Action::Show(View::Graph)),
-        Key::Num3 if cmd => return Some(Action::Show(View::Train)),
-        Key::F1 if plain => return Some(Action::ToggleHelp),
-        _ => {}
-    }
-    if cx.text_focus {
-        return None;
-    }
-    match key {
-        Key::Z if is(Modifiers::COMMAND | Modifiers::SHIFT) => return Some(Action::Redo),
-        Key::Y if cmd => return Some(Action::Redo),
-        Key::Z if cmd => return Some(Action::Undo),
-        Key::A if cmd => return Some(Action::SelectAll),
-        Key::Escape if plain => return Some(Action::ClearSelection),
-        Key::T if plain => return Some(Action::Train),
-        Key::Questionmark if plain || is(Modifiers::SHIFT) => return Some(Action::ToggleHelp),
-        _ => {}
-    }
-    if cx.view != View::Label || !plain {
-        return None;
-    }
-    if let Some(c) = DIGITS.iter().position(|&d| d == key) {
-        return (c < cx.classes).then_some(Action::Label(Some(c)));
-    }
-    let cols = cx.cols.max(1) as isize;
-    Some(match key {
-        Key::Num0 | Key::Backspace | Key::Delete => Action::Label(None),
-        Key::N => Action::LabelNext,
-        Key::Slash | Key::L => Action::ClassPicker,
-        Key::ArrowLeft => Action::Move(-1),
-        Key::ArrowRight => Action::Move(1),
-        Key::ArrowUp => Action::Move(-cols),
-        Key::ArrowDown => Action::Move(cols),
-        Key::PageUp => Action::Move(-cols * 4),
-        Key::PageDown => Action::Move(cols * 4),
-        Key::Home => Action::Move(isize::MIN / 2),
-        Key::End => Action::Move(isize::MAX / 2),
-        _ => return None,
+    let plain = mods.matches_logically(Modifiers::NONE);
+    BINDINGS.iter().find_map(|b| {
+        let in_scope = match b.scope {
+            Scope::Anywhere => true,
+            Scope::NotTyping => !cx.text_focus,
+            Scope::Grid => !cx.text_focus && cx.view == View::Label && plain,
+        };
+        let chord = b
+            .chords
+            .iter()
+            .position(|&(m, k)| k == key && mods.matches_logically(m))?;
+        if !in_scope {
+            return None;
+        }
+        let cols = cx.cols.max(1) as isize;
+        match b.act {
+            Act::Do(a) => Some(a),
+            Act::Digit => (chord < cx.classes).then_some(Action::Label(Some(chord))),
+            Act::Move(step) => Some(Action::Move(match step {
+                Step::Left => -1,
+                Step::Right => 1,
+                Step::Up => -cols,
+                Step::Down => cols,
+                Step::PageUp => -cols * 4,
+                Step::PageDown => cols * 4,
+                Step::Home => isize::MIN / 2,
+                Step::End => isize::MAX / 2,
+            })),
+        }
     })
+}
+
+/// The F1 list: one row per distinct help text, its keys as a person reads them, generated from
+/// [`BINDINGS`].
+pub(super) fn help_rows() -> Vec<(String, &'static str)> {
+    let mut rows: Vec<(Vec<String>, &'static str)> = Vec::new();
+    for b in BINDINGS {
+        let keys: Vec<String> = if b.act == Act::Digit {
+            vec!["1 … 9".to_string()]
+        } else {
+            b.chords.iter().map(|&(m, k)| chord_name(m, k)).collect()
+        };
+        match rows.iter_mut().find(|r| r.1 == b.help) {
+            Some(r) => {
+                for k in keys {
+                    if !r.0.contains(&k) {
+                        r.0.push(k);
+                    }
+                }
+            }
+            None => rows.push((keys, b.help)),
+        }
+    }
+    rows.into_iter().map(|(k, h)| (k.join(", "), h)).collect()
+}
+
+fn chord_name(mods: Modifiers, key: Key) -> String {
+    let k = match key {
+        Key::ArrowLeft => "←",
+        Key::ArrowRight => "→",
+        Key::ArrowUp => "↑",
+        Key::ArrowDown => "↓",
+        Key::Questionmark => "?",
+        Key::Slash => "/",
+        other => other.name(),
+    };
+    // Shift on "?" is how it is typed on most layouts, not a different chord.
+    if mods.is_none() || (mods == SHIFT && key == Key::Questionmark) {
+        k.to_string()
+    } else {
+        let m = egui::ModifierNames::NAMES.format(&mods, cfg!(target_os = "macos"));
+        format!("{m}+{k}")
+    }
 }
 
 /// The action of one input event: a key press that is a shortcut in `cx`.
@@ -185,6 +453,47 @@ mod tests {
     }
 
     #[test]
+    fn every_key_of_the_table_does_what_its_help_says_and_none_is_shadowed() {
+        let cx = KeyContext { classes: 9, ..cx() };
+        for b in BINDINGS {
+            for (k, &(m, key)) in b.chords.iter().enumerate() {
+                let got = action_for(key, m, &cx);
+                let want = match b.act {
+                    Act::Do(a) => Some(a),
+                    Act::Digit => Some(Action::Label(Some(k))),
+                    Act::Move(_) => got.filter(|a| matches!(a, Action::Move(_))),
+                };
+                assert!(
+                    got.is_some() && got == want,
+                    "{key:?} {m:?}: {got:?}, help says {}",
+                    b.help
+                );
+            }
+        }
+        let rows = help_rows();
+        let keys: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        for shown in [
+            "Ctrl+Q",
+            "Ctrl+F",
+            "F1, ?",
+            "Ctrl+Shift+Z, Ctrl+Y",
+            "1 … 9",
+            "V",
+            "S",
+            "Escape",
+        ] {
+            assert!(keys.contains(&shown), "{shown} missing from {keys:?}");
+        }
+        assert_eq!(
+            rows.iter()
+                .filter(|r| r.1 == "move through the grid")
+                .count(),
+            1,
+            "one row per meaning"
+        );
+    }
+
+    #[test]
     fn a_text_field_keeps_the_labelling_keys_but_not_the_global_ones() {
         let typing = KeyContext {
             text_focus: true,
@@ -208,7 +517,7 @@ mod tests {
         // Esc has one meaning: it never cancels a job.
         assert_eq!(
             action_for(Key::Escape, Modifiers::NONE, &cx()),
-            Some(Action::ClearSelection)
+            Some(Action::Escape)
         );
         assert_eq!(
             action_for(Key::Z, Modifiers::COMMAND | Modifiers::SHIFT, &cx()),

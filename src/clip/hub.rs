@@ -129,10 +129,10 @@ impl hf_hub::api::Progress for Reporter<'_> {
     fn init(&mut self, size: usize, filename: &str) {
         self.total = size;
         self.done = 0;
-        self.progress.set_stage(&format!(
-            "downloading {filename} of {DEFAULT_MODEL_REPO} ({} MB)",
-            size.div_ceil(1 << 20)
-        ));
+        self.progress.set_stage_counting(
+            &format!("downloading {filename} of {DEFAULT_MODEL_REPO}"),
+            "MB",
+        );
         self.progress.update(0, size.div_ceil(1 << 20));
     }
 
