@@ -746,3 +746,45 @@ fn extract_peak_memory_does_not_grow_with_the_thread_count() {
         four / mib
     );
 }
+
+/// Issue 11 (11): all-zero features make the training diverge. The message must not promise weights that were
+/// "kept", the command fails, and no adapter file appears.
+#[test]
+fn training_on_all_zero_features_fails_without_claiming_or_writing_an_adapter() {
+    use hegraph::features::{FeatureSet, LabelledSplit};
+    use hegraph::linalg::Mat;
+    let tmp = tempfile::tempdir().unwrap();
+    let (c, d) = (2, 8);
+    let text: Vec<f32> = (0..c * d).map(|i| ((i * 7 % 5) as f32) - 2.0).collect();
+    let fs = FeatureSet {
+        classes: vec!["a".into(), "b".into()],
+        dim: d,
+        text: Some(Mat::from_vec(c, d, text.clone())),
+        text_neg: Some(Mat::from_vec(c, d, text.iter().map(|x| -x).collect())),
+        train: Some(LabelledSplit::new(Mat::zeros(4, d), vec![0, 0, 1, 1])),
+        ..Default::default()
+    };
+    let features = tmp.path().join("zeros.safetensors");
+    fs.save(&features).unwrap();
+    let out = tmp.path().join("zeros.hegraph");
+    let o = run(
+        tmp.path(),
+        &[
+            "train",
+            features.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    let text = all_output(&o);
+    if o.status.success() {
+        // A backend that survives zero features must then have written a loadable adapter.
+        assert!(
+            hegraph::adapter::TrainedAdapter::load(&out).is_ok(),
+            "{text}"
+        );
+    } else {
+        assert!(!out.exists(), "a failed training writes nothing: {text}");
+        assert!(!text.contains("were kept"), "{text}");
+    }
+}

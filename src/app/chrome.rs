@@ -2,37 +2,53 @@
 //! progress (rate, ETA, cancel), the test-checkpoint banner, the status line, transient notices and the
 //! drop-a-folder overlay.
 
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use egui::{Color32, RichText};
 
 use super::jobs::{self, Job};
+use super::path_prompt::{self, Picked};
 use super::state::Session;
-use super::{style, HeGraphApp, Level, Notice, View, TEST_CHECKPOINT_BANNER};
+use super::{dialogs, style, HeGraphApp, Level, Notice, View, TEST_CHECKPOINT_BANNER};
 
 impl HeGraphApp {
+    /// Ctrl+O: the typed-path prompt (the system dialog is one button away), so opening works from the
+    /// keyboard and where no dialog backend exists.
     pub(super) fn pick_folder(&mut self) {
-        self.dialogs.drop_input = true;
-        if let Some(folder) = rfd::FileDialog::new()
-            .set_title("Open an image folder")
-            .pick_folder()
-        {
-            if let Err(e) = self.open_path(&folder) {
-                self.notify(Level::Error, e.to_string());
-            }
-        }
+        self.open_prompt(None);
+    }
+
+    pub(super) fn open_prompt(&mut self, note: Option<String>) {
+        let start = self
+            .session
+            .as_ref()
+            .and_then(|s| s.project.folder.parent().map(Path::to_path_buf))
+            .or_else(dirs::home_dir)
+            .map(|d| format!("{}/", d.display().to_string().trim_end_matches('/')))
+            .unwrap_or_default();
+        self.dialogs.open = Some(dialogs::OpenPrompt {
+            text: start,
+            note,
+            focus: true,
+        });
     }
 
     pub(super) fn pick_project(&mut self) {
         self.dialogs.drop_input = true;
-        if let Some(file) = rfd::FileDialog::new()
-            .set_title("Open a hegraph project")
-            .add_filter("hegraph project", &["json"])
-            .pick_file()
-        {
-            if let Err(e) = self.open_path(&file) {
-                self.notify(Level::Error, e.to_string());
+        match path_prompt::native(|| {
+            rfd::FileDialog::new()
+                .set_title("Open a hegraph project")
+                .add_filter("hegraph project", &["json"])
+                .pick_file()
+        }) {
+            Picked::Path(file) => {
+                if let Err(e) = self.open_path(&file) {
+                    self.notify(Level::Error, e.to_string());
+                }
             }
+            Picked::Cancelled => {}
+            Picked::Unavailable => self.open_prompt(Some(path_prompt::NATIVE_UNAVAILABLE.into())),
         }
     }
 

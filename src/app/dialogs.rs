@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use egui::{Key, Modifiers, RichText};
 
+use super::path_prompt::{self, Picked};
 use super::prefs::ModelChoice;
 use super::{style, HeGraphApp, Level};
 use crate::adapter::{Method, TrainParams};
@@ -81,6 +82,8 @@ pub(super) enum ExportFormat {
 
 pub(super) struct ExportDialog {
     pub open: bool,
+    /// Where to write, typed; empty = ask with the system's dialog.
+    pub target: String,
     pub format: ExportFormat,
     pub include_predicted: bool,
     pub min_confidence: f32,
@@ -90,6 +93,7 @@ impl Default for ExportDialog {
     fn default() -> Self {
         Self {
             open: false,
+            target: String::new(),
             format: ExportFormat::Csv,
             include_predicted: false,
             min_confidence: 0.5,
@@ -117,6 +121,8 @@ pub(super) struct Dialogs {
     pub cannot_save: Option<CannotSave>,
     /// Where should CLIP's weights come from?
     pub model_choice: Option<ModelChooser>,
+    /// A folder or project to open, typed.
+    pub open: Option<OpenPrompt>,
     /// A native file dialog just closed: the input that queued up meanwhile is dropped.
     pub drop_input: bool,
 }
@@ -126,6 +132,15 @@ pub(super) struct Dialogs {
 pub(super) struct ModelChooser {
     pub folder_text: String,
     pub error: Option<String>,
+}
+
+/// "Open a folder or project": a typed path (Tab completes), or the system's dialog.
+pub(super) struct OpenPrompt {
+    pub text: String,
+    /// Why the prompt is shown (e.g. the system dialog did not open).
+    pub note: Option<String>,
+    /// The field gets the keyboard when the prompt opens.
+    pub focus: bool,
 }
 
 /// The project could not be saved where it is, so the last labelling action was not taken.
@@ -154,9 +169,13 @@ impl Dialogs {
             || self.stop_training
             || self.cannot_save.is_some()
             || self.model_choice.is_some()
+            || self.open.is_some()
     }
 
     pub fn close_top(&mut self) {
+        if self.open.take().is_some() {
+            return;
+        }
         if self.model_choice.take().is_some() {
             return;
         }
@@ -245,6 +264,7 @@ impl HeGraphApp {
     pub(super) fn show_dialogs(&mut self, ctx: &egui::Context) {
         self.new_project_dialog(ctx);
         self.error_dialog(ctx);
+        self.open_prompt_dialog(ctx);
         self.model_choice_dialog(ctx);
         self.cannot_save_dialog(ctx);
         self.relabel_dialog(ctx);
@@ -347,6 +367,98 @@ impl HeGraphApp {
                 Err(e) => {
                     if let Some(d) = self.dialogs.new_project.as_mut() {
                         d.error = Some(e.to_string());
+                    }
+                }
+            }
+        }
+    }
+
+    /// A path field with completion, the system's dialog behind "Browse…".
+    fn open_prompt_dialog(&mut self, ctx: &egui::Context) {
+        let Some(d) = self.dialogs.open.as_mut() else {
+            return;
+        };
+        let mut open = None;
+        let mut browse = false;
+        let mut close = false;
+        egui::Modal::new(egui::Id::unique("hegraph-open-path")).show(ctx, |ui| {
+            ui.set_width(560.0);
+            ui.heading("Open a folder or project");
+            if let Some(n) = &d.note {
+                ui.colored_label(style::WARNING_FG, n);
+            }
+            let l = ui.label("Image folder, or a project .json (Tab completes, Enter opens):");
+            // Tab must reach us, not move the focus.
+            if ui.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Tab)) {
+                if let Some(c) = path_prompt::complete(&d.text) {
+                    d.text = c;
+                }
+            }
+            let r = ui
+                .add(
+                    egui::TextEdit::singleline(&mut d.text)
+                        .desired_width(f32::INFINITY)
+                        .lock_focus(true),
+                )
+                .labelled_by(l.id);
+            if std::mem::take(&mut d.focus) {
+                r.request_focus();
+            }
+            if r.lost_focus() && ui.input(|i| i.key_pressed(Key::Enter)) {
+                open = Some(path_prompt::expand(&d.text));
+            }
+            let options = path_prompt::candidates(&d.text);
+            if options.len() > 1 {
+                for c in options.iter().take(8) {
+                    if ui.small_button(c.as_str()).clicked() {
+                        d.text = c.clone();
+                        d.focus = true;
+                    }
+                }
+                if options.len() > 8 {
+                    ui.small(format!("… {} more", options.len() - 8));
+                }
+            }
+            ui.add_space(6.0);
+            ui.horizontal(|ui| {
+                if ui.button(RichText::new("Open").strong()).clicked() {
+                    open = Some(path_prompt::expand(&d.text));
+                }
+                if ui.button("Browse…").clicked() {
+                    browse = true;
+                }
+                if ui.button("Cancel (Esc)").clicked() {
+                    close = true;
+                }
+            });
+        });
+        if browse {
+            self.dialogs.drop_input = true;
+            match path_prompt::native(|| {
+                rfd::FileDialog::new()
+                    .set_title("Open an image folder")
+                    .pick_folder()
+            }) {
+                Picked::Path(p) => open = Some(p),
+                Picked::Cancelled => {}
+                Picked::Unavailable => {
+                    if let Some(d) = self.dialogs.open.as_mut() {
+                        d.note = Some(path_prompt::NATIVE_UNAVAILABLE.to_string());
+                        d.focus = true;
+                    }
+                }
+            }
+        }
+        if close {
+            self.dialogs.open = None;
+        }
+        if let Some(p) = open {
+            match self.open_path(&p) {
+                Ok(()) => self.dialogs.open = None,
+                Err(e) => {
+                    if let Some(d) = self.dialogs.open.as_mut() {
+                        d.note = Some(e.to_string());
+                        d.focus = true;
                     }
                 }
             }
@@ -988,6 +1100,15 @@ impl HeGraphApp {
                     );
                 });
                 ui.add_space(6.0);
+                ui.horizontal(|ui| {
+                    let l = ui.label("to:");
+                    ui.add(
+                        egui::TextEdit::singleline(&mut d.target)
+                            .hint_text("a path, or empty to choose")
+                            .desired_width(250.0),
+                    )
+                    .labelled_by(l.id);
+                });
                 if ui.button(RichText::new("Export…").strong()).clicked() {
                     run = true;
                 }
@@ -1002,22 +1123,39 @@ impl HeGraphApp {
         let Some(s) = self.session.as_ref() else {
             return;
         };
-        self.dialogs.drop_input = true;
         let d = &self.dialogs.export;
-        let target = match d.format {
-            ExportFormat::Csv => rfd::FileDialog::new()
-                .set_file_name("labels.csv")
-                .add_filter("CSV", &["csv"])
-                .save_file(),
-            ExportFormat::Json => rfd::FileDialog::new()
-                .set_file_name("labels.json")
-                .add_filter("JSON", &["json"])
-                .save_file(),
-            ExportFormat::TreeCopy | ExportFormat::TreeLink => rfd::FileDialog::new()
-                .set_title("An empty folder for the class folders")
-                .pick_folder(),
+        let target = if d.target.trim().is_empty() {
+            self.dialogs.drop_input = true;
+            let picked = path_prompt::native(|| match d.format {
+                ExportFormat::Csv => rfd::FileDialog::new()
+                    .set_file_name("labels.csv")
+                    .add_filter("CSV", &["csv"])
+                    .save_file(),
+                ExportFormat::Json => rfd::FileDialog::new()
+                    .set_file_name("labels.json")
+                    .add_filter("JSON", &["json"])
+                    .save_file(),
+                ExportFormat::TreeCopy | ExportFormat::TreeLink => rfd::FileDialog::new()
+                    .set_title("An empty folder for the class folders")
+                    .pick_folder(),
+            });
+            match picked {
+                Picked::Path(p) => p,
+                Picked::Cancelled => return,
+                Picked::Unavailable => {
+                    self.notify(
+                        Level::Warn,
+                        format!(
+                            "{}: into the export window's 'to:' field",
+                            path_prompt::NATIVE_UNAVAILABLE
+                        ),
+                    );
+                    return;
+                }
+            }
+        } else {
+            path_prompt::expand(&d.target)
         };
-        let Some(target) = target else { return };
         let opts = RowOptions {
             include_predicted: d.include_predicted,
             min_confidence: d.min_confidence,

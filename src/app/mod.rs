@@ -27,6 +27,7 @@ mod chrome;
 mod dialogs;
 mod graph_page;
 mod label_view;
+mod path_prompt;
 mod shortcuts;
 mod train_view;
 
