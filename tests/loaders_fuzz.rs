@@ -1387,3 +1387,68 @@ fn huge_declared_sizes_in_adapter_files() {
 fn huge_declared_sizes_in_features_files() {
     huge(Kind::Features, 11);
 }
+
+// --- the bugs this fuzzing found, as plain regression tests ----------------------------------------------
+
+/// A seed adapter (0: HeGraphAdapter, 2: Tip-Adapter-F) with one tensor given another shape, the file kept
+/// well-formed.
+fn reshaped_adapter(seed: usize, tensor: &str, shape: &[u64]) -> Vec<u8> {
+    let mut st = parse_st(&seeds().of(Kind::Adapter)[seed]).unwrap();
+    st.header[tensor]["shape"] = serde_json::json!(shape);
+    st.relayout();
+    st.emit()
+}
+
+#[test]
+fn adapter_tensors_of_inconsistent_shapes_are_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for (seed, tensor, shape, want) in [
+        // Used to walk 2^40 rows in the non-finite check.
+        (0, "text", &[1u64 << 40, 0][..], "no columns"),
+        (0, "keys", &[1u64 << 40, 0][..], "columns"),
+        // Used to load, then panic in `predict` (a text classifier of 2 rows for 3 classes).
+        (2, "text", &[2, 8][..], "rows"),
+        (0, "w_p", &[4, 8][..], "rows"),
+    ] {
+        let path = dir.path().join(format!("{tensor}-{}.hegraph", shape[0]));
+        std::fs::write(&path, reshaped_adapter(seed, tensor, shape)).unwrap();
+        let err = TrainedAdapter::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains(want) && err.contains(tensor),
+            "{tensor} {shape:?}: {err}"
+        );
+    }
+    // A missing tensor found while deriving the classifier names the file too.
+    let mut st = parse_st(&seeds().of(Kind::Adapter)[0]).unwrap();
+    st.header.remove("fused_keys");
+    st.relayout();
+    let path = dir.path().join("no-fused-keys.hegraph");
+    std::fs::write(&path, st.emit()).unwrap();
+    let err = TrainedAdapter::load(&path).unwrap_err().to_string();
+    assert!(
+        err.contains(&path.display().to_string()) && err.contains("fused_keys"),
+        "{err}"
+    );
+}
+
+#[test]
+fn project_numbers_too_big_for_f32_are_reset_rather_than_saved_as_null() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("project.json");
+    let mut v: Value = serde_json::from_slice(&seeds().of(Kind::Project)[1]).unwrap();
+    v["settings"]["train"]["alpha_vp"] = serde_json::json!(1e308);
+    v["settings"]["thumb_size"] = serde_json::json!(1e300);
+    std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    let loaded = Project::load(&path).unwrap();
+    assert!(
+        loaded.warnings.iter().any(|w| w.contains("alpha_vp"))
+            && loaded.warnings.iter().any(|w| w.contains("thumbnail")),
+        "{:?}",
+        loaded.warnings
+    );
+    assert_eq!(loaded.project.settings.train, TrainParams::default());
+    assert_eq!(loaded.project.labels.len(), 16, "the labels are kept");
+    // The first save after a label used to write `null`, and the project no longer opened.
+    loaded.project.save(&path).unwrap();
+    assert_eq!(Project::load(&path).unwrap().project, loaded.project);
+}
