@@ -53,8 +53,8 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-fn write_plan(path: &Path, folder: &Path, cache: &Path, actions: &[Action]) {
-    let mut text = format!("{}\n{}\n", folder.display(), cache.display());
+fn write_plan(path: &Path, folder: &Path, work: &Path, actions: &[Action]) {
+    let mut text = format!("{}\n{}\n", folder.display(), work.display());
     for (rel, class) in actions {
         text.push_str(&format!("{rel}\t{}\n", class.as_deref().unwrap_or("")));
     }
@@ -81,11 +81,8 @@ fn kill9_child_labeller() {
     let text = std::fs::read_to_string(plan).unwrap();
     let mut lines = text.lines();
     let folder = PathBuf::from(lines.next().unwrap());
-    let cache = PathBuf::from(lines.next().unwrap());
-    let mut app = HeGraphApp::new(AppOptions {
-        cache_dir: Some(cache),
-        ..app_options(Path::new("/nonexistent"))
-    });
+    let work = PathBuf::from(lines.next().unwrap());
+    let mut app = HeGraphApp::new(app_options(&work));
     app.open_path(&folder).unwrap();
     let s = app.session_mut().unwrap();
     let stdout = std::io::stdout();
@@ -147,7 +144,7 @@ fn every_acknowledged_label_survives_kill_9_during_saves() {
                 actions.push(a);
             }
         }
-        write_plan(&plan_path, &folder, &dir.path().join("cache"), &actions);
+        write_plan(&plan_path, &folder, dir.path(), &actions);
         let kill_after = rng.below(ACTIONS - 2);
         let spin = rng.below(200_000);
 

@@ -1354,8 +1354,8 @@ fn run_in_children(kind: Kind, cases: &[(String, Vec<u8>)]) -> Vec<String> {
                 saved.display(),
                 String::from_utf8_lossy(&out.stderr)
                     .lines()
-                    .filter(|l| l.contains("allocation") || l.contains("panicked"))
-                    .last()
+                    .rev()
+                    .find(|l| l.contains("allocation") || l.contains("panicked"))
                     .unwrap_or("(nothing)")
             ));
             next += 1;
