@@ -395,6 +395,15 @@ fn build_seeds() -> Seeds {
 // ------------------------------------------------------------------------------------------------------------
 // Loaders and what a good outcome is
 
+thread_local! {
+    /// Inputs this thread's loader accepted (the rest were refused), for the fuzz tests' summary.
+    static LOADED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn loaded() {
+    LOADED.with(|c| c.set(c.get() + 1));
+}
+
 fn names_the_file(msg: &str, path: &Path) -> Result<(), String> {
     if msg.contains(&path.display().to_string()) {
         Ok(())
@@ -407,6 +416,7 @@ fn check_features(path: &Path) -> Result<(), String> {
     match FeatureSet::load(path) {
         Err(e) => names_the_file(&e.to_string(), path),
         Ok(fs) => {
+            loaded();
             fs.validate()
                 .map_err(|e| format!("loaded, but invalid: {e}"))?;
             if fs.dim == 0 {
@@ -420,24 +430,27 @@ fn check_features(path: &Path) -> Result<(), String> {
 fn check_adapter(path: &Path, s: &Seeds) -> Result<(), String> {
     match TrainedAdapter::load(path) {
         Err(e) => names_the_file(&e.to_string(), path),
-        Ok(a) => match a.predict(&s.query) {
-            Ok(p) => {
-                if p.rows != s.query.rows || p.cols != a.classes.len() || !p.is_finite() {
-                    return Err(format!(
-                        "loaded, but predicts a {}×{} matrix (finite: {}) for {} queries and {} classes",
-                        p.rows,
-                        p.cols,
-                        p.is_finite(),
-                        s.query.rows,
-                        a.classes.len()
-                    ));
+        Ok(a) => {
+            loaded();
+            match a.predict(&s.query) {
+                Ok(p) => {
+                    if p.rows != s.query.rows || p.cols != a.classes.len() || !p.is_finite() {
+                        return Err(format!(
+                            "loaded, but predicts a {}×{} matrix (finite: {}) for {} queries and {} classes",
+                            p.rows,
+                            p.cols,
+                            p.is_finite(),
+                            s.query.rows,
+                            a.classes.len()
+                        ));
+                    }
+                    Ok(())
                 }
-                Ok(())
+                // A consistent adapter of another dimension is a legal file; the message says so.
+                Err(e) if e.to_string().contains("dimension") => Ok(()),
+                Err(e) => Err(format!("loaded, but cannot predict: {e}")),
             }
-            // A consistent adapter of another dimension is a legal file; the message says so.
-            Err(e) if e.to_string().contains("dimension") => Ok(()),
-            Err(e) => Err(format!("loaded, but cannot predict: {e}")),
-        },
+        }
     }
 }
 
@@ -445,6 +458,7 @@ fn check_project(path: &Path) -> Result<(), String> {
     match Project::load(path) {
         Err(e) => names_the_file(&e.to_string(), path),
         Ok(l) => {
+            loaded();
             // What loads must save and load back the same.
             let dir = tempfile::tempdir_in(work_root()).map_err(|e| e.to_string())?;
             let again = dir.path().join("again.json");
@@ -489,6 +503,7 @@ fn check_labels_csv(path: &Path, s: &Seeds) -> Result<(), String> {
     match data::open_folder(&s.root, &opts) {
         Err(e) => names_the_file(&e.to_string(), path),
         Ok(ds) => {
+            loaded();
             if ds.images.len() != s.images || ds.labelled().any(|(l, _)| l >= s.classes.len()) {
                 return Err(format!(
                     "opened {} images ({} expected) or a label out of range",
@@ -521,7 +536,10 @@ fn check_class_names(path: &Path, s: &Seeds) -> Result<(), String> {
     };
     match data::open_folder(&s.root, &opts) {
         Err(e) => names_the_file(&e.to_string(), path)?,
-        Ok(ds) => good_names(&ds.classes)?,
+        Ok(ds) => {
+            loaded();
+            good_names(&ds.classes)?
+        }
     }
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
     let source = path.display().to_string();
@@ -1171,6 +1189,13 @@ fn fuzz(kind: Kind, salt: u8) {
     if let Err(e) = result {
         panic!("{e}");
     }
+    let n = LOADED.with(|c| c.get());
+    println!(
+        "{}: {} mutated files, {n} loaded (and were valid), {} refused naming the file",
+        kind.name(),
+        cases(),
+        cases() as usize - n
+    );
 }
 
 // ------------------------------------------------------------------------------------------------------------
