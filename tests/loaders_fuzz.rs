@@ -16,6 +16,10 @@
 //! `target/tmp/loaders_fuzz/failures/`, named in the failure message, and replays with
 //! `HEGRAPH_FUZZ_REPLAY=<kind>:<file> cargo test --release --test loaders_fuzz replay -- --ignored`.
 //!
+//! Each fuzz test prints how many mutated files loaded and how many were refused (`-- --nocapture`), so a
+//! mutation strategy that stops reaching the loaders' own checks shows. Ignored tests hold what the fuzzing
+//! found in code it may not fix (src/features.rs, the predictor), each with its reason.
+//!
 //! Memory: the test binary refuses any single allocation over [`ALLOC_CAP`], so a loader that believes a
 //! header declaring a huge tensor aborts the run (with a message saying where the input is) rather than
 //! exhausting the machine. Inputs that might do so are run in a child process (this binary again) by the
