@@ -54,8 +54,14 @@ impl Mat {
     }
 
     /// The first row holding a NaN or an infinity: what every loader reports before using a matrix.
+    /// Walks the data, not the row count: a file may declare 2^40 rows of zero columns, which hold nothing.
     pub fn first_non_finite_row(&self) -> Option<usize> {
-        (0..self.rows).find(|&r| !self.row(r).iter().all(|x| x.is_finite()))
+        if self.cols == 0 {
+            return None;
+        }
+        self.data
+            .chunks_exact(self.cols)
+            .position(|r| !r.iter().all(|x| x.is_finite()))
     }
 
     pub fn row_mut(&mut self, i: usize) -> &mut [f32] {

@@ -293,9 +293,10 @@ impl Project {
                         s.remove("train");
                     }
                 }
-                let project: Project =
+                let mut project: Project =
                     serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))?;
                 let mut warnings = project.consistency_warnings();
+                warnings.extend(project.reset_unsavable_numbers());
                 if reset {
                     warnings.push(
                         "the training settings were reset to the new defaults (logit fusion, zero-initialised \
@@ -339,6 +340,34 @@ impl Project {
             }),
             v => Err(corrupt(format!("unknown project version {v}"))),
         }
+    }
+
+    /// A number too large for its `f32` field (a hand edit: `1e308`) loads as infinity and would be saved as
+    /// `null`, which no later load accepts, so the next save after a label would lock the person out of their
+    /// labels. Such settings go back to their defaults (as do training settings that cannot train), with a
+    /// warning; the labels are untouched.
+    fn reset_unsavable_numbers(&mut self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let s = &mut self.settings;
+        if let Err(why) = s.train.check() {
+            s.train = TrainParams::default();
+            warnings.push(format!(
+                "the training settings were reset to the defaults: {why}"
+            ));
+        }
+        if !(s.thumb_size.is_finite() && s.thumb_size > 0.0) {
+            warnings.push(format!(
+                "the thumbnail size {} was reset to the default",
+                s.thumb_size
+            ));
+            s.thumb_size = Settings::default().thumb_size;
+        }
+        if let Some(r) = &mut self.last_training {
+            if r.held_out_accuracy.is_some_and(|a| !a.is_finite()) {
+                r.held_out_accuracy = None;
+            }
+        }
+        warnings
     }
 
     /// Remarks about labels that name no class (e.g. after a hand edit); they are kept, not dropped, so a

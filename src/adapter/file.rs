@@ -20,9 +20,13 @@ fn file_err(path: &Path, msg: impl Into<String>) -> AdapterError {
     }
 }
 
-/// Why `a` cannot be stored so that [`load`] reads it back: a non-finite matrix entry or number (JSON has no
-/// NaN: it would be written as `null` and refused, or read as "not searched").
+/// Why `a` cannot be stored so that [`load`] reads it back: shapes that do not fit together, a non-finite
+/// matrix entry or number (JSON has no NaN: it would be written as `null` and refused, or read as "not
+/// searched").
 fn unstorable(a: &TrainedAdapter) -> Option<String> {
+    if let Some(why) = bad_shape(a) {
+        return Some(why);
+    }
     if let Some((name, r)) = named(&a.tensors)
         .iter()
         .find_map(|(n, m)| m.and_then(Mat::first_non_finite_row).map(|r| (*n, r)))
@@ -41,6 +45,41 @@ fn unstorable(a: &TrainedAdapter) -> Option<String> {
         return Some(format!("{name} is {v:?}"));
     }
     a.params.check().err()
+}
+
+/// Why the matrices' shapes cannot belong together, if they cannot: every matrix has the same dimension `D`
+/// (at least 1), text and visual nodes one row per class, the graph layers `D×D`. Checked before anything
+/// walks the matrices, so a header declaring 2^40 empty rows is refused rather than iterated, and prediction
+/// never meets a shape it would panic on.
+fn bad_shape(a: &TrainedAdapter) -> Option<String> {
+    let named = named(&a.tensors);
+    let (first, d) = named.iter().find_map(|(n, m)| m.map(|m| (*n, m.cols)))?;
+    if d == 0 {
+        return Some(format!("tensor `{first}` has no columns"));
+    }
+    let c = a.classes.len();
+    named.iter().find_map(|(name, m)| {
+        let m = (*m)?;
+        let rows = match *name {
+            "text" | "text_neg" | "visual" => Some(c),
+            "w_p" | "w_n" | "w_v" => Some(d),
+            _ => None,
+        };
+        if m.cols != d {
+            Some(format!(
+                "tensor `{name}` has {} columns but `{first}` has {d}",
+                m.cols
+            ))
+        } else if rows.is_some_and(|r| r != m.rows) {
+            Some(format!(
+                "tensor `{name}` has {} rows, expected {}",
+                m.rows,
+                rows.unwrap_or_default()
+            ))
+        } else {
+            None
+        }
+    })
 }
 
 /// The matrices and their tensor names.
@@ -147,6 +186,14 @@ pub(super) fn load(path: &Path) -> Result<TrainedAdapter, AdapterError> {
         w_n: mats.remove("w_n"),
         w_v: mats.remove("w_v"),
     };
+    a.tensors = t;
+    if let Some(why) = bad_shape(&a) {
+        return Err(file_err(
+            path,
+            format!("{why}: the file is damaged; retrain the adapter"),
+        ));
+    }
+    let t = &a.tensors;
     for k in [&t.keys, &t.fused_keys].into_iter().flatten() {
         if k.rows != t.key_labels.len() {
             return Err(file_err(
@@ -168,7 +215,6 @@ pub(super) fn load(path: &Path) -> Result<TrainedAdapter, AdapterError> {
             ),
         ));
     }
-    a.tensors = t;
     if let Some(why) = unstorable(&a) {
         return Err(file_err(
             path,

@@ -803,8 +803,11 @@ impl TrainedAdapter {
 
     pub fn load(path: &Path) -> Result<Self, AdapterError> {
         let a = file::load(path)?;
-        // Surface a broken file now rather than at the first prediction.
-        a.derived()?;
+        // Surface a broken file now rather than at the first prediction, naming the file.
+        a.derived().map_err(|e| AdapterError::File {
+            path: path.to_path_buf(),
+            msg: format!("{e}; the file is damaged: retrain the adapter"),
+        })?;
         Ok(a)
     }
 }
