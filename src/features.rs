@@ -50,6 +50,9 @@ use safetensors::{Dtype, SafeTensors, View};
 
 use crate::linalg::Mat;
 
+/// The most classes a features file may imply (ImageNet-21k has 21,843).
+pub const MAX_CLASSES: usize = 100_000;
+
 /// The `format` metadata value this program writes.
 pub const FORMAT: &str = "hegraph-features";
 /// The `version` metadata value this program writes and the newest it reads. Version 2 stores lists as JSON
@@ -172,6 +175,7 @@ impl FeatureSet {
     }
 
     /// The default class names for `c` unnamed classes.
+    /// `class 0`, `class 1`, … for files without names (at most [`MAX_CLASSES`] are ever made).
     pub fn default_class_names(c: usize) -> Vec<String> {
         (0..c).map(|i| format!("class {i}")).collect()
     }
@@ -251,6 +255,18 @@ impl FeatureSet {
             .labelled_splits()
             .flat_map(|(_, s)| s.labels.iter().copied())
             .max();
+        // A count read from the file is checked before names are made for it: a damaged header must not
+        // make the loader allocate billions of strings.
+        let counted = |c: usize, from: &str| {
+            if c > MAX_CLASSES {
+                Err(FeaturesError::Invalid {
+                    path: path.to_path_buf(),
+                    msg: format!("{from} implies {c} classes; at most {MAX_CLASSES} are supported"),
+                })
+            } else {
+                Ok(Self::default_class_names(c))
+            }
+        };
         fs.classes = match named.as_slice() {
             [one]
                 if !lists.json
@@ -258,17 +274,13 @@ impl FeatureSet {
                     && !is_plausible_single_class(&fs) =>
             {
                 let c = one.trim().parse::<usize>().unwrap_or(0);
-                Self::default_class_names(c)
+                counted(c, "the `classes` metadata")?
             }
-            [] => {
-                let c = fs
-                    .text
-                    .as_ref()
-                    .map(|t| t.rows)
-                    .or(max_label.map(|m| m + 1))
-                    .unwrap_or(0);
-                Self::default_class_names(c)
-            }
+            [] => match (&fs.text, max_label) {
+                (Some(t), _) => counted(t.rows, "`text.features`")?,
+                (None, Some(m)) => counted(m.saturating_add(1), "the largest label")?,
+                (None, None) => Vec::new(),
+            },
             _ => named,
         };
 
@@ -653,6 +665,11 @@ impl Reader<'_, '_> {
             return Ok(None);
         };
         match shape.as_slice() {
+            // An empty dimension holds no values, so the data cannot bound the count of the others.
+            [a, n, d] if *a == 0 || *n == 0 || *d == 0 => Err(self.err(
+                name,
+                format!("has shape {shape:?}; no dimension of the views may be 0"),
+            )),
             [a, n, d] => {
                 let per = n * d;
                 Ok(Some(

@@ -13,6 +13,10 @@ use crate::linalg::Mat;
 pub const FORMAT: &str = "hegraph-adapter";
 pub const VERSION: u32 = 1;
 
+/// No trained adapter comes near this: features are unit vectors and the graph's weights start at the
+/// identity.
+const MAX_ABS_WEIGHT: f32 = 1e4;
+
 fn file_err(path: &Path, msg: impl Into<String>) -> AdapterError {
     AdapterError::File {
         path: path.to_path_buf(),
@@ -32,6 +36,15 @@ fn unstorable(a: &TrainedAdapter) -> Option<String> {
         .find_map(|(n, m)| m.and_then(Mat::first_non_finite_row).map(|r| (*n, r)))
     {
         return Some(format!("tensor `{name}` row {r} holds NaN or infinity"));
+    }
+    // Finite but absurd values overflow in prediction (normalisation, the cache's exp) and predict NaN.
+    if let Some((name, v)) = named(&a.tensors).iter().find_map(|(n, m)| {
+        m.and_then(|m| m.data.iter().copied().find(|v| v.abs() > MAX_ABS_WEIGHT))
+            .map(|v| (*n, v))
+    }) {
+        return Some(format!(
+            "tensor `{name}` holds {v:e}, far beyond what training produces (|x| ≤ {MAX_ABS_WEIGHT:e})"
+        ));
     }
     let numbers = [
         ("alpha", a.alpha),
