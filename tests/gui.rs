@@ -156,7 +156,13 @@ fn screenshot(h: &mut Harness<'static, HeGraphApp>, name: &str) -> image::RgbaIm
     let img = h.render().expect("render the UI with wgpu");
     img.save(screenshot_dir().join(format!("{name}.png")))
         .unwrap();
-    assert_eq!((img.width(), img.height()), (1280, 800));
+    // One point per pixel: the smallest harness here is 1024 wide.
+    assert!(
+        img.width() >= 1024 && img.height() >= 700,
+        "{}×{}",
+        img.width(),
+        img.height()
+    );
     img
 }
 
@@ -1214,4 +1220,61 @@ fn help_lists_the_keys_esc_closes_it_and_filter_sort_and_search_have_keys() {
         Show::Labelled,
         "a letter typed into the search is no shortcut"
     );
+}
+
+/// Issue 10 (11): at 1024 px the status line's parts do not overlap (the training summary keeps its place on
+/// the right, the rest is truncated), and the class editor's name fields are wide enough to read.
+#[test]
+fn at_1024_px_the_status_line_does_not_overlap_and_the_class_names_are_readable() {
+    let f = fixture();
+    let mut app = HeGraphApp::new(AppOptions {
+        auto_embed: false,
+        ..f.opts.clone()
+    });
+    app.open_path(&f.folder).unwrap();
+    app.session_mut().unwrap().project.last_training = Some(hegraph::project::TrainingRecord {
+        finished_unix: 0,
+        method: "HeGraphAdapter".into(),
+        labelled: 16,
+        held_out_accuracy: Some(0.875),
+        held_out: 8,
+        seconds: 1.5,
+    });
+    if !wgpu_available() {
+        return;
+    }
+    let mut h = Harness::builder()
+        .with_size(egui::vec2(1024.0, 700.0))
+        .with_pixels_per_point(1.0)
+        .wgpu()
+        .build_ui_state(|ui, app: &mut HeGraphApp| app.show(ui), app);
+    for _ in 0..4 {
+        h.step();
+    }
+    let right = h.get_by_label_contains("held-out accuracy").rect();
+    let left = [
+        h.get_by_label_contains("compute:").rect(),
+        h.get_by_label_contains("model:").rect(),
+        h.get_by_label_contains("48 images").rect(),
+    ];
+    for r in left {
+        assert!(
+            r.max.x <= right.min.x,
+            "{r:?} runs into the training summary at {right:?}"
+        );
+        assert!(r.max.x <= 1024.0);
+    }
+    assert!(right.max.x <= 1024.0 && right.min.x > 500.0, "{right:?}");
+    screenshot(&mut h, "labelling-1024");
+
+    h.get_by_label("Edit…").click();
+    for _ in 0..4 {
+        h.step();
+    }
+    let widest = h
+        .query_all_by_value("bird")
+        .map(|n| n.rect().width())
+        .fold(0.0f32, f32::max);
+    assert!(widest >= 150.0, "the class name field is {widest} px wide");
+    screenshot(&mut h, "class-editor-1024");
 }

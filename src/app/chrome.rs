@@ -293,6 +293,8 @@ impl HeGraphApp {
         }
     }
 
+    /// The status line. The training summary is placed first, from the right, and the rest fills what is
+    /// left from the left, truncated: at 1024 px nothing overlaps, the details are in the tooltips.
     pub(super) fn status_bar(&mut self, ui: &mut egui::Ui) {
         egui::Panel::bottom("hegraph-status")
             .frame(
@@ -300,147 +302,161 @@ impl HeGraphApp {
                     .inner_margin(egui::Margin::symmetric(10, 5)),
             )
             .show(ui, |ui| {
-                ui.horizontal(|ui| {
-                    let weak = ui.visuals().weak_text_color();
-                    let small = |t: String| RichText::new(t).size(12.5);
-                    let gpu_line = self
-                        .gpu
-                        .as_ref()
-                        .map_or("the window has no GPU device".to_string(), |g| {
-                            format!("window GPU: {}", g.describe())
-                        });
-                    ui.label(small(self.compute_label()).color(weak))
-                        .on_hover_text(gpu_line);
+                ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                    self.status_training(ui);
                     ui.separator();
-                    match &self.engine.model {
-                        Some(m) if m.is_test_checkpoint => {
-                            ui.label(
-                                small(TEST_CHECKPOINT_BANNER.to_string())
-                                    .color(style::WARNING_FG)
-                                    .strong(),
-                            )
-                            .on_hover_text(m.banner());
-                        }
-                        Some(m) => {
-                            ui.label(small(format!("model: {}", m.name)).color(weak))
-                                .on_hover_text(m.banner());
-                        }
-                        None if self.engine.model_error.is_some() => {
-                            ui.label(small("no CLIP model".into()).color(style::WARNING_FG))
-                                .on_hover_text(self.engine.model_error.clone().unwrap_or_default());
-                        }
-                        None => {
-                            let chosen = self
-                                .session
-                                .as_ref()
-                                .is_some_and(|s| self.model_source(&s.project).is_some());
-                            let state = if self.engine.embed_job.is_some() {
-                                "model: loading…"
-                            } else if chosen {
-                                "model: not loaded (Resume or T loads it)"
-                            } else {
-                                "model: not chosen yet (Resume or T asks)"
-                            };
-                            ui.label(small(state.into()).color(weak));
-                        }
-                    }
-                    ui.separator();
-                    let Some(s) = &self.session else {
-                        ui.label(
-                            small(
-                                "no folder open: Project ▸ Open folder…, or drop a folder here"
-                                    .into(),
-                            )
-                            .color(weak),
-                        );
-                        return;
-                    };
-                    let per_class: Vec<String> = s
-                        .classes()
-                        .iter()
-                        .zip(s.counts_per_class())
-                        .map(|(c, n)| format!("{c}: {n}"))
-                        .collect();
-                    ui.label(small(format!(
-                        "{} images · {} labelled",
-                        s.len(),
-                        s.labelled_count()
-                    )))
-                    .on_hover_text(format!("labelled per class\n{}", per_class.join("\n")));
-                    // Per class, as far as the width allows (the full list is in the tooltip).
-                    let compact: Vec<String> = s
-                        .classes()
-                        .iter()
-                        .zip(s.counts_per_class())
-                        .map(|(c, n)| format!("{c} {n}"))
-                        .collect();
-                    let room = (ui.available_width() - 390.0).max(0.0);
-                    if room > 60.0 {
-                        ui.allocate_ui(egui::vec2(room, ui.available_height()), |ui| {
-                            ui.add(
-                                egui::Label::new(
-                                    small(format!("({})", compact.join(", "))).color(weak),
-                                )
-                                .truncate(),
-                            )
-                            .on_hover_text(per_class.join("\n"));
-                        });
-                    }
-                    ui.with_layout(
-                        egui::Layout::right_to_left(egui::Align::Center),
-                        |ui| match &s.project.last_training {
-                            Some(r) => {
-                                let ago = SystemTime::now()
-                                    .duration_since(SystemTime::UNIX_EPOCH)
-                                    .map_or(0, |d| d.as_secs())
-                                    .saturating_sub(r.finished_unix);
-                                let acc =
-                                    r.held_out_accuracy
-                                        .map_or("no held-out images".into(), |a| {
-                                            format!(
-                                                "held-out accuracy {:.1} % ({})",
-                                                a * 100.0,
-                                                r.held_out
-                                            )
-                                        });
-                                ui.label(small(format!(
-                                    "trained {} · {} · {acc}",
-                                    style::ago(ago),
-                                    r.method
-                                )))
-                                .on_hover_text(format!(
-                                    "{} labelled images, {} held out for the accuracy; took {}",
-                                    r.labelled,
-                                    r.held_out,
-                                    style::short_duration(r.seconds)
-                                ));
-                            }
-                            None => {
-                                ui.label(small("not trained yet (press T)".into()).color(weak));
-                            }
-                        },
-                    );
+                    ui.with_layout(egui::Layout::left_to_right(egui::Align::Center), |ui| {
+                        ui.style_mut().wrap_mode = Some(egui::TextWrapMode::Truncate);
+                        self.status_left(ui);
+                    });
                 });
             });
+    }
+
+    fn status_training(&self, ui: &mut egui::Ui) {
+        let weak = ui.visuals().weak_text_color();
+        let small = |t: String| RichText::new(t).size(12.5);
+        let Some(s) = &self.session else {
+            return;
+        };
+        match &s.project.last_training {
+            Some(r) => {
+                let ago = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+                    .saturating_sub(r.finished_unix);
+                let acc = r
+                    .held_out_accuracy
+                    .map_or("no held-out images".into(), |a| {
+                        format!("held-out accuracy {:.1} % ({})", a * 100.0, r.held_out)
+                    });
+                ui.label(small(format!(
+                    "trained {} · {} · {acc}",
+                    style::ago(ago),
+                    r.method
+                )))
+                .on_hover_text(format!(
+                    "{} labelled images, {} held out for the accuracy; took {}",
+                    r.labelled,
+                    r.held_out,
+                    style::short_duration(r.seconds)
+                ));
+            }
+            None => {
+                ui.label(small("not trained yet (press T)".into()).color(weak));
+            }
+        }
+    }
+
+    fn status_left(&self, ui: &mut egui::Ui) {
+        let weak = ui.visuals().weak_text_color();
+        let small = |t: String| RichText::new(t).size(12.5);
+        let gpu_line = self
+            .gpu
+            .as_ref()
+            .map_or("the window has no GPU device".to_string(), |g| {
+                format!("window GPU: {}", g.describe())
+            });
+        ui.label(small(self.compute_label()).color(weak))
+            .on_hover_text(gpu_line);
+        ui.separator();
+        match &self.engine.model {
+            Some(m) if m.is_test_checkpoint => {
+                ui.label(
+                    small(TEST_CHECKPOINT_BANNER.to_string())
+                        .color(style::WARNING_FG)
+                        .strong(),
+                )
+                .on_hover_text(m.banner());
+            }
+            Some(m) => {
+                ui.label(small(format!("model: {}", m.name)).color(weak))
+                    .on_hover_text(m.banner());
+            }
+            None if self.engine.model_error.is_some() => {
+                ui.label(small("no CLIP model".into()).color(style::WARNING_FG))
+                    .on_hover_text(self.engine.model_error.clone().unwrap_or_default());
+            }
+            None => {
+                let chosen = self
+                    .session
+                    .as_ref()
+                    .is_some_and(|s| self.model_source(&s.project).is_some());
+                let state = if self.engine.embed_job.is_some() {
+                    "model: loading…"
+                } else if chosen {
+                    "model: not loaded (Resume or T loads it)"
+                } else {
+                    "model: not chosen yet (Resume or T asks)"
+                };
+                ui.label(small(state.into()).color(weak));
+            }
+        }
+        ui.separator();
+        let Some(s) = &self.session else {
+            ui.label(
+                small("no folder open: Project ▸ Open folder…, or drop a folder here".into())
+                    .color(weak),
+            );
+            return;
+        };
+        let per_class: Vec<String> = s
+            .classes()
+            .iter()
+            .zip(s.counts_per_class())
+            .map(|(c, n)| format!("{c}: {n}"))
+            .collect();
+        ui.label(small(format!(
+            "{} images · {} labelled",
+            s.len(),
+            s.labelled_count()
+        )))
+        .on_hover_text(format!("labelled per class\n{}", per_class.join("\n")));
+        // Per class, as far as the width allows (the full list is in the tooltip).
+        let compact: Vec<String> = s
+            .classes()
+            .iter()
+            .zip(s.counts_per_class())
+            .map(|(c, n)| format!("{c} {n}"))
+            .collect();
+        if ui.available_width() > 60.0 {
+            ui.add(
+                egui::Label::new(small(format!("({})", compact.join(", "))).color(weak)).truncate(),
+            )
+            .on_hover_text(per_class.join("\n"));
+        }
     }
 
     pub(super) fn show_notices(&mut self, ctx: &egui::Context) {
         let now = Instant::now();
         let life = Duration::from_secs(8);
-        let live: Vec<&Notice> = self
-            .notices
-            .iter()
-            .filter(|n| now.duration_since(n.at) < life)
-            .collect();
+        // Information fades sooner than warnings; the same text twice is shown once, with a count.
+        let mut live: Vec<(&Notice, usize)> = Vec::new();
+        for n in &self.notices {
+            let life = if n.level == Level::Info {
+                life / 2
+            } else {
+                life
+            };
+            if now.duration_since(n.at) >= life {
+                continue;
+            }
+            match live.iter_mut().find(|(m, _)| m.text == n.text) {
+                Some(entry) => *entry = (n, entry.1 + 1),
+                None => live.push((n, 1)),
+            }
+        }
         if live.is_empty() {
             return;
         }
+        // Over the grid's bottom edge, clear of the preview and confidence panel on the right.
+        let width = (ctx.content_rect().width() * 0.4).clamp(240.0, 460.0);
         egui::Area::new(egui::Id::unique("hegraph-notices"))
-            .anchor(egui::Align2::RIGHT_BOTTOM, egui::vec2(-14.0, -40.0))
+            .anchor(egui::Align2::CENTER_BOTTOM, egui::vec2(0.0, -40.0))
             .interactable(false)
             .show(ctx, |ui| {
-                ui.set_max_width(460.0);
-                for n in live.iter().rev().take(4).rev() {
+                ui.set_max_width(width);
+                for (n, count) in live.iter().rev().take(3).rev() {
                     let (fill, fg) = match n.level {
                         Level::Info => (
                             Color32::from_rgb(38, 52, 70),
@@ -460,7 +476,12 @@ impl HeGraphApp {
                         .corner_radius(6)
                         .inner_margin(egui::Margin::symmetric(10, 6))
                         .show(ui, |ui| {
-                            ui.label(RichText::new(&n.text).color(fg));
+                            let text = if *count > 1 {
+                                format!("{} (×{count})", n.text)
+                            } else {
+                                n.text.clone()
+                            };
+                            ui.label(RichText::new(text).color(fg));
                         });
                 }
             });

@@ -873,8 +873,11 @@ impl HeGraphApp {
                                 let l = ui.label(
                                     RichText::new(key).color(style::class_color(i)).strong(),
                                 );
-                                ui.add(
-                                    egui::TextEdit::singleline(&mut row.name).desired_width(220.0),
+                                // Sized, not just desired: a grid column otherwise shrinks the field
+                                // to a few letters in a narrow window.
+                                ui.add_sized(
+                                    [200.0, 22.0],
+                                    egui::TextEdit::singleline(&mut row.name),
                                 )
                                 .labelled_by(l.id)
                                 .on_hover_text("class name");

@@ -105,10 +105,11 @@ pub fn short_duration(secs: f64) -> String {
 
 /// "just now", "12 s ago", "3 min ago" for a number of seconds in the past.
 pub fn ago(secs: u64) -> String {
-    if secs < 5 {
-        "just now".to_string()
-    } else {
-        format!("{} ago", short_duration(secs as f64))
+    const DAY: u64 = 24 * 3600;
+    match secs {
+        0..5 => "just now".to_string(),
+        s if s < 2 * DAY => format!("{} ago", short_duration(s as f64)),
+        s => format!("{} days ago", s / DAY),
     }
 }
 
