@@ -16,6 +16,7 @@
 //! - The graph view shows the trained HeGraphAdapter's graph; before any such training it shows the graph the
 //!   current labels would give (centre crops as the visual side), built on the UI thread (it is `C×C`).
 
+pub mod frame_stats;
 pub mod graph_view;
 pub mod jobs;
 pub mod prefs;
@@ -35,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use egui::{Key, Modifiers};
+use egui::{Key, Modifiers, RichText};
 
 use crate::adapter::{TrainParams, TrainedAdapter};
 use crate::clip::ModelInfo;
@@ -270,6 +271,7 @@ pub struct HeGraphApp {
     styled: bool,
     /// The person's choices for every project (model, recent projects).
     prefs: prefs::Prefs,
+    frames: frame_stats::FrameStats,
 }
 
 impl HeGraphApp {
@@ -288,6 +290,7 @@ impl HeGraphApp {
         }
         Self {
             prefs,
+            frames: frame_stats::FrameStats::from_env(),
             opts,
             ctx: None,
             session: None,
@@ -1234,6 +1237,7 @@ impl HeGraphApp {
         if self.ctx.is_none() {
             self.ctx = Some(ctx.clone());
         }
+        let started = Instant::now();
         self.poll_jobs();
         if self.thumbs.is_none() {
             if let Some(s) = &self.session {
@@ -1266,6 +1270,22 @@ impl HeGraphApp {
             // Workers wake the UI with news; this keeps the ETA ticking between news.
             ctx.request_repaint_after(Duration::from_millis(250));
         }
+        self.frames.record(started.elapsed());
+        if self.frames.shown {
+            if let Some(sum) = self.frames.summary() {
+                egui::Area::new(egui::Id::unique("hegraph-frame-stats"))
+                    .anchor(egui::Align2::RIGHT_TOP, egui::vec2(-10.0, 44.0))
+                    .interactable(false)
+                    .show(&ctx, |ui| {
+                        ui.label(RichText::new(sum.to_string()).monospace().size(11.0));
+                    });
+            }
+        }
+    }
+
+    /// The UI's own time per frame (what F12 shows).
+    pub fn frame_stats(&mut self) -> &mut frame_stats::FrameStats {
+        &mut self.frames
     }
 
     fn handle_dropped_files(&mut self, ctx: &egui::Context) {
@@ -1344,6 +1364,7 @@ impl HeGraphApp {
             }
             Action::Show(v) => self.view = v,
             Action::ToggleHelp => self.dialogs.help = !self.dialogs.help,
+            Action::ToggleFrameStats => self.frames.shown = !self.frames.shown,
             Action::Undo => self.undo(),
             Action::Redo => self.redo(),
             Action::SelectAll => {
@@ -1484,6 +1505,11 @@ impl eframe::App for HeGraphApp {
 
     fn on_exit(&mut self) {
         self.cancel_jobs();
+        if self.frames.shown {
+            if let Some(sum) = self.frames.summary() {
+                eprintln!("hegraph: {sum}");
+            }
+        }
         if let Some(Err(e)) = self.session.as_ref().map(Session::save) {
             eprintln!("hegraph: the project could not be saved on exit: {e}");
         }

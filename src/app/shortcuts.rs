@@ -18,6 +18,7 @@ pub(super) enum Action {
     Quit,
     Show(View),
     ToggleHelp,
+    ToggleFrameStats,
     FocusSearch,
     Undo,
     Redo,
@@ -169,6 +170,12 @@ pub(super) const BINDINGS: &[Binding] = &[
         scope: Scope::Anywhere,
         act: Act::Do(Action::ToggleHelp),
         help: "this list",
+    },
+    Binding {
+        chords: &[(NONE, Key::F12)],
+        scope: Scope::Anywhere,
+        act: Act::Do(Action::ToggleFrameStats),
+        help: "show the UI's time per frame",
     },
     Binding {
         chords: &[(NONE, Key::Questionmark), (SHIFT, Key::Questionmark)],
