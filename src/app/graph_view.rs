@@ -491,38 +491,60 @@ pub fn label_candidates(p: Pos2, r: f32, size: Vec2) -> [Rect; 4] {
     ]
 }
 
-/// Greedy label placement: in the given order (most important first), each label takes its first candidate
-/// rectangle that overlaps no rectangle kept before, or none (`None`: the label is left out). A uniform grid
-/// of buckets keeps it near-linear for hundreds of labels; the result depends only on the input, so the same
-/// frame always shows the same names.
-pub fn place_labels<C: AsRef<[Rect]>>(candidates: &[C]) -> Vec<Option<usize>> {
+/// A uniform grid of rectangles: near-linear overlap queries for hundreds of labels.
+#[derive(Default)]
+struct RectGrid {
+    buckets: HashMap<(i32, i32), Vec<Rect>>,
+}
+
+impl RectGrid {
     const CELL: f32 = 64.0;
-    let mut buckets: HashMap<(i32, i32), Vec<Rect>> = HashMap::new();
-    let cells = |r: &Rect| {
+
+    fn cells(r: &Rect) -> impl Iterator<Item = (i32, i32)> {
         let (x0, x1) = (
-            (r.min.x / CELL).floor() as i32,
-            (r.max.x / CELL).floor() as i32,
+            (r.min.x / Self::CELL).floor() as i32,
+            (r.max.x / Self::CELL).floor() as i32,
         );
         let (y0, y1) = (
-            (r.min.y / CELL).floor() as i32,
-            (r.max.y / CELL).floor() as i32,
+            (r.min.y / Self::CELL).floor() as i32,
+            (r.max.y / Self::CELL).floor() as i32,
         );
         (x0..=x1).flat_map(move |x| (y0..=y1).map(move |y| (x, y)))
-    };
+    }
+
+    fn insert(&mut self, r: Rect) {
+        for c in Self::cells(&r) {
+            self.buckets.entry(c).or_default().push(r);
+        }
+    }
+
+    fn hits(&self, r: &Rect) -> bool {
+        Self::cells(r).any(|c| {
+            self.buckets
+                .get(&c)
+                .is_some_and(|list| list.iter().any(|kept| kept.intersects(*r)))
+        })
+    }
+}
+
+/// Greedy label placement: in the given order (most important first), each label takes its first candidate
+/// rectangle that overlaps no rectangle kept before, or none (`None`: the label is left out). Among those,
+/// a candidate that also covers none of `obstacles` (the nodes) is preferred, so names hide as few nodes as
+/// they can. The result depends only on the input, so the same frame always shows the same names.
+pub fn place_labels<C: AsRef<[Rect]>>(candidates: &[C], obstacles: &[Rect]) -> Vec<Option<usize>> {
+    let mut kept = RectGrid::default();
+    let mut nodes = RectGrid::default();
+    obstacles.iter().for_each(|r| nodes.insert(*r));
     candidates
         .iter()
         .map(|cands| {
-            let k = cands.as_ref().iter().position(|r| {
-                !cells(r).any(|c| {
-                    buckets
-                        .get(&c)
-                        .is_some_and(|list| list.iter().any(|kept| kept.intersects(*r)))
-                })
-            })?;
-            let r = cands.as_ref()[k];
-            for c in cells(&r) {
-                buckets.entry(c).or_default().push(r);
-            }
+            let cands = cands.as_ref();
+            let free = |r: &Rect| !kept.hits(r);
+            let k = cands
+                .iter()
+                .position(|r| free(r) && !nodes.hits(r))
+                .or_else(|| cands.iter().position(free))?;
+            kept.insert(cands[k]);
             Some(k)
         })
         .collect()
@@ -869,8 +891,8 @@ impl GraphView {
         }
         // Names: the hovered node first (so hovering always shows its name), then positive text, visual,
         // negative, larger nodes first within a type; each name takes the first side of its node where it
-        // overlaps no name already placed, or is left out, so dense graphs stay legible and zooming in
-        // reveals more names.
+        // overlaps no name already placed and fits in the canvas, or is left out, so dense graphs stay
+        // legible and zooming in reveals more names.
         let mut drawn = Vec::new();
         if self.show_labels {
             let mut order: Vec<usize> = (0..layout.nodes.len())
@@ -904,10 +926,21 @@ impl GraphView {
                 };
                 let galley = painter.layout_no_wrap(name, egui::FontId::proportional(size), color);
                 let p = self.to_screen(rect, n.pos);
-                candidates.push(label_candidates(p, radii[i], galley.size()));
+                // A name cut by the canvas edge reads as a different name: only whole ones are drawn.
+                let mut cands = label_candidates(p, radii[i], galley.size()).to_vec();
+                cands.retain(|r| rect.contains_rect(*r));
+                candidates.push(cands);
                 labels.push((i, galley, color));
             }
-            let chosen = place_labels(&candidates);
+            // Each node's footprint (diamonds reach 1.3·r), for names to avoid where they can.
+            let footprints: Vec<Rect> = order
+                .iter()
+                .map(|&i| {
+                    let p = self.to_screen(rect, layout.nodes[i].pos);
+                    Rect::from_center_size(p, Vec2::splat(2.6 * radii[i]))
+                })
+                .collect();
+            let chosen = place_labels(&candidates, &footprints);
             for (((i, galley, color), cands), choice) in
                 labels.into_iter().zip(&candidates).zip(chosen)
             {
@@ -1237,13 +1270,13 @@ mod tests {
             r(210.0, 205.0),
         ];
         assert_eq!(
-            place_labels(&single(&rects)),
+            place_labels(&single(&rects), &[]),
             vec![Some(0), None, Some(0), Some(0), None]
         );
         let many: Vec<Rect> = (0..400)
             .map(|i| r((i % 20) as f32 * 25.0, (i / 20) as f32 * 10.0))
             .collect();
-        let keep = place_labels(&single(&many));
+        let keep = place_labels(&single(&many), &[]);
         let kept: Vec<&Rect> = many
             .iter()
             .zip(&keep)
@@ -1266,7 +1299,7 @@ mod tests {
         let a = label_candidates(Pos2::new(0.0, 0.0), 6.0, size);
         let b = label_candidates(Pos2::new(200.0, 0.0), 6.0, size);
         let c = label_candidates(Pos2::new(40.0, 0.0), 6.0, size);
-        let chosen = place_labels(&[a, b, c]);
+        let chosen = place_labels(&[a, b, c], &[]);
         assert_eq!(chosen, vec![Some(0), Some(0), Some(2)]);
         // No candidate overlaps its own node (radius 6, diamonds reach 7.8).
         let node = Rect::from_center_size(Pos2::ZERO, Vec2::splat(2.0 * 7.8));
@@ -1275,10 +1308,18 @@ mod tests {
         let around = Rect::from_center_size(Pos2::new(20.0, 0.0), Vec2::new(260.0, 80.0));
         let d = label_candidates(Pos2::new(20.0, 0.0), 6.0, size);
         let all = vec![vec![around], d.to_vec(), b.to_vec()];
-        let chosen = place_labels(&all);
+        let chosen = place_labels(&all, &[]);
         assert_eq!(chosen, vec![Some(0), None, Some(0)]);
         // Same input, same answer.
-        assert_eq!(place_labels(&all), chosen);
+        assert_eq!(place_labels(&all, &[]), chosen);
+        // A node under the right side: the name goes left rather than hide it; covered everywhere, it goes
+        // right after all (a name over a node beats no name).
+        let node_right = Rect::from_center_size(Pos2::new(230.0, 0.0), Vec2::splat(12.0));
+        assert_eq!(place_labels(&[b], &[node_right]), vec![Some(1)]);
+        assert_eq!(
+            place_labels(&[b], &[around.translate(Vec2::new(180.0, 0.0))]),
+            vec![Some(0)]
+        );
     }
 
     #[test]
