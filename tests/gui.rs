@@ -1316,3 +1316,330 @@ fn idle_frames_on_the_demo_are_measured() {
     let render = t.elapsed().as_secs_f64() * 1e3 / 5.0;
     println!("measured: {summary}; a harness step {step:.2} ms; a rendered frame with read-back {render:.1} ms");
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Issue 10 (graph view): the layout stays when the edge selection changes, a re-layout fits itself, and names
+// do not collide. Driven through the real controls (the toggles and buttons by their labels).
+
+/// A synthetic graph of `c` classes with all three node types (text, negative text and image features are
+/// noisy copies of each other, so every edge type has a spread of weights).
+fn issue10_synthetic_graph(c: usize) -> (hegraph::graph::HeteroGraph, Vec<String>) {
+    use hegraph::graph::{GraphOptions, HeteroGraph, LabelledViewsRef};
+    use hegraph::linalg::Mat;
+    use hegraph::rng::Rng;
+    let d = 32;
+    let mut rng = Rng::new(11);
+    let noisy = |base: &Mat, s: f32, rng: &mut Rng| {
+        let mut m = base.clone();
+        m.data.iter_mut().for_each(|x| *x += s * rng.normal());
+        m.normalized_rows()
+    };
+    let p = Mat::from_vec(c, d, rng.normal_vec(c * d)).normalized_rows();
+    let n = noisy(&p, 0.8, &mut rng);
+    let v = noisy(&p, 1.0, &mut rng);
+    let classes: Vec<String> = (0..c).map(|i| format!("class {i}")).collect();
+    let labels: Vec<usize> = (0..c).collect();
+    let g = HeteroGraph::build(
+        &classes,
+        &p,
+        Some(&n),
+        &LabelledViewsRef {
+            views: &[v],
+            labels: &labels,
+        },
+        &GraphOptions::default(),
+    )
+    .unwrap();
+    (g, classes)
+}
+
+fn issue10_positions(h: &Harness<'static, GraphPage>) -> Vec<[f32; 2]> {
+    let l = h.state().view.layout.as_ref().unwrap();
+    l.nodes.iter().map(|n| n.pos).collect()
+}
+
+/// Every node's centre, as drawn in the last frame, lies inside the canvas; returns how many nodes.
+fn issue10_assert_all_on_canvas(h: &Harness<'static, GraphPage>, when: &str) -> usize {
+    let view = &h.state().view;
+    let canvas = view.canvas_rect().expect("the canvas was drawn");
+    let n = view.layout.as_ref().unwrap().nodes.len();
+    for i in 0..n {
+        let p = view.screen_pos(i).unwrap();
+        assert!(
+            canvas.contains(p),
+            "{when}: node {i} at {p:?} is outside the canvas {canvas:?}"
+        );
+    }
+    n
+}
+
+#[test]
+fn graph_edge_toggles_and_top_k_keep_every_node_where_it_was() {
+    use hegraph::app::graph_view::GraphView;
+    use hegraph::graph::EdgeType;
+
+    let c = 40;
+    let (g, classes) = issue10_synthetic_graph(c);
+    let mut view = GraphView::default();
+    view.set_graph(&g);
+    let page = GraphPage {
+        view,
+        classes,
+        confidence: (0..c).map(|i| (i % 5) as f32 / 5.0).collect(),
+    };
+    let Some(mut h) = graph_harness(page) else {
+        return;
+    };
+    settle_graph(&mut h);
+    h.step();
+    let before = issue10_positions(&h);
+    let img = h.render().expect("render");
+    img.save(screenshot_dir().join("graph-toggle-before.png"))
+        .unwrap();
+    let nodes_before = count_color(&img, node_color(NodeType::PositiveText), 6);
+    let pp = hegraph::app::graph_view::edge_type_index(EdgeType::PP);
+    let counts =
+        |h: &Harness<'static, GraphPage>| h.state().view.layout.as_ref().unwrap().visible_counts();
+    assert!(counts(&h)[pp] > 0);
+
+    // Off: the P←P edges go, nothing moves, the graph stays on screen.
+    h.get_by_label(EdgeType::PP.label()).click();
+    h.run_steps(3);
+    assert!(!h.state().view.filter.enabled[pp], "the toggle was clicked");
+    assert_eq!(counts(&h)[pp], 0, "P←P edges still drawn");
+    assert_eq!(issue10_positions(&h), before, "hiding P←P moved nodes");
+    assert!(
+        h.state().view.layout.as_ref().unwrap().is_settled(),
+        "hiding edges restarted the layout"
+    );
+    issue10_assert_all_on_canvas(&h, "after hiding P←P");
+    let img = h.render().expect("render");
+    img.save(screenshot_dir().join("graph-toggle-pp-off.png"))
+        .unwrap();
+    let nodes_after = count_color(&img, node_color(NodeType::PositiveText), 6);
+    assert!(
+        nodes_after * 10 >= nodes_before * 9,
+        "positive-text nodes vanished from the picture: {nodes_before} → {nodes_after} pixels"
+    );
+
+    // On again, then a threshold and a top-k change: still the same positions.
+    h.get_by_label(EdgeType::PP.label()).click();
+    h.run_steps(3);
+    assert!(counts(&h)[pp] > 0);
+    assert_eq!(
+        issue10_positions(&h),
+        before,
+        "showing P←P again moved nodes"
+    );
+    h.state_mut().view.filter.top_k = 1;
+    h.state_mut().view.filter.min_abs_weight = 0.2;
+    h.run_steps(3);
+    assert_eq!(
+        issue10_positions(&h),
+        before,
+        "top-k / threshold moved nodes"
+    );
+    issue10_assert_all_on_canvas(&h, "after top-k 1");
+    let img = h.render().expect("render");
+    img.save(screenshot_dir().join("graph-toggle-after.png"))
+        .unwrap();
+}
+
+#[test]
+fn graph_relayout_fits_the_view_without_pressing_fit() {
+    use hegraph::app::graph_view::GraphView;
+    use hegraph::graph::EdgeType;
+
+    let c = 40;
+    let (g, classes) = issue10_synthetic_graph(c);
+    let mut view = GraphView::default();
+    view.set_graph(&g);
+    let page = GraphPage {
+        view,
+        classes,
+        confidence: vec![0.5; c],
+    };
+    let Some(mut h) = graph_harness(page) else {
+        return;
+    };
+    settle_graph(&mut h);
+    h.step();
+    let before = issue10_positions(&h);
+    // Zoom far in around a point of the canvas (as the wheel would): most of the graph leaves the view.
+    let canvas = h.state().view.canvas_rect().unwrap();
+    h.hover_at(canvas.center() + egui::vec2(100.0, 60.0));
+    h.step();
+    h.event(egui::Event::Zoom(8.0));
+    h.run_steps(2);
+    let n = h.state().view.layout.as_ref().unwrap().nodes.len();
+    let off = (0..n)
+        .filter(|&i| !canvas.contains(h.state().view.screen_pos(i).unwrap()))
+        .count();
+    assert!(
+        off > n / 2,
+        "the zoom did not take the graph off-screen ({off}/{n} off)"
+    );
+    let img = h.render().expect("render");
+    img.save(screenshot_dir().join("graph-relayout-before.png"))
+        .unwrap();
+
+    // Fewer edges shown, then Re-layout: the layout runs again with what is shown, and every frame of it
+    // (not only the last) has every node inside the canvas.
+    h.get_by_label(EdgeType::VV.label()).click();
+    h.step();
+    h.get_by_label(EdgeType::NV.label()).click();
+    h.step();
+    let idx = hegraph::app::graph_view::edge_type_index;
+    assert!(
+        !h.state().view.filter.enabled[idx(EdgeType::VV)]
+            && !h.state().view.filter.enabled[idx(EdgeType::NV)]
+    );
+    h.remove_cursor();
+    h.get_by_label("Re-layout").click();
+    let mut frames = 0;
+    loop {
+        h.step();
+        frames += 1;
+        issue10_assert_all_on_canvas(&h, &format!("re-layout frame {frames}"));
+        if h.state().view.layout.as_ref().unwrap().is_settled() {
+            break;
+        }
+        assert!(frames < 5_000, "the re-layout did not settle");
+    }
+    assert!(frames > 5, "the click did not start a re-layout");
+    assert_ne!(issue10_positions(&h), before, "the re-layout moved nothing");
+    h.step();
+    issue10_assert_all_on_canvas(&h, "settled");
+    // Fitted, not merely inside: the nodes span most of the canvas in one direction.
+    let view = &h.state().view;
+    let xs: Vec<f32> = (0..n).map(|i| view.screen_pos(i).unwrap().x).collect();
+    let ys: Vec<f32> = (0..n).map(|i| view.screen_pos(i).unwrap().y).collect();
+    let span = |v: &[f32]| {
+        v.iter().copied().fold(f32::MIN, f32::max) - v.iter().copied().fold(f32::MAX, f32::min)
+    };
+    assert!(
+        span(&xs) > 0.5 * canvas.width() || span(&ys) > 0.6 * canvas.height(),
+        "the view did not fit: span {} × {} in {canvas:?}",
+        span(&xs),
+        span(&ys)
+    );
+    let img = h.render().expect("render");
+    img.save(screenshot_dir().join("graph-relayout-after.png"))
+        .unwrap();
+    assert!(count_color(&img, node_color(NodeType::Visual), 6) > 200);
+}
+
+#[test]
+fn graph_names_of_a_dense_real_graph_do_not_overlap() {
+    use hegraph::app::graph_view::GraphView;
+    use hegraph::features::FeatureSet;
+    use hegraph::graph::{GraphOptions, HeteroGraph, LabelledViewsRef};
+
+    // 98 car classes with real CLIP text and image features: 196 nodes, names crowd the centre.
+    let path = manifest().join("../shared/data/features/stanford_cars_even.safetensors");
+    if !path.exists() {
+        println!("skipped: {} is not there", path.display());
+        return;
+    }
+    let fs = FeatureSet::load(&path).unwrap();
+    let text = fs
+        .text
+        .clone()
+        .expect("stanford_cars_even has text features");
+    let shots = fs.shots.get(&16).expect("16-shot split").clone();
+    let g = HeteroGraph::build(
+        &fs.classes,
+        &text,
+        None,
+        &LabelledViewsRef {
+            views: std::slice::from_ref(&shots.features),
+            labels: &shots.labels,
+        },
+        &GraphOptions::default(),
+    )
+    .unwrap();
+    let c = fs.classes.len();
+    // The set has no class names; names as long as real car models ("2012 Audi TT RS Coupe").
+    let classes: Vec<String> = (0..c).map(|i| format!("car model number {i:02}")).collect();
+    let mut view = GraphView::default();
+    view.set_graph(&g);
+    view.filter.top_k = 2;
+    let page = GraphPage {
+        view,
+        classes,
+        confidence: (0..c).map(|i| 0.2 + (i % 9) as f32 / 10.0).collect(),
+    };
+    let Some(mut h) = graph_harness(page) else {
+        return;
+    };
+    settle_graph(&mut h);
+    h.step();
+    let check = |h: &Harness<'static, GraphPage>, when: &str| {
+        let labels = h.state().view.drawn_labels().to_vec();
+        let canvas = h.state().view.canvas_rect().unwrap();
+        for l in &labels {
+            assert!(
+                canvas.contains_rect(l.rect),
+                "{when}: the name of node {} is cut by the canvas edge: {:?}",
+                l.node,
+                l.rect
+            );
+        }
+        for (a, x) in labels.iter().enumerate() {
+            for y in &labels[a + 1..] {
+                assert!(
+                    !x.rect.intersects(y.rect),
+                    "{when}: names of nodes {} and {} overlap: {:?} / {:?}",
+                    x.node,
+                    y.node,
+                    x.rect,
+                    y.rect
+                );
+            }
+        }
+        labels
+    };
+    let labels = check(&h, "settled");
+    let nodes = h.state().view.layout.as_ref().unwrap().nodes.len();
+    println!("{} of {nodes} names drawn", labels.len());
+    assert_eq!(nodes, 2 * c);
+    assert!(labels.len() >= 30, "only {} names drawn", labels.len());
+    assert!(
+        labels.len() < nodes,
+        "every name drawn: the graph is not dense"
+    );
+    // Deterministic: the next frame draws the same names in the same places.
+    h.step();
+    assert_eq!(h.state().view.drawn_labels(), &labels[..]);
+    let img = h.render().expect("render");
+    img.save(screenshot_dir().join("graph-names-dense.png"))
+        .unwrap();
+
+    // Hovering a node whose name was left out shows its name (and the others still do not overlap it).
+    let hidden = (0..nodes)
+        .find(|&i| {
+            !labels.iter().any(|l| l.node == i)
+                && h.state()
+                    .view
+                    .canvas_rect()
+                    .unwrap()
+                    .shrink(40.0)
+                    .contains(h.state().view.screen_pos(i).unwrap())
+        })
+        .expect("a node without its name");
+    let p = h.state().view.screen_pos(hidden).unwrap();
+    h.hover_at(p);
+    h.run_steps(2);
+    // Nodes may overlap: the hovered one is the nearest to the pointer, and its name comes first.
+    let hovered = h.state().view.hovered.expect("hovering a node");
+    let labels = check(&h, "hovered");
+    assert_eq!(
+        labels.first().map(|l| l.node),
+        Some(hovered),
+        "the hovered node's name is not drawn first"
+    );
+
+    let img = h.render().expect("render");
+    img.save(screenshot_dir().join("graph-names-hovered.png"))
+        .unwrap();
+}

@@ -16,9 +16,16 @@
 //!   a 100-class graph readable. The threshold applies to the raw |weight|.
 //! - `R_PP` and `R_VV` are symmetric, so only one direction is kept; `R_PN` and `R_NP` join the same node
 //!   pairs in opposite directions and are drawn as two parallel lanes (each edge is shifted to its own side).
-//! - Forces: all-pairs repulsion (`k²/d`), springs along the *visible* edges (strength grows with the
-//!   normalised |weight|), and a weak pull to the centre; the step size is capped by a temperature that decays
-//!   every step. Changing the selection or dragging a node warms the layout up again.
+//! - Forces: all-pairs repulsion (`k²/d`), springs along the edges that were visible when the layout last
+//!   started (strength grows with the normalised |weight|), and a weak pull to the centre; the step size is
+//!   capped by a temperature that decays every step.
+//! - The layout runs only for a new graph, an explicit re-layout and (locally) a dragged node. Changing the
+//!   edge selection (type toggles, threshold, top-k) only changes what is drawn: re-running the layout there
+//!   moved every node the person had learned to find, and with fewer springs pushed the graph off-screen.
+//!   After a re-layout the view fits itself while the layout settles.
+//! - Names are placed greedily, most important first (the hovered node, then positive text, then larger
+//!   nodes); a name that would overlap one already placed tries the other sides of its node and is skipped
+//!   when all four collide.
 
 use std::collections::HashMap;
 
@@ -113,6 +120,9 @@ pub struct GraphLayout {
     offsets: [Option<usize>; 3],
     velocity: Vec<[f32; 2]>,
     visible: Vec<VisibleEdge>,
+    /// The edges that pull in the force layout: the visible ones when the layout last (re)started, so that
+    /// changing the selection does not move nodes.
+    springs: Vec<VisibleEdge>,
     filter: EdgeFilter,
     temperature: f32,
     settled: bool,
@@ -199,12 +209,14 @@ impl GraphLayout {
             offsets,
             velocity: vec![[0.0; 2]; n],
             visible: Vec::new(),
+            springs: Vec::new(),
             filter: EdgeFilter::default(),
             temperature: START_TEMPERATURE,
             settled: false,
             steps: 0,
         };
         layout.visible = layout.select(&EdgeFilter::default());
+        layout.springs = layout.visible.clone();
         layout
     }
 
@@ -240,17 +252,14 @@ impl GraphLayout {
         &self.filter
     }
 
-    /// Changes the edge selection; the layout warms up again when the visible edges change.
+    /// Changes which edges are drawn. Node positions stay as they are: only [`GraphLayout::relayout`] lets
+    /// the new selection pull on the layout.
     pub fn set_filter(&mut self, filter: &EdgeFilter) {
         if *filter == self.filter {
             return;
         }
         self.filter = filter.clone();
-        let visible = self.select(filter);
-        if visible != self.visible {
-            self.visible = visible;
-            self.reheat(START_TEMPERATURE * 0.5);
-        }
+        self.visible = self.select(filter);
     }
 
     pub fn visible_edges(&self) -> &[VisibleEdge] {
@@ -348,7 +357,7 @@ impl GraphLayout {
                 force[j][1] -= f * dy;
             }
         }
-        for v in &self.visible {
+        for v in &self.springs {
             let e = &self.edges[v.edge];
             let (a, b) = (e.from, e.to);
             let dx = self.nodes[b].pos[0] - self.nodes[a].pos[0];
@@ -431,9 +440,10 @@ impl GraphLayout {
         }
     }
 
-    /// Releases every dragged node and lays the graph out again.
-    pub fn unpin_all(&mut self) {
+    /// Releases every dragged node and lays the graph out again, now pulled by the edges currently shown.
+    pub fn relayout(&mut self) {
         self.nodes.iter_mut().for_each(|n| n.pinned = false);
+        self.springs = self.visible.clone();
         self.reheat(START_TEMPERATURE);
     }
 
@@ -463,37 +473,81 @@ impl GraphLayout {
     }
 }
 
-/// Greedy label placement: in the given order (most important first), keeps each rectangle that overlaps
-/// none kept before. A uniform grid of buckets keeps it near-linear for hundreds of labels.
-pub fn place_labels(rects: &[Rect]) -> Vec<bool> {
+/// Space between a name and its plate's edge.
+const LABEL_PAD: Vec2 = Vec2::new(3.0, 1.0);
+
+/// Where a name of `size` may go around a node at `p` of radius `r`, in order of preference: right (reads
+/// as a list), left, above, below. Each rectangle is the plate, padding included.
+pub fn label_candidates(p: Pos2, r: f32, size: Vec2) -> [Rect; 4] {
+    // A diamond reaches 1.3·r; the gap clears every node shape.
+    let gap = r * 1.3 + 3.0;
+    let plate = size + 2.0 * LABEL_PAD;
+    let at = |min: Pos2| Rect::from_min_size(min, plate);
+    [
+        at(p + Vec2::new(gap, -plate.y / 2.0)),
+        at(p + Vec2::new(-gap - plate.x, -plate.y / 2.0)),
+        at(p + Vec2::new(-plate.x / 2.0, -gap - plate.y)),
+        at(p + Vec2::new(-plate.x / 2.0, gap)),
+    ]
+}
+
+/// A uniform grid of rectangles: near-linear overlap queries for hundreds of labels.
+#[derive(Default)]
+struct RectGrid {
+    buckets: HashMap<(i32, i32), Vec<Rect>>,
+}
+
+impl RectGrid {
     const CELL: f32 = 64.0;
-    let mut buckets: HashMap<(i32, i32), Vec<usize>> = HashMap::new();
-    let mut keep = vec![false; rects.len()];
-    let cells = |r: &Rect| {
+
+    fn cells(r: &Rect) -> impl Iterator<Item = (i32, i32)> {
         let (x0, x1) = (
-            (r.min.x / CELL).floor() as i32,
-            (r.max.x / CELL).floor() as i32,
+            (r.min.x / Self::CELL).floor() as i32,
+            (r.max.x / Self::CELL).floor() as i32,
         );
         let (y0, y1) = (
-            (r.min.y / CELL).floor() as i32,
-            (r.max.y / CELL).floor() as i32,
+            (r.min.y / Self::CELL).floor() as i32,
+            (r.max.y / Self::CELL).floor() as i32,
         );
         (x0..=x1).flat_map(move |x| (y0..=y1).map(move |y| (x, y)))
-    };
-    for (i, r) in rects.iter().enumerate() {
-        let clash = cells(r).any(|c| {
-            buckets
-                .get(&c)
-                .is_some_and(|list| list.iter().any(|&j| rects[j].intersects(*r)))
-        });
-        if !clash {
-            keep[i] = true;
-            for c in cells(r) {
-                buckets.entry(c).or_default().push(i);
-            }
+    }
+
+    fn insert(&mut self, r: Rect) {
+        for c in Self::cells(&r) {
+            self.buckets.entry(c).or_default().push(r);
         }
     }
-    keep
+
+    fn hits(&self, r: &Rect) -> bool {
+        Self::cells(r).any(|c| {
+            self.buckets
+                .get(&c)
+                .is_some_and(|list| list.iter().any(|kept| kept.intersects(*r)))
+        })
+    }
+}
+
+/// Greedy label placement: in the given order (most important first), each label takes its first candidate
+/// rectangle that overlaps no rectangle kept before, or none (`None`: the label is left out). Among those,
+/// a candidate that also covers none of `obstacles` (the nodes) is preferred, so names hide as few nodes as
+/// they can. The result depends only on the input, so the same frame always shows the same names.
+pub fn place_labels<C: AsRef<[Rect]>>(candidates: &[C], obstacles: &[Rect]) -> Vec<Option<usize>> {
+    let mut kept = RectGrid::default();
+    let mut nodes = RectGrid::default();
+    obstacles.iter().for_each(|r| nodes.insert(*r));
+    candidates
+        .iter()
+        .map(|cands| {
+            let cands = cands.as_ref();
+            let free = |r: &Rect| !kept.hits(r);
+            let k = cands
+                .iter()
+                .position(|r| free(r) && !nodes.hits(r))
+                .or_else(|| cands.iter().position(free))?;
+            kept.insert(cands[k]);
+            Some(k)
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -550,6 +604,15 @@ pub struct GraphView {
     pub hovered: Option<usize>,
     /// Where the canvas was drawn last frame (for [`GraphView::screen_pos`]).
     canvas_rect: Option<Rect>,
+    /// The names drawn in the last frame.
+    drawn_labels: Vec<DrawnLabel>,
+}
+
+/// A node name as drawn: the node and its plate on screen.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DrawnLabel {
+    pub node: usize,
+    pub rect: Rect,
 }
 
 impl Default for GraphView {
@@ -565,6 +628,7 @@ impl Default for GraphView {
             dragging: None,
             hovered: None,
             canvas_rect: None,
+            drawn_labels: Vec::new(),
         }
     }
 }
@@ -573,6 +637,8 @@ impl GraphView {
     pub fn set_graph(&mut self, g: &HeteroGraph) {
         let mut layout = GraphLayout::from_graph(g, 7);
         layout.set_filter(&self.filter);
+        // The first layout is pulled by what is shown, as every re-layout is.
+        layout.relayout();
         self.layout = Some(layout);
         self.fitted = false;
         self.dragging = None;
@@ -581,11 +647,31 @@ impl GraphView {
 
     pub fn clear(&mut self) {
         self.layout = None;
+        self.drawn_labels.clear();
     }
 
     /// Fits the whole graph into the canvas at the next frame.
     pub fn fit(&mut self) {
         self.fitted = false;
+    }
+
+    /// Releases dragged nodes and lays the graph out again with the edges now shown; the view follows the
+    /// layout until it settles, so the graph is on screen without pressing Fit.
+    pub fn relayout(&mut self) {
+        if let Some(l) = self.layout.as_mut() {
+            l.relayout();
+        }
+        self.fit();
+    }
+
+    /// The canvas of the last frame (`None` before the first).
+    pub fn canvas_rect(&self) -> Option<Rect> {
+        self.canvas_rect
+    }
+
+    /// The names drawn in the last frame, in placement order (most important first).
+    pub fn drawn_labels(&self) -> &[DrawnLabel] {
+        &self.drawn_labels
     }
 
     /// Where node `i` was drawn in the last frame (scripted clicks in tests, and tooltips).
@@ -646,6 +732,7 @@ impl GraphView {
                 egui::FontId::proportional(16.0),
                 visuals.weak_text_color(),
             );
+            self.drawn_labels.clear();
             return None;
         };
         layout.set_filter(&self.filter);
@@ -768,19 +855,26 @@ impl GraphView {
             max_conf = c.iter().copied().fold(0.0, f32::max);
         }
         let outline = Stroke::new(1.0, visuals.extreme_bg_color);
+        let radii: Vec<f32> = layout
+            .nodes
+            .iter()
+            .map(|n| {
+                let scale = match (self.sizing, confidence) {
+                    (NodeSizing::Uniform, _) | (_, None) => 1.0,
+                    (_, Some(c)) => {
+                        let v = c.get(n.class).copied().unwrap_or(0.0);
+                        0.6 + 1.2 * if max_conf > 0.0 { v / max_conf } else { 0.0 }
+                    }
+                };
+                node_radius_pts * scale
+            })
+            .collect();
         for (i, n) in layout.nodes.iter().enumerate() {
             let p = self.to_screen(rect, n.pos);
             if !rect.expand(20.0).contains(p) {
                 continue;
             }
-            let scale = match (self.sizing, confidence) {
-                (NodeSizing::Uniform, _) | (_, None) => 1.0,
-                (_, Some(c)) => {
-                    let v = c.get(n.class).copied().unwrap_or(0.0);
-                    0.6 + 1.2 * if max_conf > 0.0 { v / max_conf } else { 0.0 }
-                }
-            };
-            let r = node_radius_pts * scale;
+            let r = radii[i];
             let fill = if n.placeholder {
                 visuals.extreme_bg_color
             } else {
@@ -795,9 +889,11 @@ impl GraphView {
             };
             draw_node(&painter, n.kind, p, r, fill, stroke);
         }
-        // Names: positive-text nodes first, then visual, then negative, bigger (more confident) nodes first
-        // within a type; a name is drawn only where it overlaps no name already drawn, so dense graphs stay
+        // Names: the hovered node first (so hovering always shows its name), then positive text, visual,
+        // negative, larger nodes first within a type; each name takes the first side of its node where it
+        // overlaps no name already placed and fits in the canvas, or is left out, so dense graphs stay
         // legible and zooming in reveals more names.
+        let mut drawn = Vec::new();
         if self.show_labels {
             let mut order: Vec<usize> = (0..layout.nodes.len())
                 .filter(|&i| rect.contains(self.to_screen(rect, layout.nodes[i].pos)))
@@ -807,19 +903,15 @@ impl GraphView {
                 NodeType::Visual => 1,
                 NodeType::NegativeText => 2,
             };
-            let conf_of = |i: usize| {
-                confidence
-                    .and_then(|c| c.get(layout.nodes[i].class))
-                    .copied()
-                    .unwrap_or(0.0)
-            };
             order.sort_by(|&a, &b| {
-                rank(layout.nodes[a].kind)
-                    .cmp(&rank(layout.nodes[b].kind))
-                    .then(conf_of(b).total_cmp(&conf_of(a)))
+                (hovered != Some(a))
+                    .cmp(&(hovered != Some(b)))
+                    .then(rank(layout.nodes[a].kind).cmp(&rank(layout.nodes[b].kind)))
+                    .then(radii[b].total_cmp(&radii[a]))
                     .then(a.cmp(&b))
             });
             let mut labels = Vec::with_capacity(order.len());
+            let mut candidates = Vec::with_capacity(order.len());
             for &i in &order {
                 let n = &layout.nodes[i];
                 let class = classes.get(n.class).map_or("?", String::as_str);
@@ -834,20 +926,36 @@ impl GraphView {
                 };
                 let galley = painter.layout_no_wrap(name, egui::FontId::proportional(size), color);
                 let p = self.to_screen(rect, n.pos);
-                let at = p + Vec2::new(node_radius_pts + 4.0, -galley.size().y / 2.0);
-                let plate = Rect::from_min_size(at, galley.size()).expand2(Vec2::new(3.0, 1.0));
-                labels.push((plate, at, galley, color));
+                // A name cut by the canvas edge reads as a different name: only whole ones are drawn.
+                let mut cands = label_candidates(p, radii[i], galley.size()).to_vec();
+                cands.retain(|r| rect.contains_rect(*r));
+                candidates.push(cands);
+                labels.push((i, galley, color));
             }
-            let rects: Vec<Rect> = labels.iter().map(|l| l.0).collect();
-            let keep = place_labels(&rects);
-            for ((plate, at, galley, color), k) in labels.into_iter().zip(keep) {
-                if k {
-                    // A translucent plate keeps names readable over the edges.
-                    painter.rect_filled(plate, 3.0, visuals.extreme_bg_color.gamma_multiply(0.8));
-                    painter.galley(at, galley, color);
-                }
+            // Each node's footprint (diamonds reach 1.3·r), for names to avoid where they can.
+            let footprints: Vec<Rect> = order
+                .iter()
+                .map(|&i| {
+                    let p = self.to_screen(rect, layout.nodes[i].pos);
+                    Rect::from_center_size(p, Vec2::splat(2.6 * radii[i]))
+                })
+                .collect();
+            let chosen = place_labels(&candidates, &footprints);
+            for (((i, galley, color), cands), choice) in
+                labels.into_iter().zip(&candidates).zip(chosen)
+            {
+                let Some(k) = choice else { continue };
+                let plate = cands[k];
+                // A translucent plate keeps names readable over the edges.
+                painter.rect_filled(plate, 3.0, visuals.extreme_bg_color.gamma_multiply(0.8));
+                painter.galley(plate.min + LABEL_PAD, galley, color);
+                drawn.push(DrawnLabel {
+                    node: i,
+                    rect: plate,
+                });
             }
         }
+        self.drawn_labels = drawn;
         if let Some(h) = hovered {
             let n = &layout.nodes[h];
             let name = classes.get(n.class).map_or("?", String::as_str);
@@ -1007,10 +1115,7 @@ impl GraphView {
                 .on_hover_text("Release dragged nodes and lay out again")
                 .clicked()
             {
-                if let Some(l) = self.layout.as_mut() {
-                    l.unpin_all();
-                }
-                self.fit();
+                self.relayout();
             }
         });
         ui.add_space(6.0);
@@ -1156,6 +1261,7 @@ mod tests {
     #[test]
     fn labels_are_placed_without_overlap_in_priority_order() {
         let r = |x: f32, y: f32| Rect::from_min_size(Pos2::new(x, y), Vec2::new(50.0, 14.0));
+        let single = |rects: &[Rect]| rects.iter().map(|r| vec![*r]).collect::<Vec<_>>();
         let rects = vec![
             r(0.0, 0.0),
             r(30.0, 5.0),
@@ -1163,15 +1269,18 @@ mod tests {
             r(200.0, 200.0),
             r(210.0, 205.0),
         ];
-        assert_eq!(place_labels(&rects), vec![true, false, true, true, false]);
+        assert_eq!(
+            place_labels(&single(&rects), &[]),
+            vec![Some(0), None, Some(0), Some(0), None]
+        );
         let many: Vec<Rect> = (0..400)
             .map(|i| r((i % 20) as f32 * 25.0, (i / 20) as f32 * 10.0))
             .collect();
-        let keep = place_labels(&many);
+        let keep = place_labels(&single(&many), &[]);
         let kept: Vec<&Rect> = many
             .iter()
             .zip(&keep)
-            .filter(|(_, k)| **k)
+            .filter(|(_, k)| k.is_some())
             .map(|(r, _)| r)
             .collect();
         assert!(kept.len() > 20);
@@ -1180,6 +1289,75 @@ mod tests {
                 assert!(!x.intersects(**y));
             }
         }
+    }
+
+    #[test]
+    fn a_colliding_label_moves_to_a_free_side_of_its_node() {
+        let size = Vec2::new(60.0, 14.0);
+        // Two nodes far apart both keep the right side; a third node just right of the first collides there
+        // on its right and its left (both overlap the first name) and goes above.
+        let a = label_candidates(Pos2::new(0.0, 0.0), 6.0, size);
+        let b = label_candidates(Pos2::new(200.0, 0.0), 6.0, size);
+        let c = label_candidates(Pos2::new(40.0, 0.0), 6.0, size);
+        let chosen = place_labels(&[a, b, c], &[]);
+        assert_eq!(chosen, vec![Some(0), Some(0), Some(2)]);
+        // No candidate overlaps its own node (radius 6, diamonds reach 7.8).
+        let node = Rect::from_center_size(Pos2::ZERO, Vec2::splat(2.0 * 7.8));
+        assert!(a.iter().all(|r| !r.intersects(node)));
+        // Boxed in on all four sides (by a name placed before, covering the node's surroundings): left out.
+        let around = Rect::from_center_size(Pos2::new(20.0, 0.0), Vec2::new(260.0, 80.0));
+        let d = label_candidates(Pos2::new(20.0, 0.0), 6.0, size);
+        let all = vec![vec![around], d.to_vec(), b.to_vec()];
+        let chosen = place_labels(&all, &[]);
+        assert_eq!(chosen, vec![Some(0), None, Some(0)]);
+        // Same input, same answer.
+        assert_eq!(place_labels(&all, &[]), chosen);
+        // A node under the right side: the name goes left rather than hide it; covered everywhere, it goes
+        // right after all (a name over a node beats no name).
+        let node_right = Rect::from_center_size(Pos2::new(230.0, 0.0), Vec2::splat(12.0));
+        assert_eq!(place_labels(&[b], &[node_right]), vec![Some(1)]);
+        assert_eq!(
+            place_labels(&[b], &[around.translate(Vec2::new(180.0, 0.0))]),
+            vec![Some(0)]
+        );
+    }
+
+    #[test]
+    fn changing_the_selection_moves_no_node_until_relayout() {
+        let c = 10;
+        let (pp, vv, pv) = ring_graph(c);
+        let mats = [
+            (EdgeType::PP, &pp),
+            (EdgeType::VV, &vv),
+            (EdgeType::PV, &pv),
+        ];
+        let mut l = GraphLayout::new(c, [true, false, true], &mats, 5);
+        let mut twin = l.clone();
+        let mut only_pv = EdgeFilter::default();
+        only_pv.enabled = [false; 6];
+        only_pv.enabled[edge_type_index(EdgeType::PV)] = true;
+        // Mid-layout: hiding edges changes what is drawn, not where the layout goes.
+        for _ in 0..20 {
+            l.step();
+            twin.step();
+        }
+        l.set_filter(&only_pv);
+        assert_eq!(l.visible_counts()[edge_type_index(EdgeType::PP)], 0);
+        l.settle(5_000);
+        twin.settle(5_000);
+        assert_eq!(l.nodes, twin.nodes);
+        assert!(l.is_settled());
+        l.set_filter(&EdgeFilter::default());
+        assert!(
+            l.is_settled(),
+            "a selection change must not restart the layout"
+        );
+        l.set_filter(&only_pv);
+        // A re-layout lets the shown edges (P←V only) pull: the picture changes.
+        l.relayout();
+        assert!(!l.is_settled());
+        l.settle(5_000);
+        assert_ne!(l.nodes, twin.nodes);
     }
 
     #[test]
