@@ -129,6 +129,9 @@ pub struct Settings {
     pub held_out_percent: u32,
     /// Thumbnail edge in the grid, in points.
     pub thumb_size: f32,
+    /// The grid's sort order and the view last shown (the GUI's names), so a project reopens as it was left.
+    pub sort: String,
+    pub view: String,
 }
 
 impl Default for Settings {
@@ -143,6 +146,8 @@ impl Default for Settings {
             auto_advance: true,
             held_out_percent: 20,
             thumb_size: 112.0,
+            sort: String::new(),
+            view: String::new(),
         }
     }
 }

@@ -5,6 +5,8 @@
 //! Images are the demo folder (`assets/demo/`, copied to a temporary folder so the project file lands there);
 //! the model is the random-weight test checkpoint, so the GUI must show the test-checkpoint banner.
 
+mod common;
+use common::copy_dir;
 use std::path::{Path, PathBuf};
 
 use egui_kittest::kittest::Queryable;
@@ -42,18 +44,6 @@ fn demo_copy(dir: &Path) -> PathBuf {
         }
     }
     target
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
-    }
 }
 
 struct Fixture {
@@ -626,33 +616,9 @@ fn settle_graph(h: &mut Harness<'static, GraphPage>) -> usize {
 #[test]
 fn graph_view_draws_500_nodes_and_5000_edges_and_then_stops_repainting() {
     use hegraph::app::graph_view::GraphView;
-    use hegraph::graph::{GraphOptions, HeteroGraph, LabelledViewsRef};
-    use hegraph::linalg::Mat;
-    use hegraph::rng::Rng;
 
-    let (c, d) = (167, 32);
-    let mut rng = Rng::new(3);
-    let noisy = |base: &Mat, s: f32, rng: &mut Rng| {
-        let mut m = base.clone();
-        m.data.iter_mut().for_each(|x| *x += s * rng.normal());
-        m.normalized_rows()
-    };
-    let p = Mat::from_vec(c, d, rng.normal_vec(c * d)).normalized_rows();
-    let n = noisy(&p, 0.8, &mut rng);
-    let v = noisy(&p, 1.0, &mut rng);
-    let classes: Vec<String> = (0..c).map(|i| format!("class {i}")).collect();
-    let labels: Vec<usize> = (0..c).collect();
-    let g = HeteroGraph::build(
-        &classes,
-        &p,
-        Some(&n),
-        &LabelledViewsRef {
-            views: &[v],
-            labels: &labels,
-        },
-        &GraphOptions::default(),
-    )
-    .unwrap();
+    let c = 167;
+    let (g, classes) = synthetic_graph(c, 3);
     let mut view = GraphView::default();
     view.set_graph(&g);
     // The smallest top-k that shows at least 5,000 edges.
@@ -1323,12 +1289,12 @@ fn idle_frames_on_the_demo_are_measured() {
 
 /// A synthetic graph of `c` classes with all three node types (text, negative text and image features are
 /// noisy copies of each other, so every edge type has a spread of weights).
-fn issue10_synthetic_graph(c: usize) -> (hegraph::graph::HeteroGraph, Vec<String>) {
+fn synthetic_graph(c: usize, seed: u64) -> (hegraph::graph::HeteroGraph, Vec<String>) {
     use hegraph::graph::{GraphOptions, HeteroGraph, LabelledViewsRef};
     use hegraph::linalg::Mat;
     use hegraph::rng::Rng;
     let d = 32;
-    let mut rng = Rng::new(11);
+    let mut rng = Rng::new(seed);
     let noisy = |base: &Mat, s: f32, rng: &mut Rng| {
         let mut m = base.clone();
         m.data.iter_mut().for_each(|x| *x += s * rng.normal());
@@ -1379,7 +1345,7 @@ fn graph_edge_toggles_and_top_k_keep_every_node_where_it_was() {
     use hegraph::graph::EdgeType;
 
     let c = 40;
-    let (g, classes) = issue10_synthetic_graph(c);
+    let (g, classes) = synthetic_graph(c, 11);
     let mut view = GraphView::default();
     view.set_graph(&g);
     let page = GraphPage {
@@ -1451,7 +1417,7 @@ fn graph_relayout_fits_the_view_without_pressing_fit() {
     use hegraph::graph::EdgeType;
 
     let c = 40;
-    let (g, classes) = issue10_synthetic_graph(c);
+    let (g, classes) = synthetic_graph(c, 11);
     let mut view = GraphView::default();
     view.set_graph(&g);
     let page = GraphPage {
@@ -1642,4 +1608,45 @@ fn graph_names_of_a_dense_real_graph_do_not_overlap() {
     let img = h.render().expect("render");
     img.save(screenshot_dir().join("graph-names-hovered.png"))
         .unwrap();
+}
+
+/// Issue 10 (15): a project reopens with the sort order and the view it was left with, and is offered among
+/// the recent projects.
+#[test]
+fn a_project_reopens_with_its_sort_and_view_and_is_remembered_as_recent() {
+    use hegraph::app::state::SortKey;
+    let f = fixture();
+    let opts = AppOptions {
+        auto_embed: false,
+        ..f.opts.clone()
+    };
+    let mut app = HeGraphApp::new(opts.clone());
+    app.open_path(&f.folder).unwrap();
+    let project_file = app.session().unwrap().project_path.clone().unwrap();
+    let Some(mut h) = harness(app) else { return };
+    h.step();
+    h.key_press(egui::Key::S);
+    h.key_press(egui::Key::S);
+    h.step();
+    let unlabelled = {
+        let s = h.state().session().unwrap();
+        (0..s.len()).find(|&i| s.label(i).is_none()).unwrap()
+    };
+    h.state_mut().session_mut().unwrap().click(unlabelled);
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Num2);
+    h.step();
+    // A label saves the project, and with it the sort and the view.
+    h.state_mut().label_with(Some(0));
+    h.step();
+    drop(h);
+
+    let mut again = HeGraphApp::new(opts);
+    assert_eq!(
+        again.prefs().recent.first(),
+        Some(&project_file),
+        "offered on the welcome page"
+    );
+    again.open_path(&f.folder).unwrap();
+    assert_eq!(again.view, View::Graph);
+    assert_eq!(again.session().unwrap().filter().sort, SortKey::ALL[2]);
 }

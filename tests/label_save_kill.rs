@@ -8,6 +8,8 @@
 //! The kill points come from a fixed seed (a number of acks, then a short spin), but where the child is when the
 //! signal lands depends on the scheduler: no assertion depends on timing, only on what was acknowledged.
 
+mod common;
+use common::copy_dir;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -39,18 +41,6 @@ fn app_options(dir: &Path) -> AppOptions {
         thumb_capacity: 16,
         backend: hegraph::gpu::BackendRequest::Cpu,
         user_dir: Some(dir.join("user")),
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
     }
 }
 

@@ -25,6 +25,8 @@
 //! exhausting the machine. Inputs that might do so are run in a child process (this binary again) by the
 //! `huge_*` tests, so one such bug fails one test and names the case.
 
+mod common;
+use common::copy_dir;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -179,18 +181,6 @@ impl Seeds {
             .iter()
             .flat_map(|(_, v)| v.iter().map(Vec::as_slice))
             .collect()
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
     }
 }
 

@@ -50,7 +50,7 @@ use graph_view::GraphView;
 use jobs::{EmbedOutput, EmbedRequest, Job, ModelSource, Polled, TrainOutput, TrainRequest};
 use prefs::ModelChoice;
 use shortcuts::Action;
-use state::{ImageItem, Session, Show, SortKey};
+use state::{GridFilter, ImageItem, Session, Show, SortKey};
 use thumbs::ThumbCache;
 
 /// Where a folder's images and class-name/label files are.
@@ -176,6 +176,19 @@ impl View {
             View::Graph => "Graph",
             View::Train => "Train",
         }
+    }
+
+    /// The name stored in the project file.
+    pub fn id(self) -> &'static str {
+        match self {
+            View::Label => "label",
+            View::Graph => "graph",
+            View::Train => "train",
+        }
+    }
+
+    pub fn from_id(id: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.id() == id)
     }
 
     fn shortcut(self) -> &'static str {
@@ -726,7 +739,18 @@ impl HeGraphApp {
         self.graph_key = None;
         self.thumbs = None;
         self.grid = GridUi::default();
-        let session = Session::new(project, path, images);
+        let mut session = Session::new(project, path, images);
+        // The project reopens with the sort and the view it was left with.
+        let st = &session.project.settings;
+        let sort = SortKey::from_id(&st.sort);
+        self.view = View::from_id(&st.view).unwrap_or(View::Label);
+        if sort != SortKey::default() {
+            let f = GridFilter {
+                sort,
+                ..Default::default()
+            };
+            session.set_filter(f);
+        }
         self.session = Some(session);
         self.remember_project();
         if self.opts.auto_embed {
@@ -1269,6 +1293,15 @@ impl HeGraphApp {
         if self.is_busy() {
             // Workers wake the UI with news; this keeps the ETA ticking between news.
             ctx.request_repaint_after(Duration::from_millis(250));
+        }
+        // Kept in the project (saved with the next label, or at exit).
+        if let Some(s) = self.session.as_mut() {
+            let (sort, view) = (s.filter().sort.id(), self.view.id());
+            let st = &mut s.project.settings;
+            if st.sort != sort || st.view != view {
+                st.sort = sort.to_string();
+                st.view = view.to_string();
+            }
         }
         self.frames.record(started.elapsed());
         if self.frames.shown {

@@ -54,6 +54,24 @@ impl SortKey {
             SortKey::MarginAsc => "margin ↑ (most torn first)",
         }
     }
+
+    /// The name stored in the project file.
+    pub fn id(self) -> &'static str {
+        match self {
+            SortKey::Name => "name",
+            SortKey::ConfidenceAsc => "confidence_asc",
+            SortKey::ConfidenceDesc => "confidence_desc",
+            SortKey::MarginAsc => "margin_asc",
+        }
+    }
+
+    /// The sort stored as `id`, or the default for anything else (a hand edit, an older file).
+    pub fn from_id(id: &str) -> Self {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.id() == id)
+            .unwrap_or_default()
+    }
 }
 
 /// The grid's filter.
