@@ -1215,3 +1215,146 @@ fn help_lists_the_keys_esc_closes_it_and_filter_sort_and_search_have_keys() {
         "a letter typed into the search is no shortcut"
     );
 }
+
+// -------------------------------------------------------------------------------------------------------------
+// Issue 10 (13): the full-size image viewer (Space or a double-click opens it over the grid).
+
+/// Space opens the viewer on the cursor image, → moves to the next visible image, a digit labels the shown
+/// image (in the session and in the project file) and auto-advances the viewer, the wheel zooms, F fits, the
+/// grid's own keys do nothing meanwhile, and Esc closes it, after which the grid's keys work again.
+#[test]
+fn the_viewer_opens_on_space_steps_labels_zooms_and_closes() {
+    use hegraph::app::state::Show;
+    let f = fixture();
+    let mut app = HeGraphApp::new(AppOptions {
+        auto_embed: false,
+        ..f.opts.clone()
+    });
+    app.open_path(&f.folder).unwrap();
+    let Some(mut h) = harness(app) else { return };
+    h.step();
+    h.step();
+    let visible = h.state_mut().session_mut().unwrap().visible().to_vec();
+    assert!(visible.len() > 3);
+    h.state_mut().session_mut().unwrap().click(visible[0]);
+    h.key_press(egui::Key::Space);
+    h.step();
+    assert!(h.state().viewer_open(), "Space opens the viewer");
+    assert_eq!(h.state().viewer_image(), Some(visible[0]));
+    assert_eq!(h.state().viewer_zoom(), Some(1.0), "fitted at first");
+
+    h.key_press(egui::Key::ArrowRight);
+    h.step();
+    assert_eq!(
+        h.state().viewer_image(),
+        Some(visible[1]),
+        "→: the next one"
+    );
+    h.key_press(egui::Key::ArrowLeft);
+    h.step();
+    h.key_press(egui::Key::ArrowRight);
+    h.step();
+    assert_eq!(h.state().viewer_image(), Some(visible[1]));
+
+    // The grid's keys do nothing behind the viewer: V would filter, N would jump.
+    h.key_press(egui::Key::V);
+    h.step();
+    assert_eq!(
+        h.state().session().unwrap().filter().show,
+        Show::All,
+        "V is the grid's, not the viewer's"
+    );
+    assert_eq!(h.state().viewer_image(), Some(visible[1]));
+
+    // A digit labels the shown image, as in the grid; auto-advance moves the viewer on.
+    let shown = visible[1];
+    let class = h
+        .state()
+        .session()
+        .unwrap()
+        .label(shown)
+        .map_or(1, |l| if l == 1 { 0 } else { 1 });
+    h.key_press([egui::Key::Num1, egui::Key::Num2][class]);
+    h.step();
+    let s = h.state().session().unwrap();
+    assert_eq!(
+        s.label(shown),
+        Some(class),
+        "the digit labelled the shown image"
+    );
+    let rel = s.images[shown].rel.clone();
+    let on_disk = Project::load(&default_project_path(&s.project.folder))
+        .unwrap()
+        .project;
+    assert_eq!(on_disk.label_index(&rel), Some(class), "and it is saved");
+    assert!(h.state().viewer_open());
+    let next = h.state().viewer_image().unwrap();
+    assert_eq!(Some(next), h.state().session().unwrap().cursor);
+    if h.state()
+        .session()
+        .unwrap()
+        .labels()
+        .iter()
+        .any(Option::is_none)
+    {
+        assert_ne!(next, shown, "auto-advance moved the viewer");
+        assert_eq!(h.state().session().unwrap().label(next), None);
+    }
+
+    // The wheel zooms about the pointer; F fits again; + zooms in.
+    let centre = egui::pos2(640.0, 430.0);
+    h.hover_at(centre);
+    h.step();
+    h.event(egui::Event::MouseWheel {
+        unit: egui::MouseWheelUnit::Point,
+        delta: egui::vec2(0.0, 200.0),
+        phase: egui::TouchPhase::Move,
+        source: egui::MouseWheelSource::Wheel,
+        modifiers: egui::Modifiers::NONE,
+    });
+    h.step();
+    let zoomed = h.state().viewer_zoom().unwrap();
+    assert!(zoomed > 1.2, "the wheel zoomed in: {zoomed}");
+    h.key_press(egui::Key::F);
+    h.step();
+    assert_eq!(h.state().viewer_zoom(), Some(1.0), "F fits");
+    h.key_press(egui::Key::Plus);
+    h.step();
+    assert!(h.state().viewer_zoom().unwrap() > 1.0, "+ zooms in");
+    h.key_press(egui::Key::F);
+    h.step();
+
+    // The full-size picture arrives from the decoder thread (a step bound, not a clock).
+    for _ in 0..20_000 {
+        if h.state().viewer_loaded() {
+            break;
+        }
+        h.step();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(h.state().viewer_loaded(), "the full-size image was decoded");
+    for _ in 0..3 {
+        h.step();
+    }
+    let img = screenshot(&mut h, "viewer");
+    let (colours, _) = content_stats(&img);
+    assert!(colours > 200, "the photo is drawn: {colours} colours");
+    let s = h.state_mut().session_mut().unwrap();
+    let (place, of) = (s.cursor_position().unwrap() + 1, s.visible().len());
+    let header = format!("{}   {place} / {of}", s.images[next].rel);
+    assert!(
+        h.query_by_label_contains(&header).is_some(),
+        "the viewer's header names the file and its place: {header}"
+    );
+
+    h.key_press(egui::Key::Escape);
+    h.step();
+    assert!(!h.state().viewer_open(), "Esc closes");
+    h.key_press(egui::Key::V);
+    h.step();
+    assert_eq!(
+        h.state().session().unwrap().filter().show,
+        Show::Unlabelled,
+        "the grid's keys work again"
+    );
+}
