@@ -1358,3 +1358,98 @@ fn the_viewer_opens_on_space_steps_labels_zooms_and_closes() {
         "the grid's keys work again"
     );
 }
+
+/// A double click through the pointer path.
+fn double_click_at(h: &mut Harness<'static, HeGraphApp>, pos: egui::Pos2) {
+    h.hover_at(pos);
+    h.step();
+    // Both clicks in one frame (kittest's queued events take a frame each, and its frames are further apart
+    // than egui's double-click delay).
+    for _ in 0..2 {
+        for pressed in [true, false] {
+            h.input_mut().events.push(egui::Event::PointerButton {
+                pos,
+                button: egui::PointerButton::Primary,
+                pressed,
+                modifiers: egui::Modifiers::NONE,
+            });
+        }
+    }
+    h.step();
+    h.step();
+}
+
+/// A double click on a grid tile opens the viewer on that image, one on the preview opens it on the cursor
+/// image; with predictions the viewer names the top one. A modal dialog still has the keys first.
+#[test]
+fn a_double_click_on_a_tile_or_the_preview_opens_the_viewer_with_the_prediction() {
+    let f = fixture();
+    let mut app = HeGraphApp::new(f.opts.clone());
+    app.open_path(&f.folder).unwrap();
+    let Some(mut h) = harness(app) else { return };
+    settle(&mut h);
+    assert!(
+        h.state().has_features(),
+        "embedding failed: {:?}",
+        h.state().last_error()
+    );
+    h.state_mut().dismiss_notices();
+    let visible = h.state_mut().session_mut().unwrap().visible().to_vec();
+    // The first tile: right of the class panel (250 points), below the top bar and the grid's counter line.
+    h.state_mut().session_mut().unwrap().click(visible[3]);
+    double_click_at(&mut h, egui::pos2(300.0, 170.0));
+    assert!(h.state().viewer_open(), "a double click on a tile opens it");
+    assert_eq!(h.state().viewer_image(), Some(visible[0]));
+    let s = h.state().session().unwrap();
+    let (p, _, _) = s
+        .prediction(visible[0])
+        .expect("predictions after embedding");
+    let predicted = format!("predicted {}", s.classes()[p]);
+    assert!(
+        h.query_by_label_contains(&predicted).is_some(),
+        "the viewer shows the top prediction ({predicted})"
+    );
+    for _ in 0..20_000 {
+        if h.state().viewer_loaded() {
+            break;
+        }
+        h.step();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    h.step();
+    screenshot(&mut h, "viewer-prediction");
+    h.key_press(egui::Key::Space);
+    h.step();
+    assert!(!h.state().viewer_open(), "Space closes");
+
+    // The preview (right panel) opens it on the cursor image.
+    h.state_mut().session_mut().unwrap().click(visible[2]);
+    h.step();
+    double_click_at(&mut h, egui::pos2(1105.0, 200.0));
+    assert!(
+        h.state().viewer_open(),
+        "a double click on the preview opens it"
+    );
+    assert_eq!(h.state().viewer_image(), Some(visible[2]));
+
+    h.key_press(egui::Key::Escape);
+    h.step();
+    assert!(!h.state().viewer_open());
+
+    // A modal dialog has the keys first: Space does not open the viewer behind the bulk-relabel question.
+    type_in_one_frame(
+        &mut h,
+        &[
+            (egui::Modifiers::COMMAND, egui::Key::A),
+            (egui::Modifiers::NONE, egui::Key::Num1),
+        ],
+    );
+    h.step();
+    assert!(h.state().modal_open(), "the bulk relabel asks");
+    h.key_press(egui::Key::Space);
+    h.step();
+    assert!(!h.state().viewer_open(), "the modal kept the Space");
+    h.key_press(egui::Key::Escape);
+    h.step();
+    assert!(!h.state().modal_open());
+}
