@@ -1409,6 +1409,11 @@ fn a_double_click_on_a_tile_or_the_preview_opens_the_viewer_with_the_prediction(
         h.query_by_label_contains(&predicted).is_some(),
         "the viewer shows the top prediction ({predicted})"
     );
+    assert!(
+        h.query_by_label_contains(&format!("%     ▲ {TEST_CHECKPOINT_BANNER}"))
+            .is_some(),
+        "and says the model is a test checkpoint"
+    );
     for _ in 0..20_000 {
         if h.state().viewer_loaded() {
             break;

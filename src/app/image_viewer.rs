@@ -342,6 +342,11 @@ impl HeGraphApp {
         if self.viewer.is_none() {
             return;
         }
+        let test_checkpoint = self
+            .engine
+            .model
+            .as_ref()
+            .is_some_and(|m| m.is_test_checkpoint);
         let cursor = self.session.as_ref().and_then(|s| s.cursor);
         let (Some(c), View::Label) = (cursor, self.view) else {
             self.viewer = None;
@@ -449,6 +454,14 @@ impl HeGraphApp {
                         &mut line,
                         &format!("{name} {:.0}%", conf * 100.0),
                         style::class_color(p),
+                    );
+                }
+                if test_checkpoint {
+                    // The viewer covers the window's banner, and these predictions mean nothing.
+                    add(
+                        &mut line,
+                        &format!("     ▲ {}", super::TEST_CHECKPOINT_BANNER),
+                        style::WARNING_FG,
                     );
                 }
                 // A label, not painted text: screen readers (and the tests) read it.
