@@ -364,7 +364,8 @@ impl HeGraphApp {
             v.fit();
         }
         v.loader.update(ctx, c, &s.images[c].path);
-        // The grid's preview stands in until the full picture is decoded.
+        // The grid's preview stands in until the full picture is decoded (the grid, drawn underneath, asks
+        // for the cursor's pictures first; asking here too would replace its wish list every frame).
         let large = ThumbKey {
             image: c,
             large: true,
@@ -373,7 +374,6 @@ impl HeGraphApp {
             image: c,
             large: false,
         };
-        thumbs.want(&[large, small]);
         let (tex, note): (Option<TextureHandle>, Option<String>) = match &v.loader.current {
             Some((_, Ok(t))) => (Some(t.clone()), None),
             Some((_, Err(e))) => (None, Some(format!("cannot show this image:\n{e}"))),
