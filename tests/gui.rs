@@ -1321,6 +1321,24 @@ fn the_viewer_opens_on_space_steps_labels_zooms_and_closes() {
     h.key_press(egui::Key::Plus);
     h.step();
     assert!(h.state().viewer_zoom().unwrap() > 1.0, "+ zooms in");
+    // A drag pans (press, move, release: one frame each).
+    let pan = h.state().viewer_pan().unwrap();
+    h.drag_at(centre);
+    h.hover_at(centre + egui::vec2(-60.0, 30.0));
+    h.hover_at(centre + egui::vec2(-120.0, 60.0));
+    h.event(egui::Event::PointerButton {
+        pos: centre + egui::vec2(-120.0, 60.0),
+        button: egui::PointerButton::Primary,
+        pressed: false,
+        modifiers: egui::Modifiers::NONE,
+    });
+    h.step();
+    h.step();
+    let moved = h.state().viewer_pan().unwrap() - pan;
+    assert!(
+        moved.x < -50.0 && moved.y > 25.0,
+        "the drag moved the image with the pointer: {moved:?}"
+    );
     h.key_press(egui::Key::F);
     h.step();
 

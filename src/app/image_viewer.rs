@@ -238,6 +238,11 @@ impl HeGraphApp {
         self.viewer.as_ref().map(|v| v.zoom)
     }
 
+    /// How far the image was dragged from the view's centre, in points, while the viewer is open.
+    pub fn viewer_pan(&self) -> Option<Vec2> {
+        self.viewer.as_ref().map(|v| v.pan)
+    }
+
     /// The image the viewer shows, while it is open.
     pub fn viewer_image(&self) -> Option<usize> {
         self.viewer.as_ref().and(self.session.as_ref()?.cursor)
