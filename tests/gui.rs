@@ -1650,3 +1650,264 @@ fn a_project_reopens_with_its_sort_and_view_and_is_remembered_as_recent() {
     assert_eq!(again.view, View::Graph);
     assert_eq!(again.session().unwrap().filter().sort, SortKey::ALL[2]);
 }
+
+// -------------------------------------------------------------------------------------------------------------
+// Issue 10 (13): the full-size image viewer (Space or a double-click opens it over the grid).
+
+/// Space opens the viewer on the cursor image, → moves to the next visible image, a digit labels the shown
+/// image (in the session and in the project file) and auto-advances the viewer, the wheel zooms, F fits, the
+/// grid's own keys do nothing meanwhile, and Esc closes it, after which the grid's keys work again.
+#[test]
+fn the_viewer_opens_on_space_steps_labels_zooms_and_closes() {
+    use hegraph::app::state::Show;
+    let f = fixture();
+    let mut app = HeGraphApp::new(AppOptions {
+        auto_embed: false,
+        ..f.opts.clone()
+    });
+    app.open_path(&f.folder).unwrap();
+    let Some(mut h) = harness(app) else { return };
+    h.step();
+    h.step();
+    let visible = h.state_mut().session_mut().unwrap().visible().to_vec();
+    assert!(visible.len() > 3);
+    h.state_mut().session_mut().unwrap().click(visible[0]);
+    h.key_press(egui::Key::Space);
+    h.step();
+    assert!(h.state().viewer_open(), "Space opens the viewer");
+    assert_eq!(h.state().viewer_image(), Some(visible[0]));
+    assert_eq!(h.state().viewer_zoom(), Some(1.0), "fitted at first");
+
+    h.key_press(egui::Key::ArrowRight);
+    h.step();
+    assert_eq!(
+        h.state().viewer_image(),
+        Some(visible[1]),
+        "→: the next one"
+    );
+    h.key_press(egui::Key::ArrowLeft);
+    h.step();
+    h.key_press(egui::Key::ArrowRight);
+    h.step();
+    assert_eq!(h.state().viewer_image(), Some(visible[1]));
+
+    // The grid's keys do nothing behind the viewer: V would filter, N would jump.
+    h.key_press(egui::Key::V);
+    h.step();
+    assert_eq!(
+        h.state().session().unwrap().filter().show,
+        Show::All,
+        "V is the grid's, not the viewer's"
+    );
+    assert_eq!(h.state().viewer_image(), Some(visible[1]));
+
+    // A digit labels the shown image, as in the grid; auto-advance moves the viewer on.
+    let shown = visible[1];
+    let class = h
+        .state()
+        .session()
+        .unwrap()
+        .label(shown)
+        .map_or(1, |l| if l == 1 { 0 } else { 1 });
+    h.key_press([egui::Key::Num1, egui::Key::Num2][class]);
+    h.step();
+    let s = h.state().session().unwrap();
+    assert_eq!(
+        s.label(shown),
+        Some(class),
+        "the digit labelled the shown image"
+    );
+    let rel = s.images[shown].rel.clone();
+    let on_disk = Project::load(&default_project_path(&s.project.folder))
+        .unwrap()
+        .project;
+    assert_eq!(on_disk.label_index(&rel), Some(class), "and it is saved");
+    assert!(h.state().viewer_open());
+    let next = h.state().viewer_image().unwrap();
+    assert_eq!(Some(next), h.state().session().unwrap().cursor);
+    if h.state()
+        .session()
+        .unwrap()
+        .labels()
+        .iter()
+        .any(Option::is_none)
+    {
+        assert_ne!(next, shown, "auto-advance moved the viewer");
+        assert_eq!(h.state().session().unwrap().label(next), None);
+    }
+
+    // The wheel zooms about the pointer; F fits again; + zooms in.
+    let centre = egui::pos2(640.0, 430.0);
+    h.hover_at(centre);
+    h.step();
+    h.event(egui::Event::MouseWheel {
+        unit: egui::MouseWheelUnit::Point,
+        delta: egui::vec2(0.0, 200.0),
+        phase: egui::TouchPhase::Move,
+        source: egui::MouseWheelSource::Wheel,
+        modifiers: egui::Modifiers::NONE,
+    });
+    h.step();
+    let zoomed = h.state().viewer_zoom().unwrap();
+    assert!(zoomed > 1.2, "the wheel zoomed in: {zoomed}");
+    h.key_press(egui::Key::F);
+    h.step();
+    assert_eq!(h.state().viewer_zoom(), Some(1.0), "F fits");
+    h.key_press(egui::Key::Plus);
+    h.step();
+    assert!(h.state().viewer_zoom().unwrap() > 1.0, "+ zooms in");
+    // A drag pans (press, move, release: one frame each).
+    let pan = h.state().viewer_pan().unwrap();
+    h.drag_at(centre);
+    h.hover_at(centre + egui::vec2(-60.0, 30.0));
+    h.hover_at(centre + egui::vec2(-120.0, 60.0));
+    h.event(egui::Event::PointerButton {
+        pos: centre + egui::vec2(-120.0, 60.0),
+        button: egui::PointerButton::Primary,
+        pressed: false,
+        modifiers: egui::Modifiers::NONE,
+    });
+    h.step();
+    h.step();
+    let moved = h.state().viewer_pan().unwrap() - pan;
+    assert!(
+        moved.x < -50.0 && moved.y > 25.0,
+        "the drag moved the image with the pointer: {moved:?}"
+    );
+    h.key_press(egui::Key::F);
+    h.step();
+
+    // The full-size picture arrives from the decoder thread (a step bound, not a clock).
+    for _ in 0..20_000 {
+        if h.state().viewer_loaded() {
+            break;
+        }
+        h.step();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(h.state().viewer_loaded(), "the full-size image was decoded");
+    for _ in 0..3 {
+        h.step();
+    }
+    let img = screenshot(&mut h, "viewer");
+    let (colours, _) = content_stats(&img);
+    assert!(colours > 200, "the photo is drawn: {colours} colours");
+    let s = h.state_mut().session_mut().unwrap();
+    let (place, of) = (s.cursor_position().unwrap() + 1, s.visible().len());
+    let header = format!("{}   {place} / {of}", s.images[next].rel);
+    assert!(
+        h.query_by_label_contains(&header).is_some(),
+        "the viewer's header names the file and its place: {header}"
+    );
+
+    h.key_press(egui::Key::Escape);
+    h.step();
+    assert!(!h.state().viewer_open(), "Esc closes");
+    h.key_press(egui::Key::V);
+    h.step();
+    assert_eq!(
+        h.state().session().unwrap().filter().show,
+        Show::Unlabelled,
+        "the grid's keys work again"
+    );
+}
+
+/// A double click through the pointer path.
+fn double_click_at(h: &mut Harness<'static, HeGraphApp>, pos: egui::Pos2) {
+    h.hover_at(pos);
+    h.step();
+    // Both clicks in one frame (kittest's queued events take a frame each, and its frames are further apart
+    // than egui's double-click delay).
+    for _ in 0..2 {
+        for pressed in [true, false] {
+            h.input_mut().events.push(egui::Event::PointerButton {
+                pos,
+                button: egui::PointerButton::Primary,
+                pressed,
+                modifiers: egui::Modifiers::NONE,
+            });
+        }
+    }
+    h.step();
+    h.step();
+}
+
+/// A double click on a grid tile opens the viewer on that image, one on the preview opens it on the cursor
+/// image; with predictions the viewer names the top one. A modal dialog still has the keys first.
+#[test]
+fn a_double_click_on_a_tile_or_the_preview_opens_the_viewer_with_the_prediction() {
+    let f = fixture();
+    let mut app = HeGraphApp::new(f.opts.clone());
+    app.open_path(&f.folder).unwrap();
+    let Some(mut h) = harness(app) else { return };
+    settle(&mut h);
+    assert!(
+        h.state().has_features(),
+        "embedding failed: {:?}",
+        h.state().last_error()
+    );
+    h.state_mut().dismiss_notices();
+    let visible = h.state_mut().session_mut().unwrap().visible().to_vec();
+    // The first tile: right of the class panel (250 points), below the top bar and the grid's counter line.
+    h.state_mut().session_mut().unwrap().click(visible[3]);
+    double_click_at(&mut h, egui::pos2(300.0, 170.0));
+    assert!(h.state().viewer_open(), "a double click on a tile opens it");
+    assert_eq!(h.state().viewer_image(), Some(visible[0]));
+    let s = h.state().session().unwrap();
+    let (p, _, _) = s
+        .prediction(visible[0])
+        .expect("predictions after embedding");
+    let predicted = format!("predicted {}", s.classes()[p]);
+    assert!(
+        h.query_by_label_contains(&predicted).is_some(),
+        "the viewer shows the top prediction ({predicted})"
+    );
+    assert!(
+        h.query_by_label_contains(&format!("%     ▲ {TEST_CHECKPOINT_BANNER}"))
+            .is_some(),
+        "and says the model is a test checkpoint"
+    );
+    for _ in 0..20_000 {
+        if h.state().viewer_loaded() {
+            break;
+        }
+        h.step();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    h.step();
+    screenshot(&mut h, "viewer-prediction");
+    h.key_press(egui::Key::Space);
+    h.step();
+    assert!(!h.state().viewer_open(), "Space closes");
+
+    // The preview (right panel) opens it on the cursor image.
+    h.state_mut().session_mut().unwrap().click(visible[2]);
+    h.step();
+    double_click_at(&mut h, egui::pos2(1105.0, 200.0));
+    assert!(
+        h.state().viewer_open(),
+        "a double click on the preview opens it"
+    );
+    assert_eq!(h.state().viewer_image(), Some(visible[2]));
+
+    h.key_press(egui::Key::Escape);
+    h.step();
+    assert!(!h.state().viewer_open());
+
+    // A modal dialog has the keys first: Space does not open the viewer behind the bulk-relabel question.
+    type_in_one_frame(
+        &mut h,
+        &[
+            (egui::Modifiers::COMMAND, egui::Key::A),
+            (egui::Modifiers::NONE, egui::Key::Num1),
+        ],
+    );
+    h.step();
+    assert!(h.state().modal_open(), "the bulk relabel asks");
+    h.key_press(egui::Key::Space);
+    h.step();
+    assert!(!h.state().viewer_open(), "the modal kept the Space");
+    h.key_press(egui::Key::Escape);
+    h.step();
+    assert!(!h.state().modal_open());
+}

@@ -19,6 +19,7 @@ const MOUSE_HELP: &[(&str, &str)] = &[
         "Ctrl+click, Shift+click",
         "select several images (labels then apply to all)",
     ),
+    ("double-click an image", "open it at full size (wheel zooms, drag pans)"),
     ("drop a folder", "open it"),
 ];
 

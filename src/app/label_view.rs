@@ -349,6 +349,7 @@ impl HeGraphApp {
             }
         }
         let mut clicked: Option<(usize, egui::Modifiers)> = None;
+        let mut double: Option<usize> = None;
         let mut wanted: Vec<ThumbKey> = Vec::new();
         if let Some(c) = s.cursor {
             wanted.push(ThumbKey {
@@ -391,6 +392,9 @@ impl HeGraphApp {
                         if resp.clicked() {
                             clicked = Some((i, ui.input(|inp| inp.modifiers)));
                         }
+                        if resp.double_clicked() {
+                            double = Some(i);
+                        }
                     }
                 });
             }
@@ -408,6 +412,10 @@ impl HeGraphApp {
             } else {
                 s.click(i);
             }
+        }
+        if let Some(i) = double {
+            s.click(i);
+            self.open_viewer();
         }
     }
 
@@ -427,7 +435,10 @@ impl HeGraphApp {
             return;
         };
         let box_size = Vec2::new(ui.available_width(), 280.0);
-        let (rect, _) = ui.allocate_exact_size(box_size, Sense::hover());
+        let (rect, picture) = ui.allocate_exact_size(box_size, Sense::click());
+        let open_viewer = picture
+            .on_hover_text("Double-click (or Space): full size")
+            .double_clicked();
         ui.painter()
             .rect_filled(rect, 8.0, ui.visuals().extreme_bg_color);
         let large = ThumbKey {
@@ -573,6 +584,9 @@ impl HeGraphApp {
             if let Some(s) = self.session.as_mut() {
                 s.project.settings.auto_advance = advance;
             }
+        }
+        if open_viewer {
+            self.open_viewer();
         }
     }
 }

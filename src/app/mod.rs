@@ -27,6 +27,7 @@ pub mod thumbs;
 mod chrome;
 mod dialogs;
 mod graph_page;
+mod image_viewer;
 mod label_view;
 mod path_prompt;
 mod shortcuts;
@@ -280,6 +281,8 @@ pub struct HeGraphApp {
     notices: Vec<Notice>,
     dialogs: dialogs::Dialogs,
     grid: GridUi,
+    /// The full-size viewer over the grid, while it is open.
+    viewer: Option<image_viewer::ImageViewer>,
     train_after_embed: bool,
     styled: bool,
     /// The person's choices for every project (model, recent projects).
@@ -317,6 +320,7 @@ impl HeGraphApp {
             notices,
             dialogs: dialogs::Dialogs::default(),
             grid: GridUi::default(),
+            viewer: None,
             train_after_embed: false,
             styled: false,
         }
@@ -1287,6 +1291,7 @@ impl HeGraphApp {
             View::Graph => self.graph_page(ui),
             View::Train => self.train_view(ui),
         }
+        self.image_viewer(&ctx);
         self.show_dialogs(&ctx);
         chrome::drop_overlay(&ctx);
         self.show_notices(&ctx);
@@ -1356,6 +1361,9 @@ impl HeGraphApp {
             if ctx.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Escape)) {
                 self.dialogs.close_top();
             }
+            return;
+        }
+        if self.viewer.is_some() && self.viewer_keys(ctx) {
             return;
         }
         let text_focus = ctx.egui_wants_keyboard_input();
@@ -1452,6 +1460,7 @@ impl HeGraphApp {
             }
             Action::Label(class) => self.label_with(class),
             Action::LabelNext => self.label_next(),
+            Action::OpenViewer => self.open_viewer(),
             Action::ClassPicker => {
                 if self.session.is_some() {
                     self.dialogs.picker = Some(dialogs::ClassPicker::default());

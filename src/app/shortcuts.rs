@@ -36,6 +36,8 @@ pub(super) enum Action {
     CycleSort,
     /// Move the cursor by this many positions in the visible order.
     Move(isize),
+    /// The cursor image at full size ([`super::image_viewer`]).
+    OpenViewer,
 }
 
 /// What the mapping from keys to actions depends on.
@@ -252,6 +254,12 @@ pub(super) const BINDINGS: &[Binding] = &[
         scope: Scope::Grid,
         act: Act::Do(Action::CycleSort),
         help: "next sort order",
+    },
+    Binding {
+        chords: &[(NONE, Key::Space)],
+        scope: Scope::Grid,
+        act: Act::Do(Action::OpenViewer),
+        help: "the image at full size (wheel or +/− zoom, drag pans, F fits, ←/→ next, 1–9 label, Esc closes)",
     },
     Binding {
         chords: &[(NONE, Key::ArrowLeft)],
