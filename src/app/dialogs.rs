@@ -19,7 +19,10 @@ const MOUSE_HELP: &[(&str, &str)] = &[
         "Ctrl+click, Shift+click",
         "select several images (labels then apply to all)",
     ),
-    ("double-click an image", "open it at full size (wheel zooms, drag pans)"),
+    (
+        "double-click an image",
+        "open it at full size (wheel zooms, drag pans)",
+    ),
     ("drop a folder", "open it"),
 ];
 

@@ -1333,9 +1333,12 @@ mod tests {
         ];
         let mut l = GraphLayout::new(c, [true, false, true], &mats, 5);
         let mut twin = l.clone();
-        let mut only_pv = EdgeFilter::default();
-        only_pv.enabled = [false; 6];
-        only_pv.enabled[edge_type_index(EdgeType::PV)] = true;
+        let mut enabled = [false; 6];
+        enabled[edge_type_index(EdgeType::PV)] = true;
+        let only_pv = EdgeFilter {
+            enabled,
+            ..Default::default()
+        };
         // Mid-layout: hiding edges changes what is drawn, not where the layout goes.
         for _ in 0..20 {
             l.step();
