@@ -833,6 +833,8 @@ fn a_folder_without_class_names_asks_for_them_in_a_dialog() {
     }
     let mut app = HeGraphApp::new(AppOptions {
         auto_embed: false,
+        cache_dir: Some(dir.path().join("cache")),
+        user_dir: Some(dir.path().join("user")),
         ..AppOptions::default()
     });
     app.open_path(&flat).unwrap();
