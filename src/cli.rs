@@ -420,9 +420,7 @@ fn load_model(m: &ModelArgs) -> Result<Arc<ClipModel>> {
 /// The test checkpoint lives in the user cache; it is written once, from a fixed seed.
 fn test_checkpoint_dir() -> PathBuf {
     let base = dirs::cache_dir().unwrap_or_else(std::env::temp_dir);
-    base.join("hegraph")
-        .join("models")
-        .join("hegraph-test-checkpoint")
+    clip::test_checkpoint::app_test_checkpoint_dir(&base.join("hegraph"))
 }
 
 fn templates_of(f: &FolderArgs) -> Vec<String> {

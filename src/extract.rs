@@ -411,32 +411,26 @@ pub fn extract_dataset(
     let mut stats = EmbedStats::default();
     // Each image is hashed and decoded once: labelled images get their centre crop and all `A` views in one
     // pass, unlabelled images only the centre crop. Returns the rows that could be read and their features.
-    let mut embed = |idx: &[usize],
-                     views: &[u32],
-                     stage: &str|
-     -> Result<(Vec<usize>, Vec<Mat>), ExtractError> {
-        if idx.is_empty() {
-            return Ok((Vec::new(), Vec::new()));
-        }
-        progress.set_stage(stage);
-        let paths: Vec<PathBuf> = idx.iter().map(|&i| ds.images[i].path.clone()).collect();
-        let (f, s) = embedder.embed_images(&paths, views, progress, cancel)?;
-        stats.images += s.images;
-        stats.features_from_cache += s.features_from_cache;
-        stats.features_computed += s.features_computed;
-        stats.seconds += s.seconds;
-        stats.problems.extend(s.problems);
-        let keep: Vec<usize> = (0..idx.len()).filter(|&j| f.ok[j]).collect();
-        let mats = f.per_view.iter().map(|m| m.select_rows(&keep)).collect();
-        Ok((keep.iter().map(|&j| idx[j]).collect(), mats))
-    };
+    // `embed_images` names each stage itself ("embedding 11 views of 8 images").
+    let mut embed =
+        |idx: &[usize], views: &[u32]| -> Result<(Vec<usize>, Vec<Mat>), ExtractError> {
+            if idx.is_empty() {
+                return Ok((Vec::new(), Vec::new()));
+            }
+            let paths: Vec<PathBuf> = idx.iter().map(|&i| ds.images[i].path.clone()).collect();
+            let (f, s) = embedder.embed_images(&paths, views, progress, cancel)?;
+            stats.images += s.images;
+            stats.features_from_cache += s.features_from_cache;
+            stats.features_computed += s.features_computed;
+            stats.seconds += s.seconds;
+            stats.problems.extend(s.problems);
+            let keep: Vec<usize> = (0..idx.len()).filter(|&j| f.ok[j]).collect();
+            let mats = f.per_view.iter().map(|m| m.select_rows(&keep)).collect();
+            Ok((keep.iter().map(|&j| idx[j]).collect(), mats))
+        };
     let lab_views: Vec<u32> = (0..=a).collect();
-    let (labelled_idx, mut lab_mats) = embed(
-        &lab,
-        &lab_views,
-        "embedding labelled images and their views",
-    )?;
-    let (unl_idx, mut unl_mats) = embed(&unl, &[0], "embedding unlabelled images")?;
+    let (labelled_idx, mut lab_mats) = embed(&lab, &lab_views)?;
+    let (unl_idx, mut unl_mats) = embed(&unl, &[0])?;
     if labelled_idx.is_empty() && unl_idx.is_empty() {
         return Err(ExtractError::NothingReadable(ds.root.display().to_string()));
     }

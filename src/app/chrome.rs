@@ -378,16 +378,11 @@ impl HeGraphApp {
                     .on_hover_text(self.engine.model_error.clone().unwrap_or_default());
             }
             None => {
-                let chosen = self
-                    .session
-                    .as_ref()
-                    .is_some_and(|s| self.model_source(&s.project).is_some());
+                // Said without looking on disk: this runs every frame.
                 let state = if self.engine.embed_job.is_some() {
                     "model: loading…"
-                } else if chosen {
-                    "model: not loaded (Resume or T loads it)"
                 } else {
-                    "model: not chosen yet (Resume or T asks)"
+                    "model: not loaded (Resume or T loads it)"
                 };
                 ui.label(small(state.into()).color(weak));
             }
@@ -400,10 +395,11 @@ impl HeGraphApp {
             );
             return;
         };
+        let counts = s.counts_per_class();
         let per_class: Vec<String> = s
             .classes()
             .iter()
-            .zip(s.counts_per_class())
+            .zip(&counts)
             .map(|(c, n)| format!("{c}: {n}"))
             .collect();
         ui.label(small(format!(
@@ -416,7 +412,7 @@ impl HeGraphApp {
         let compact: Vec<String> = s
             .classes()
             .iter()
-            .zip(s.counts_per_class())
+            .zip(&counts)
             .map(|(c, n)| format!("{c} {n}"))
             .collect();
         if ui.available_width() > 60.0 {

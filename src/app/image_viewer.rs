@@ -25,7 +25,7 @@ use egui::{
 };
 
 use super::shortcuts::{self, Action, DIGITS};
-use super::thumbs::{decode_thumbnail, Thumb, ThumbKey};
+use super::thumbs::{decode_thumbnail, Thumb};
 use super::{style, HeGraphApp, View};
 
 /// Zoom step of one +/− press.
@@ -371,24 +371,13 @@ impl HeGraphApp {
         v.loader.update(ctx, c, &s.images[c].path);
         // The grid's preview stands in until the full picture is decoded (the grid, drawn underneath, asks
         // for the cursor's pictures first; asking here too would replace its wish list every frame).
-        let large = ThumbKey {
-            image: c,
-            large: true,
-        };
-        let small = ThumbKey {
-            image: c,
-            large: false,
-        };
         let (tex, note): (Option<TextureHandle>, Option<String>) = match &v.loader.current {
             Some((_, Ok(t))) => (Some(t.clone()), None),
             Some((_, Err(e))) => (None, Some(format!("cannot show this image:\n{e}"))),
             None => {
-                let stand_in = match thumbs.get(large) {
+                let stand_in = match thumbs.preview(c) {
                     Thumb::Ready(t) => Some(t.clone()),
-                    _ => match thumbs.get(small) {
-                        Thumb::Ready(t) => Some(t.clone()),
-                        _ => None,
-                    },
+                    _ => None,
                 };
                 (stand_in, Some("loading the full-size image…".into()))
             }

@@ -229,6 +229,15 @@ pub struct ModelSource {
 }
 
 impl ModelSource {
+    /// The default look-up, downloading only when `allow_download`.
+    pub fn look_up(allow_download: bool) -> Self {
+        Self {
+            dir: None,
+            allow_download,
+            test_checkpoint: false,
+        }
+    }
+
     pub fn folder(dir: PathBuf) -> Self {
         Self {
             dir: Some(dir),
@@ -314,7 +323,6 @@ pub fn run_embed(
     let mut centre = None;
     let mut ok = Vec::new();
     if let Some(paths) = &req.paths {
-        progress.set_stage("embedding images");
         let (feats, s) = embedder
             .embed_images(paths, &[0], progress, cancel)
             .map_err(|e| e.to_string())?;
@@ -489,7 +497,6 @@ pub fn run_train(
         return Err("label at least one image before training".into());
     }
     let views = req.embedder.options().views as u32;
-    progress.set_stage("embedding augmented views of the labelled images");
     let paths: Vec<PathBuf> = req.train.iter().map(|t| t.1.clone()).collect();
     let view_ids: Vec<u32> = (1..=views).collect();
     let (aug, _) = req

@@ -441,30 +441,19 @@ impl HeGraphApp {
             .double_clicked();
         ui.painter()
             .rect_filled(rect, 8.0, ui.visuals().extreme_bg_color);
-        let large = ThumbKey {
-            image: c,
-            large: true,
-        };
-        let small = ThumbKey {
-            image: c,
-            large: false,
-        };
-        let tex = match thumbs.get(large) {
+        let tex = match thumbs.preview(c) {
             Thumb::Ready(t) => Some(t.clone()),
-            _ => match thumbs.get(small) {
-                Thumb::Ready(t) => Some(t.clone()),
-                Thumb::Failed(e) => {
-                    ui.painter().text(
-                        rect.center(),
-                        Align2::CENTER_CENTER,
-                        format!("cannot show this image:\n{e}"),
-                        FontId::proportional(13.0),
-                        style::WARNING_FG,
-                    );
-                    None
-                }
-                Thumb::Loading => None,
-            },
+            Thumb::Failed(e) => {
+                ui.painter().text(
+                    rect.center(),
+                    Align2::CENTER_CENTER,
+                    format!("cannot show this image:\n{e}"),
+                    FontId::proportional(13.0),
+                    style::WARNING_FG,
+                );
+                None
+            }
+            Thumb::Loading => None,
         };
         if let Some(t) = tex {
             let r = fit(t.size_vec2(), rect.shrink(8.0));

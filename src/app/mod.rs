@@ -630,11 +630,7 @@ impl HeGraphApp {
         {
             return Some(ModelSource::folder(d));
         }
-        let default_look_up = |allow_download| ModelSource {
-            dir: None,
-            allow_download,
-            test_checkpoint: false,
-        };
+        let default_look_up = ModelSource::look_up;
         match &self.prefs.model {
             ModelChoice::Download => Some(default_look_up(true)),
             ModelChoice::Folder { path } => Some(ModelSource::folder(path.clone())),
@@ -652,12 +648,9 @@ impl HeGraphApp {
 
     /// The GUI's test checkpoint, in hegraph's user folder.
     fn test_checkpoint_dir(&self) -> Option<PathBuf> {
-        Some(
-            self.opts
-                .user_dir()?
-                .join("models")
-                .join("hegraph-test-checkpoint"),
-        )
+        Some(crate::clip::test_checkpoint::app_test_checkpoint_dir(
+            &self.opts.user_dir()?,
+        ))
     }
 
     /// The person's choices for every project.
@@ -796,11 +789,7 @@ impl HeGraphApp {
                 self.dialogs.model_choice = Some(dialogs::ModelChooser::default());
                 return;
             }
-            None => ModelSource {
-                dir: None,
-                allow_download: false,
-                test_checkpoint: false,
-            },
+            None => ModelSource::look_up(false),
         };
         let req = EmbedRequest {
             model,

@@ -164,6 +164,21 @@ impl ThumbCache {
         }
     }
 
+    /// The best picture of `image` there is: the large preview when it is decoded, else the grid's thumbnail
+    /// (or why it failed, or that it is loading).
+    pub fn preview(&mut self, image: usize) -> Thumb<'_> {
+        let large = ThumbKey { image, large: true };
+        let ready = matches!(self.entries.get(&large), Some((Entry::Texture(_), _)));
+        self.get(if ready {
+            large
+        } else {
+            ThumbKey {
+                image,
+                large: false,
+            }
+        })
+    }
+
     pub fn contains(&self, key: ThumbKey) -> bool {
         self.entries.contains_key(&key)
     }
@@ -270,6 +285,12 @@ pub fn decode_thumbnail(path: &Path, side: u32) -> Result<ColorImage, String> {
         .with_guessed_format()
         .map_err(|e| e.to_string())?;
     let mut decoder = reader.into_decoder().map_err(|e| e.to_string())?;
+    // The same size limits and decode budget as embedding: a hostile 16384² file must not cost every
+    // thumbnail thread gigabytes.
+    let (w, h) = image::ImageDecoder::dimensions(&decoder);
+    let bytes = image::ImageDecoder::total_bytes(&decoder);
+    let _permit = crate::clip::preprocess::admit_decode(w, h, bytes, &path.display().to_string())
+        .map_err(|e| e.to_string())?;
     let orientation = image::ImageDecoder::orientation(&mut decoder).ok();
     let mut img = image::DynamicImage::from_decoder(decoder).map_err(|e| e.to_string())?;
     if let Some(o) = orientation {

@@ -380,6 +380,19 @@ fn decode_jpeg_scaled(
     }))
 }
 
+/// The limits and the budget of this module for a decoder outside CLIP's preprocessing (the GUI's thumbnails
+/// and full-size viewer keep the alpha channel, so they decode themselves): refuses an image above the size
+/// limits from its header, and returns the share of the decode budget to hold while its pixels exist.
+pub fn admit_decode(
+    w: u32,
+    h: u32,
+    decoded_bytes: u64,
+    label: &str,
+) -> Result<DecodePermit, ClipError> {
+    check_size(w, h, decoded_bytes, label)?;
+    Ok(DecodePermit::reserve(decoded_bytes))
+}
+
 /// Refuses an image above [`MAX_IMAGE_SIDE`], [`MAX_PIXELS`] or (when `bytes` is known) [`MAX_DECODE_BYTES`],
 /// before anything is allocated.
 fn check_size(w: u32, h: u32, bytes: u64, label: &str) -> Result<(), ClipError> {

@@ -335,6 +335,11 @@ fn make_tensor(spec: &Spec, index: usize, seed: u64, dtype: DType) -> candle_cor
 /// same weights and share cache entries.
 pub const APP_TEST_CHECKPOINT_SEED: u64 = 0;
 
+/// Where the app's test checkpoint lives below `base` (the CLI's user cache, the GUI's user folder).
+pub fn app_test_checkpoint_dir(base: &Path) -> std::path::PathBuf {
+    base.join("models").join("hegraph-test-checkpoint")
+}
+
 /// Loads the app's test checkpoint ([`TestCheckpointConfig::tiny`]) from `dir`, writing it first when it is
 /// absent and again when it is damaged: it is generated, so there is never anything to download. The note
 /// says when a damaged one was replaced.
