@@ -1653,6 +1653,36 @@ fn a_project_reopens_with_its_sort_and_view_and_is_remembered_as_recent() {
     assert_eq!(again.session().unwrap().filter().sort, SortKey::ALL[2]);
 }
 
+/// Issue 10 (15): started without a path, the app offers the last project first: Enter on the welcome page
+/// opens it (the digits still open any recent one).
+#[test]
+fn enter_on_the_welcome_page_continues_with_the_last_project() {
+    let f = fixture();
+    let opts = AppOptions {
+        auto_embed: false,
+        ..f.opts.clone()
+    };
+    let mut app = HeGraphApp::new(opts.clone());
+    app.open_path(&f.folder).unwrap();
+    let project_file = app.session().unwrap().project_path.clone().unwrap();
+    // A label saves the project, which makes it a recent one.
+    app.label_with(Some(0));
+    drop(app);
+
+    let app = HeGraphApp::new(opts);
+    assert!(app.session().is_none(), "no path given: the welcome page");
+    let Some(mut h) = harness(app) else { return };
+    h.step();
+    let welcome = h.render().expect("render");
+    welcome
+        .save(screenshot_dir().join("welcome-continue.png"))
+        .unwrap();
+    h.key_press(egui::Key::Enter);
+    h.step();
+    let s = h.state().session().expect("Enter opened the last project");
+    assert_eq!(s.project_path.as_ref(), Some(&project_file));
+}
+
 // -------------------------------------------------------------------------------------------------------------
 // Issue 10 (13): the full-size image viewer (Space or a double-click opens it over the grid).
 
@@ -1755,9 +1785,11 @@ fn the_viewer_opens_on_space_steps_labels_zooms_and_closes() {
     h.key_press(egui::Key::F);
     h.step();
     assert_eq!(h.state().viewer_zoom(), Some(1.0), "F fits");
-    h.key_press(egui::Key::Plus);
-    h.step();
-    assert!(h.state().viewer_zoom().unwrap() > 1.0, "+ zooms in");
+    for _ in 0..3 {
+        h.key_press(egui::Key::Plus);
+        h.step();
+    }
+    assert!(h.state().viewer_zoom().unwrap() > 1.9, "+ zooms in");
     // A drag pans (press, move, release: one frame each).
     let pan = h.state().viewer_pan().unwrap();
     h.drag_at(centre);
@@ -1775,6 +1807,25 @@ fn the_viewer_opens_on_space_steps_labels_zooms_and_closes() {
     assert!(
         moved.x < -50.0 && moved.y > 25.0,
         "the drag moved the image with the pointer: {moved:?}"
+    );
+    // A drag far past the picture's edge stops where the edge meets the view's: the picture stays on screen.
+    h.drag_at(centre);
+    for k in 1..=4 {
+        h.hover_at(centre + egui::vec2(-1500.0, 1000.0) * (k as f32 / 4.0));
+    }
+    h.event(egui::Event::PointerButton {
+        pos: centre + egui::vec2(-1500.0, 1000.0),
+        button: egui::PointerButton::Primary,
+        pressed: false,
+        modifiers: egui::Modifiers::NONE,
+    });
+    h.step();
+    h.step();
+    let far = h.state().viewer_pan().unwrap();
+    let zoom = h.state().viewer_zoom().unwrap();
+    assert!(
+        far.x > -1280.0 * (zoom - 1.0) / 2.0 - 1.0 && far.y < 800.0 * zoom / 2.0,
+        "the pan is bounded by the picture: {far:?} at zoom {zoom}"
     );
     h.key_press(egui::Key::F);
     h.step();

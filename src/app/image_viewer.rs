@@ -517,6 +517,7 @@ impl HeGraphApp {
                 if let Some(t) = &tex {
                     let size = t.size_vec2();
                     let scale = fit_scale(size, view_rect) * v.zoom;
+                    v.pan = bounded_pan(v.pan, size * scale, view_rect.size());
                     let r = Rect::from_center_size(view_rect.center() + v.pan, size * scale);
                     painter.image(
                         t.id(),
@@ -557,9 +558,42 @@ fn fit_scale(size: Vec2, view: Rect) -> f32 {
     (view.width() / size.x).min(view.height() / size.y)
 }
 
+/// The pan limited so that the picture cannot be lost off screen: along an axis where it is larger than the
+/// view its edges stay outside the view (no empty band appears), where it is smaller it stays wholly inside.
+fn bounded_pan(pan: Vec2, drawn: Vec2, view: Vec2) -> Vec2 {
+    let slack = ((drawn - view) * 0.5).abs();
+    Vec2::new(
+        pan.x.clamp(-slack.x, slack.x),
+        pan.y.clamp(-slack.y, slack.y),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pan_keeps_the_picture_on_screen() {
+        let view = Vec2::new(800.0, 600.0);
+        // Zoomed in: 1600×900 drawn; at most 400 px left/right and 150 px up/down.
+        let far = Vec2::new(1e6, -1e6);
+        assert_eq!(
+            bounded_pan(far, Vec2::new(1600.0, 900.0), view),
+            Vec2::new(400.0, -150.0)
+        );
+        // Smaller than the view: it may move until its edge touches the view's.
+        assert_eq!(
+            bounded_pan(far, Vec2::new(400.0, 300.0), view),
+            Vec2::new(200.0, -150.0)
+        );
+        // A pan inside the bounds is left alone; fitted along an axis means no pan along it.
+        let small = Vec2::new(10.0, -20.0);
+        assert_eq!(bounded_pan(small, Vec2::new(1600.0, 900.0), view), small);
+        assert_eq!(
+            bounded_pan(small, Vec2::new(800.0, 450.0), view),
+            Vec2::new(0.0, -20.0)
+        );
+    }
 
     fn viewer_at(view: Rect) -> ImageViewer {
         ImageViewer {

@@ -1255,6 +1255,7 @@ impl HeGraphApp {
             self.ctx = Some(ctx.clone());
         }
         let started = Instant::now();
+        self.frames.frame_started(started);
         self.poll_jobs();
         if self.thumbs.is_none() {
             if let Some(s) = &self.session {
@@ -1299,14 +1300,18 @@ impl HeGraphApp {
         }
         self.frames.record(started.elapsed());
         if self.frames.shown {
-            if let Some(sum) = self.frames.summary() {
-                egui::Area::new(egui::Id::unique("hegraph-frame-stats"))
-                    .anchor(egui::Align2::RIGHT_TOP, egui::vec2(-10.0, 44.0))
-                    .interactable(false)
-                    .show(&ctx, |ui| {
-                        ui.label(RichText::new(sum.to_string()).monospace().size(11.0));
-                    });
-            }
+            let lines = self.frames.report();
+            egui::Area::new(egui::Id::unique("hegraph-frame-stats"))
+                .anchor(egui::Align2::RIGHT_TOP, egui::vec2(-10.0, 44.0))
+                .interactable(false)
+                .show(&ctx, |ui| {
+                    ui.style_mut().wrap_mode = Some(egui::TextWrapMode::Extend);
+                    for line in lines {
+                        ui.label(RichText::new(line).monospace().size(11.0));
+                    }
+                });
+            // Redraw at once, so the next frame's start measures this whole frame.
+            ctx.request_repaint();
         }
     }
 
@@ -1537,8 +1542,8 @@ impl eframe::App for HeGraphApp {
     fn on_exit(&mut self) {
         self.cancel_jobs();
         if self.frames.shown {
-            if let Some(sum) = self.frames.summary() {
-                eprintln!("hegraph: {sum}");
+            for line in self.frames.report() {
+                eprintln!("hegraph: {line}");
             }
         }
         if let Some(Err(e)) = self.session.as_ref().map(Session::save) {
