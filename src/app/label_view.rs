@@ -64,6 +64,7 @@ impl HeGraphApp {
                         .on_hover_text(last.display().to_string())
                         .clicked()
                         || (!self.dialogs.modal_open()
+                            && ui.memory(|m| m.focused().is_none())
                             && ui.input_mut(|i| i.consume_key(egui::Modifiers::NONE, egui::Key::Enter)));
                     if continued {
                         let last = last.clone();
