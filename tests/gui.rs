@@ -1612,12 +1612,9 @@ fn graph_names_of_a_dense_real_graph_do_not_overlap() {
         .unwrap();
 }
 
-/// Issue 10 (15): a project reopens with the sort order and the view it was left with, and is offered among
-/// the recent projects.
-#[test]
-fn a_project_reopens_with_its_sort_and_view_and_is_remembered_as_recent() {
-    use hegraph::app::state::SortKey;
-    let f = fixture();
+/// The demo copy opened without embedding: the options to open the app again with, the app, and the path its
+/// project is saved to.
+fn a_saved_demo_project(f: &Fixture) -> (AppOptions, HeGraphApp, PathBuf) {
     let opts = AppOptions {
         auto_embed: false,
         ..f.opts.clone()
@@ -1625,6 +1622,16 @@ fn a_project_reopens_with_its_sort_and_view_and_is_remembered_as_recent() {
     let mut app = HeGraphApp::new(opts.clone());
     app.open_path(&f.folder).unwrap();
     let project_file = app.session().unwrap().project_path.clone().unwrap();
+    (opts, app, project_file)
+}
+
+/// Issue 10 (15): a project reopens with the sort order and the view it was left with, and is offered among
+/// the recent projects.
+#[test]
+fn a_project_reopens_with_its_sort_and_view_and_is_remembered_as_recent() {
+    use hegraph::app::state::SortKey;
+    let f = fixture();
+    let (opts, app, project_file) = a_saved_demo_project(&f);
     let Some(mut h) = harness(app) else { return };
     h.step();
     h.key_press(egui::Key::S);
@@ -1658,13 +1665,7 @@ fn a_project_reopens_with_its_sort_and_view_and_is_remembered_as_recent() {
 #[test]
 fn enter_on_the_welcome_page_continues_with_the_last_project() {
     let f = fixture();
-    let opts = AppOptions {
-        auto_embed: false,
-        ..f.opts.clone()
-    };
-    let mut app = HeGraphApp::new(opts.clone());
-    app.open_path(&f.folder).unwrap();
-    let project_file = app.session().unwrap().project_path.clone().unwrap();
+    let (opts, mut app, project_file) = a_saved_demo_project(&f);
     // A label saves the project, which makes it a recent one.
     app.label_with(Some(0));
     drop(app);

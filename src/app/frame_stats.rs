@@ -23,6 +23,8 @@ pub struct FrameStats {
 /// Percentiles of the kept frames.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct FrameSummary {
+    /// What was timed, as the overlay names it.
+    pub what: &'static str,
     pub frames: usize,
     pub p50: Duration,
     pub p95: Duration,
@@ -34,7 +36,8 @@ impl std::fmt::Display for FrameSummary {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         write!(
             f,
-            "UI build per frame: median {:.2} ms, p95 {:.2} ms, max {:.2} ms over {} frames",
+            "{}: median {:.2} ms, p95 {:.2} ms, max {:.2} ms over {} frames",
+            self.what,
             ms(self.p50),
             ms(self.p95),
             ms(self.max),
@@ -77,12 +80,12 @@ impl FrameStats {
 
     /// The UI build per frame.
     pub fn summary(&self) -> Option<FrameSummary> {
-        percentiles(&self.times)
+        percentiles(&self.times, "UI build per frame")
     }
 
     /// The whole frame, start to start, while the overlay was on.
     pub fn whole_frames(&self) -> Option<FrameSummary> {
-        percentiles(&self.whole)
+        percentiles(&self.whole, "whole frame (redrawing)")
     }
 
     /// The overlay's (and the exit report's) lines.
@@ -108,7 +111,7 @@ fn push_kept(q: &mut VecDeque<Duration>, d: Duration) {
     q.push_back(d);
 }
 
-fn percentiles(q: &VecDeque<Duration>) -> Option<FrameSummary> {
+fn percentiles(q: &VecDeque<Duration>, what: &'static str) -> Option<FrameSummary> {
     let mut v: Vec<Duration> = q.iter().copied().collect();
     if v.is_empty() {
         return None;
@@ -116,6 +119,7 @@ fn percentiles(q: &VecDeque<Duration>) -> Option<FrameSummary> {
     v.sort();
     let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
     Some(FrameSummary {
+        what,
         frames: v.len(),
         p50: at(0.5),
         p95: at(0.95),

@@ -55,29 +55,23 @@ impl HeGraphApp {
                 ui.add_space(8.0);
                 ui.label(RichText::new("or drop a folder on this window").weak());
                 let recent: Vec<PathBuf> = self.prefs.existing_recent().cloned().collect();
+                let mut open = None;
                 if let Some(last) = recent.first() {
                     // Most people come back to the project they left: it is one key away (Enter).
                     ui.add_space(14.0);
                     let text = format!("Continue with {}  (Enter)", project_title(last));
-                    let continued = ui
+                    if ui
                         .add(egui::Button::new(RichText::new(text).size(15.0)).min_size(Vec2::new(260.0, 32.0)))
                         .on_hover_text(last.display().to_string())
                         .clicked()
                         || (!self.dialogs.modal_open()
                             && ui.memory(|m| m.focused().is_none())
-                            && ui.input_mut(|i| i.consume_key(egui::Modifiers::NONE, egui::Key::Enter)));
-                    if continued {
-                        let last = last.clone();
-                        if let Err(e) = self.open_path(&last) {
-                            self.notify(Level::Error, e.to_string());
-                        }
-                        return;
+                            && ui.input_mut(|i| i.consume_key(egui::Modifiers::NONE, egui::Key::Enter)))
+                    {
+                        open = Some(last.clone());
                     }
-                }
-                if !recent.is_empty() {
                     ui.add_space(20.0);
                     ui.label(RichText::new("Recent projects").strong());
-                    let mut open = None;
                     for (k, p) in recent.iter().enumerate() {
                         let shown = project_title(p);
                         let key = if k < 9 { format!("{}  ", k + 1) } else { String::new() };
@@ -98,10 +92,10 @@ impl HeGraphApp {
                             }
                         }
                     }
-                    if let Some(p) = open {
-                        if let Err(e) = self.open_path(&p) {
-                            self.notify(Level::Error, e.to_string());
-                        }
+                }
+                if let Some(p) = open {
+                    if let Err(e) = self.open_path(&p) {
+                        self.notify(Level::Error, e.to_string());
                     }
                 }
                 ui.add_space(28.0);
