@@ -27,6 +27,27 @@ pub struct SyntheticTask {
 }
 
 impl SyntheticTask {
+    fn new(
+        classes: Vec<String>,
+        text: Mat,
+        text_neg: Mat,
+        features: Mat,
+        labels: Vec<usize>,
+        views: Option<Vec<Mat>>,
+    ) -> Self {
+        Self {
+            classes,
+            text,
+            text_neg,
+            train: LabelledSplit {
+                features,
+                labels,
+                views,
+                paths: None,
+            },
+        }
+    }
+
     /// The task as training input, without a validation split (as the app trains).
     pub fn input(&self) -> TrainInput<'_> {
         TrainInput {
@@ -86,17 +107,9 @@ pub fn synthetic_task(
         }
         features.row_mut(i).copy_from_slice(&x);
     }
-    SyntheticTask {
-        classes: (0..classes).map(|c| format!("class {c}")).collect(),
-        text,
-        text_neg,
-        train: LabelledSplit {
-            features,
-            labels,
-            views: (views > 0).then_some(view_mats),
-            paths: None,
-        },
-    }
+    let names = (0..classes).map(|c| format!("class {c}")).collect();
+    let views = (views > 0).then_some(view_mats);
+    SyntheticTask::new(names, text, text_neg, features, labels, views)
 }
 
 /// The real features `hegraph bench train` prefers, relative to the repository root: real CLIP ViT-B/32
@@ -126,7 +139,7 @@ impl std::fmt::Display for TaskSource {
                 f,
                 "synthetic features with the cosine statistics of the real CLIP files (class means ≈ 0.79 \
                  to each other, images ≈ 0.89 to their class mean, text ≈ 0.32 to its class's images and \
-                 ≈ 0.19 to the others')"
+                 ≈ 0.19 to the others', classes in families of {FAMILY})"
             ),
         }
     }
@@ -143,8 +156,16 @@ const VIEW_NOISE: f32 = 0.4; // cos ≈ 1/√(1 + 0.4²) ≈ 0.93
 /// "a photo of no {}." against "a photo of a {}.": close in CLIP's text space.
 const NEG_NOISE: f32 = 0.48; // cos ≈ 0.9
 
-/// `views` jittered views of each image row and a negative prompt near each text row.
-fn views_and_negatives(rng: &mut Rng, features: &Mat, text: &Mat, views: usize) -> (Vec<Mat>, Mat) {
+/// The task of these images and text rows, with `views` jittered views of each image row and a negative
+/// prompt near each text row.
+fn with_views_and_negatives(
+    rng: &mut Rng,
+    classes: Vec<String>,
+    text: Mat,
+    features: Mat,
+    labels: Vec<usize>,
+    views: usize,
+) -> SyntheticTask {
     let mut view_mats = vec![Mat::zeros(features.rows, features.cols); views.max(1)];
     for i in 0..features.rows {
         for v in view_mats.iter_mut() {
@@ -158,7 +179,8 @@ fn views_and_negatives(rng: &mut Rng, features: &Mat, text: &Mat, views: usize) 
             .row_mut(c)
             .copy_from_slice(&noisy(rng, text.row(c), 1.0, NEG_NOISE));
     }
-    (view_mats, text_neg)
+    let views = (views > 0).then_some(view_mats);
+    SyntheticTask::new(classes, text, text_neg, features, labels, views)
 }
 
 /// The unit vector `Σ w_i v_i`.
@@ -173,10 +195,16 @@ fn mix(parts: &[(f32, &[f32])]) -> Vec<f32> {
     out
 }
 
+/// Classes come in families of this many (breeds, car models of one maker): real class means range from
+/// 0.57 to 0.99 in cosine, and the near ones are what makes a real task hard.
+const FAMILY: usize = 4;
+/// How much of a class's own direction its family shares.
+const FAMILY_SHARE: f32 = 0.85;
+
 /// Synthetic features with the statistics measured on the shared real files (ViT-B/32, 16-shot Stanford
 /// Cars): class means at cosine ≈ 0.79 to each other, images ≈ 0.89 to their class mean (≈ 0.80 to each
 /// other), text rows ≈ 0.65 to each other, ≈ 0.32 to their class's images and ≈ 0.19 to other classes'
-/// (images and text in cones of their own, as CLIP's are). Views and negatives as [`bench_task`]'s.
+/// (images and text in cones of their own, as CLIP's are), classes in families of [`FAMILY`]. Views and negatives as [`bench_task`]'s.
 pub fn realistic_synthetic_task(
     classes: usize,
     shots: usize,
@@ -194,8 +222,15 @@ pub fn realistic_synthetic_task(
     };
     let mut text = Mat::zeros(classes, dim);
     let mut centres = Vec::with_capacity(classes);
+    let mut family = unit(&mut rng);
     for c in 0..classes {
-        let own = unit(&mut rng);
+        if c % FAMILY == 0 {
+            family = unit(&mut rng);
+        }
+        let own = mix(&[
+            (FAMILY_SHARE.sqrt(), &family),
+            ((1.0 - FAMILY_SHARE).sqrt(), &unit(&mut rng)),
+        ]);
         let spread = unit(&mut rng);
         centres.push(mix(&[
             (0.79f32.sqrt(), &image_axis),
@@ -220,18 +255,8 @@ pub fn realistic_synthetic_task(
             .row_mut(i)
             .copy_from_slice(&noisy(&mut rng, &centres[c], 1.0, 0.5));
     }
-    let (view_mats, text_neg) = views_and_negatives(&mut rng, &features, &text, views);
-    SyntheticTask {
-        classes: (0..classes).map(|c| format!("class {c}")).collect(),
-        text,
-        text_neg,
-        train: LabelledSplit {
-            features,
-            labels,
-            views: (views > 0).then_some(view_mats),
-            paths: None,
-        },
-    }
+    let names = (0..classes).map(|c| format!("class {c}")).collect();
+    with_views_and_negatives(&mut rng, names, text, features, labels, views)
 }
 
 /// A rotation of the coordinates outside span(image mean, text mean): a signed permutation, re-projected.
@@ -361,19 +386,8 @@ pub fn bench_task(
             format!("{name} (copy {k})")
         });
     }
-    let (view_mats, text_neg) = views_and_negatives(&mut rng, &features, &out_text, views);
     Ok(BenchTask {
-        task: SyntheticTask {
-            classes: names,
-            text: out_text,
-            text_neg,
-            train: LabelledSplit {
-                features,
-                labels,
-                views: (views > 0).then_some(view_mats),
-                paths: None,
-            },
-        },
+        task: with_views_and_negatives(&mut rng, names, out_text, features, labels, views),
         source: TaskSource::Real {
             file: file.to_path_buf(),
             classes: real_classes,
