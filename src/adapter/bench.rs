@@ -240,7 +240,7 @@ pub fn realistic_synthetic_task(
         let t = mix(&[
             (0.770, &text_axis),
             (0.239, &image_axis),
-            (0.318, &own),
+            (0.3177, &own),
             (0.499, &spread),
         ]);
         text.row_mut(c).copy_from_slice(&t);
