@@ -1,57 +1,13 @@
 // Row-wise kernels (one 64-invocation workgroup per row, reductions in workgroup memory), column and full
-// reductions, and the row gather.
-//
-// Params is the layout shared with elementwise.wgsl (src/gpu/kernels.rs, `Params`). For the per-row kernels `rows`
-// is the number of rows in this dispatch and `cols` the row length; every bound range starts on a row boundary.
-// Accumulated outputs (`beta`, s1) are never read when beta == 0.
-
-struct Params {
-    n: u32,
-    rows: u32,
-    cols: u32,
-    flag: u32,
-    off_a: u32,
-    off_b: u32,
-    off_c: u32,
-    off_i: u32,
-    off_o: u32,
-    off_o2: u32,
-    off_o3: u32,
-    r0: u32,
-    r1: u32,
-    total: u32,
-    _pad0: u32,
-    _pad1: u32,
-    s0: f32,
-    s1: f32,
-    s2: f32,
-    s3: f32,
-    s4: f32,
-    s5: f32,
-    s6: f32,
-    nan: f32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
-@group(0) @binding(3) var<storage, read> c: array<f32>;
-@group(0) @binding(4) var<storage, read> idx: array<u32>;
-@group(0) @binding(5) var<storage, read_write> o: array<f32>;
-@group(0) @binding(6) var<storage, read_write> o2: array<f32>;
+// reductions, and the row gather. Built after prelude.wgsl (Params, the bindings, `kept`). For the per-row
+// kernels `rows` is the number of rows in this dispatch and `cols` the row length; every bound range starts on a
+// row boundary. Accumulated outputs (`beta`, s1) are never read when beta == 0.
 
 const WG: u32 = 64u;
 var<workgroup> red: array<f32, 64>;
 
 fn row_of(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.y * nwg.x + wid.x;
-}
-
-fn kept(at: u32, beta: f32) -> f32 {
-    if (beta == 0.0) {
-        return 0.0;
-    }
-    return beta * o[at];
 }
 
 // Workgroup sum; every invocation gets the total. Must be called from uniform control flow.

@@ -93,33 +93,66 @@ fn gpu_backend() -> Option<ComputeBackend> {
     }
 }
 
-/// ms per step and total time for each class count (`hegraph bench train` uses C ∈ {10, 100, 1000}), K = 16,
-/// D = 512, on the CPU and (where there is a GPU) wgpu backends, and the interactive retrain (50 classes × 16
-/// shots).
+/// ms per step, total time and the loss (first step → last step read) for each class count (`hegraph bench
+/// train` uses C ∈ {10, 100, 1000}), K = 16, D = 512, on the CPU and (where there is a GPU) wgpu backends, and
+/// the interactive retrain (50 classes × 16 shots). The task is built from the real CLIP features of
+/// [`crate::adapter::bench::REAL_FEATURES`] (or the file `HEGRAPH_BENCH_FEATURES` names) when it can be read,
+/// else from synthetic features with their statistics; which one is printed.
 pub fn bench_train_cli(classes: &[usize], epochs: Option<usize>) -> Result<(), BenchError> {
+    use crate::adapter::bench::{bench_retrain_adopted, bench_task, BenchTask, REAL_FEATURES};
+    use crate::features::FeatureSet;
+
     let gpu = gpu_backend();
-    let views = 10;
-    let run = |c: usize, choice: BackendChoice| -> Result<BenchResult, BenchError> {
+    let (shots, dim, views) = (16, 512, 10);
+    let file = std::env::var_os("HEGRAPH_BENCH_FEATURES")
+        .map_or_else(|| PathBuf::from(REAL_FEATURES), PathBuf::from);
+    let real = if file.exists() {
+        match FeatureSet::load(&file) {
+            Ok(fs) => Some(fs),
+            Err(e) => {
+                println!("real features not used: {e}");
+                None
+            }
+        }
+    } else {
+        println!(
+            "real features not used: {} is not there (HEGRAPH_BENCH_FEATURES names another file)",
+            file.display()
+        );
+        None
+    };
+    let task = |c: usize| -> Result<BenchTask, BenchError> {
+        let real = real.as_ref().map(|fs| (file.as_path(), fs));
+        Ok(bench_task(c, shots, dim, views, 7, real)?)
+    };
+    let run = |t: &BenchTask, choice: BackendChoice| -> Result<BenchResult, BenchError> {
         // The interactive retrain is timed in full, not projected, and so is every GPU run: a GPU that sat
         // idle while the CPU row ran starts at low clocks, so its first 40 steps are not its rate.
-        let full = c == RETRAIN_CLASSES || matches!(choice, BackendChoice::Custom(_));
-        Ok(bench_train(c, 16, 512, views, epochs, choice, full)?)
+        let full =
+            t.task.classes.len() == RETRAIN_CLASSES || matches!(choice, BackendChoice::Custom(_));
+        Ok(bench_train(&t.task, epochs, choice, full)?)
     };
     let epochs_text = epochs.map_or("default epochs".to_string(), |e| format!("{e} epochs"));
-    println!("HeGraphAdapter training, K = 16, D = 512, {views} views per image, {epochs_text}");
+    println!(
+        "HeGraphAdapter training, K = {shots}, D = {dim}, {views} views per image, {epochs_text}"
+    );
+    let retrain_task = task(RETRAIN_CLASSES)?;
+    println!("features: {}", retrain_task.source);
     // One untimed training per backend first: a GPU idles at low clocks and takes a moment to come up, and
     // the first run on either backend pays for thread pools and pipeline caches.
-    run(10, BackendChoice::Cpu)?;
+    let warm = task(10)?;
+    run(&warm, BackendChoice::Cpu)?;
     if let Some(g) = &gpu {
-        run(10, g.choice())?;
+        run(&warm, g.choice())?;
     }
     let mut retrain: Option<(BenchResult, Option<BenchResult>)> = None;
     for &c in classes {
-        let cpu = run(c, BackendChoice::Cpu)?;
+        let t = task(c)?;
+        let cpu = run(&t, BackendChoice::Cpu)?;
         println!("  {cpu}");
         let mut gpu_result = None;
         if let Some(g) = &gpu {
-            let w = run(c, g.choice())?;
+            let w = run(&t, g.choice())?;
             println!("  {w}");
             println!(
                 "  → wgpu/CPU speed-up: {:.2}× per step, {:.2}× in total",
@@ -135,32 +168,33 @@ pub fn bench_train_cli(classes: &[usize], epochs: Option<usize>) -> Result<(), B
     let (cpu, wgpu) = match retrain {
         Some(r) => r,
         None => {
-            let cpu = run(RETRAIN_CLASSES, BackendChoice::Cpu)?;
+            let cpu = run(&retrain_task, BackendChoice::Cpu)?;
             let w = gpu
                 .as_ref()
-                .map(|g| run(RETRAIN_CLASSES, g.choice()))
+                .map(|g| run(&retrain_task, g.choice()))
                 .transpose()?;
             (cpu, w)
         }
     };
     // The same retrain with candle's autodiff, the baseline the hand-written CPU step is measured against.
-    let candle = run(RETRAIN_CLASSES, BackendChoice::Custom(&CandleFactory))?;
+    let candle = run(&retrain_task, BackendChoice::Custom(&CandleFactory))?;
     println!("  {candle}");
     println!(
-        "retrain, {RETRAIN_CLASSES} classes × 16 shots, CPU: {:.0} ms ({:.2}× faster than candle autodiff, {:.0} ms)",
+        "retrain, {RETRAIN_CLASSES} classes × {shots} shots, CPU: {:.0} ms ({:.2}× faster than candle autodiff, {:.0} ms)",
         cpu.total_ms,
         candle.total_ms / cpu.total_ms.max(1e-9),
         candle.total_ms
     );
     if let Some(w) = wgpu {
         println!(
-            "retrain, {RETRAIN_CLASSES} classes × 16 shots, wgpu: {:.0} ms",
-            w.total_ms
+            "retrain, {RETRAIN_CLASSES} classes × {shots} shots, wgpu: {:.0} ms ({:.2}× the CPU's speed)",
+            w.total_ms,
+            cpu.total_ms / w.total_ms.max(1e-9)
         );
     }
-    let adopted = crate::adapter::bench::bench_retrain_adopted(RETRAIN_CLASSES, 16, 512, views)?;
+    let adopted = bench_retrain_adopted(&retrain_task.task)?;
     println!(
-        "retrain, {RETRAIN_CLASSES} classes × 16 shots, the adopted reading (graph untrained, (α, β) by \
+        "retrain, {RETRAIN_CLASSES} classes × {shots} shots, the adopted reading (graph untrained, (α, β) by \
          leave-one-out, cache keys trained): {adopted:.0} ms"
     );
     Ok(())

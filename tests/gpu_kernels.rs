@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use hegraph::gpu::kernels::SHADERS;
+use hegraph::gpu::kernels::{PRELUDE, SHADERS};
 use hegraph::gpu::reference as cpu;
 use hegraph::gpu::{
     AdamW, GpuContext, GpuError, GpuOptions, GpuTensor, Kernels, MatmulKernel, Trans, XentOut,
@@ -157,34 +157,59 @@ const SHAPES: [(usize, usize); 5] = [(1, 1), (7, 7), (17, 16), (3, 65), (134, 25
 // ------------------------------------------------------------------------------------------------------------
 // Shaders
 
+/// Parses and validates `src` with every naga check on; `what` names it in the failure (line numbers count from
+/// the top of `src`, so from the prelude's first line for a shader built on it).
+#[track_caller]
+fn validate_wgsl(what: &str, src: &str) {
+    let module = naga::front::wgsl::parse_str(src)
+        .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(src)));
+    naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::all(),
+    )
+    .validate(&module)
+    .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(src)));
+}
+
 #[test]
 fn every_shader_parses_and_validates_with_naga() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
+    // The prelude on its own is declarations only, which naga accepts as a module too.
+    let prelude_file =
+        std::fs::read_to_string(dir.join("prelude.wgsl")).expect("reading shaders/prelude.wgsl");
+    assert_eq!(
+        prelude_file, PRELUDE,
+        "prelude.wgsl is not the prelude compiled into Kernels"
+    );
+    validate_wgsl("prelude.wgsl", PRELUDE);
     let mut seen = 0;
     for entry in std::fs::read_dir(&dir).expect("reading shaders/") {
         let path = entry.expect("shaders/ entry").path();
         if path.extension().and_then(|e| e.to_str()) != Some("wgsl") {
             continue;
         }
-        let src = std::fs::read_to_string(&path).expect("reading a shader");
-        let module = naga::front::wgsl::parse_str(&src)
-            .unwrap_or_else(|e| panic!("{}: {}", path.display(), e.emit_to_string(&src)));
-        naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::all(),
-        )
-        .validate(&module)
-        .unwrap_or_else(|e| panic!("{}: {}", path.display(), e.emit_to_string(&src)));
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or_default();
-        let compiled = SHADERS.iter().find(|(n, _)| *n == name);
-        assert_eq!(
-            compiled.map(|(_, s)| *s),
-            Some(src.as_str()),
-            "{name} is not the source compiled into Kernels (add it to kernels::SHADERS)"
+        if name == "prelude.wgsl" {
+            continue;
+        }
+        let src = std::fs::read_to_string(&path).expect("reading a shader");
+        let compiled = SHADERS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| *s)
+            .unwrap_or_else(|| {
+                panic!("{name} is not compiled into Kernels (add it to kernels::SHADERS)")
+            });
+        // What is validated is what the pipelines are built from: the file, or the prelude followed by it.
+        let on_prelude = format!("{PRELUDE}{src}");
+        assert!(
+            compiled == src || compiled == on_prelude,
+            "{name}: the compiled source is neither the file nor the prelude followed by the file"
         );
+        validate_wgsl(&format!("{} as compiled", path.display()), compiled);
         seen += 1;
     }
     assert_eq!(
@@ -192,6 +217,13 @@ fn every_shader_parses_and_validates_with_naga() {
         SHADERS.len(),
         "kernels::SHADERS lists a file that is not in shaders/"
     );
+    for shared in ["elementwise.wgsl", "rows.wgsl"] {
+        let compiled = SHADERS.iter().find(|(n, _)| *n == shared);
+        assert!(
+            compiled.is_some_and(|(_, s)| s.starts_with(PRELUDE)),
+            "{shared} is built on prelude.wgsl"
+        );
+    }
 }
 
 // ------------------------------------------------------------------------------------------------------------
