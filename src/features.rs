@@ -152,6 +152,9 @@ pub struct UnlabelledSplit {
     pub paths: Vec<String>,
 }
 
+/// A split's name, features, labels (if any) and paths (if recorded), borrowed for [`FeatureSet::image_rows`].
+type SplitRows<'a> = (String, &'a Mat, Option<&'a [usize]>, Option<&'a [String]>);
+
 /// One image of a features file: where its row is, its label there, and its path when the file recorded one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageRow {
@@ -381,7 +384,7 @@ impl FeatureSet {
     /// smaller draws repeat its images, or are other draws of the same pool), then `train`, `val`, `test` and
     /// `unlabelled`. What searching or browsing a features file without its images goes through.
     pub fn image_rows(&self) -> (Mat, Vec<ImageRow>) {
-        let mut parts: Vec<(String, &Mat, Option<&[usize]>, Option<&[String]>)> = Vec::new();
+        let mut parts: Vec<SplitRows<'_>> = Vec::new();
         if let Some((k, s)) = self.shots.iter().next_back() {
             parts.push((
                 format!("shots{k}"),

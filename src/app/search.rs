@@ -325,7 +325,7 @@ impl HeGraphApp {
         };
         let targets = s.targets();
         let what = match targets.as_slice() {
-            [one] => format!("{}", s.images[*one].rel),
+            [one] => s.images[*one].rel.clone(),
             many => format!("{} selected images", many.len()),
         };
         match similarity::mean_query(&centre, &targets) {
