@@ -1,4 +1,4 @@
-//! Command-line interface: `extract`, `train`, `predict`, `eval`, `bench`, `demo`, `gui`.
+//! Command-line interface: `extract`, `train`, `predict`, `eval`, `bench`, `demo`, `search`, `gui`.
 //!
 //! Errors are reported once, here at the edge (`anyhow`), with the library's messages as context.
 
@@ -19,6 +19,8 @@ use hegraph::linalg::argmax;
 use hegraph::progress::{CancelToken, Progress};
 use hegraph::project;
 use hegraph::prompts;
+
+mod search;
 
 #[derive(Parser, Debug)]
 #[command(name = "hegraph", version, about = "Few-shot image classification with CLIP and the Heterogeneous Graph Adapter", long_about = None)]
@@ -41,6 +43,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// The whole job on the bundled demo folder: embed, train on the labelled images, predict the rest.
     Demo(DemoArgs),
+    /// Rank the images of a folder (or the rows of a features file) by CLIP similarity to a phrase.
+    Search(SearchArgs),
     /// The desktop application (also what `hegraph` with no arguments starts).
     Gui {
         /// A project file or an image folder to open.
@@ -150,6 +154,19 @@ pub struct TrainArgs {
 pub enum OutFormat {
     Csv,
     Json,
+}
+
+#[derive(Args, Debug)]
+pub struct SearchArgs {
+    /// A folder of images (class sub-folders or flat) or a features file (`.safetensors`).
+    pub path: PathBuf,
+    /// What to look for, e.g. "a dog on a beach at night".
+    pub phrase: String,
+    /// Print only the best N.
+    #[arg(long, value_name = "N")]
+    pub top: Option<usize>,
+    #[command(flatten)]
+    pub model: ModelArgs,
 }
 
 #[derive(Args, Debug)]
@@ -355,6 +372,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Eval(a)) => cmd_eval(a),
         Some(Command::Bench(a)) => cmd_bench(a),
         Some(Command::Demo(a)) => cmd_demo(a),
+        Some(Command::Search(a)) => search::cmd_search(a),
     }
 }
 
@@ -363,12 +381,12 @@ fn run_gui(path: Option<PathBuf>) -> Result<()> {
 }
 
 /// A terminal progress bar behind the engine's [`Progress`] trait.
-struct Bar {
+pub(crate) struct Bar {
     bar: ProgressBar,
 }
 
 impl Bar {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let bar = ProgressBar::new(0);
         bar.set_style(
             ProgressStyle::with_template("{msg:<40} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
@@ -400,7 +418,7 @@ impl Drop for Bar {
 }
 
 /// Finds CLIP weights in the documented order, or writes/uses the test checkpoint when asked to.
-fn load_model(m: &ModelArgs) -> Result<Arc<ClipModel>> {
+pub(crate) fn load_model(m: &ModelArgs) -> Result<Arc<ClipModel>> {
     let model = if m.test_checkpoint {
         let dir = test_checkpoint_dir();
         let (model, note) = clip::test_checkpoint::load_or_write_app_test_checkpoint(&dir)

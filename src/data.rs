@@ -581,11 +581,10 @@ fn normalize(path: &Path) -> PathBuf {
     out
 }
 
-/// Opens a folder as a dataset (see the module docs for the layouts).
-///
-/// Errors only when nothing sensible can be shown: the root is missing, no images at all, bad class names,
-/// no class names anywhere. Everything else (bad files, CSV rows) lands in [`Dataset::problems`].
-pub fn open_folder(root: &Path, opts: &OpenOptions) -> Result<Dataset, DataError> {
+/// Every image under `root` (sorted by `rel`), without classes or labels: what a search over a folder needs,
+/// where [`open_folder`] would ask for class names a flat folder does not have. Errors as [`open_folder`] does
+/// for a missing root or a folder without images.
+pub fn list_images(root: &Path) -> Result<Dataset, DataError> {
     let root = match fs::canonicalize(root) {
         Ok(r) => r,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -603,7 +602,6 @@ pub fn open_folder(root: &Path, opts: &OpenOptions) -> Result<Dataset, DataError
     if !root.is_dir() {
         return Err(DataError::NotAFolder { path: root });
     }
-
     let mut problems = Vec::new();
     let mut images = Vec::new();
     let mut visited = HashSet::new();
@@ -613,6 +611,25 @@ pub fn open_folder(root: &Path, opts: &OpenOptions) -> Result<Dataset, DataError
         return Err(DataError::NoImages { path: root });
     }
     images.sort_by(|a: &ImageEntry, b: &ImageEntry| a.rel.cmp(&b.rel));
+    Ok(Dataset {
+        root,
+        classes: Vec::new(),
+        images,
+        problems,
+    })
+}
+
+/// Opens a folder as a dataset (see the module docs for the layouts).
+///
+/// Errors only when nothing sensible can be shown: the root is missing, no images at all, bad class names,
+/// no class names anywhere. Everything else (bad files, CSV rows) lands in [`Dataset::problems`].
+pub fn open_folder(root: &Path, opts: &OpenOptions) -> Result<Dataset, DataError> {
+    let Dataset {
+        root,
+        mut images,
+        mut problems,
+        ..
+    } = list_images(root)?;
 
     // Top-level sub-folders that hold images, in sorted order.
     let mut folders: Vec<String> = Vec::new();

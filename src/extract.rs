@@ -341,16 +341,16 @@ impl Embedder {
         ))
     }
 
-    fn embed_class_prompts(
-        &self,
-        classes: &[String],
-        templates: &[String],
-    ) -> Result<Mat, ExtractError> {
-        let dim = self.model.info().embed_dim;
-        let texts: Vec<String> = classes
-            .iter()
-            .flat_map(|c| templates.iter().map(move |t| prompts::fill(t, c)))
-            .collect();
+    /// The text feature of a free phrase (CLIP text search), through the same cache as the class prompts: a
+    /// phrase typed again, in this run or the next, costs no encoding.
+    pub fn embed_phrase(&self, phrase: &str) -> Result<Vec<f32>, ExtractError> {
+        let mut rows = self.texts_cached(&[phrase.to_string()])?;
+        Ok(rows.pop().unwrap_or_default())
+    }
+
+    /// One normalised text feature per text, from the cache where it has them; the rest encoded in one batch
+    /// and stored.
+    fn texts_cached(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, ExtractError> {
         let keys: Vec<CacheKey> = texts
             .iter()
             .map(|t| CacheKey {
@@ -375,11 +375,25 @@ impl Embedder {
             }
             self.cache()?.insert_batch(entries)?;
         }
+        Ok(rows.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    fn embed_class_prompts(
+        &self,
+        classes: &[String],
+        templates: &[String],
+    ) -> Result<Mat, ExtractError> {
+        let dim = self.model.info().embed_dim;
+        let texts: Vec<String> = classes
+            .iter()
+            .flat_map(|c| templates.iter().map(move |t| prompts::fill(t, c)))
+            .collect();
+        let rows = self.texts_cached(&texts)?;
         let t = templates.len().max(1);
         let mut out = Mat::zeros(classes.len(), dim);
         for c in 0..classes.len() {
             let refs: Vec<&[f32]> = (0..templates.len())
-                .filter_map(|j| rows[c * t + j].as_deref())
+                .filter_map(|j| rows.get(c * t + j).map(Vec::as_slice))
                 .collect();
             out.row_mut(c)
                 .copy_from_slice(&crate::linalg::mean_normalized(&refs, dim));

@@ -152,6 +152,20 @@ pub struct UnlabelledSplit {
     pub paths: Vec<String>,
 }
 
+/// A split's name, features, labels (if any) and paths (if recorded), borrowed for [`FeatureSet::image_rows`].
+type SplitRows<'a> = (String, &'a Mat, Option<&'a [usize]>, Option<&'a [String]>);
+
+/// One image of a features file: where its row is, its label there, and its path when the file recorded one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageRow {
+    /// The split's tensor-name prefix (`shots16`, `train`, `val`, `test`, `unlabelled`).
+    pub split: String,
+    pub index: usize,
+    pub label: Option<usize>,
+    /// Stored form (see [`crate::stored_path`]).
+    pub path: Option<String>,
+}
+
 /// Everything in a features file.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct FeatureSet {
@@ -364,6 +378,54 @@ impl FeatureSet {
             .chain(self.train.iter().map(|s| ("train".to_string(), s)))
             .chain(self.val.iter().map(|s| ("val".to_string(), s)))
             .chain(self.test.iter().map(|s| ("test".to_string(), s)))
+    }
+
+    /// Every image of the file once, as one matrix with a row description: the largest `shots{K}` draw (the
+    /// smaller draws repeat its images, or are other draws of the same pool), then `train`, `val`, `test` and
+    /// `unlabelled`. What searching or browsing a features file without its images goes through.
+    pub fn image_rows(&self) -> (Mat, Vec<ImageRow>) {
+        let mut parts: Vec<SplitRows<'_>> = Vec::new();
+        if let Some((k, s)) = self.shots.iter().next_back() {
+            parts.push((
+                format!("shots{k}"),
+                &s.features,
+                Some(s.labels.as_slice()),
+                s.paths.as_deref(),
+            ));
+        }
+        for (name, split) in [
+            ("train", &self.train),
+            ("val", &self.val),
+            ("test", &self.test),
+        ] {
+            if let Some(s) = split {
+                parts.push((
+                    name.to_string(),
+                    &s.features,
+                    Some(s.labels.as_slice()),
+                    s.paths.as_deref(),
+                ));
+            }
+        }
+        if let Some(u) = &self.unlabelled {
+            let paths = (!u.paths.is_empty()).then_some(u.paths.as_slice());
+            parts.push(("unlabelled".to_string(), &u.features, None, paths));
+        }
+        let total: usize = parts.iter().map(|p| p.1.rows).sum();
+        let mut data = Vec::with_capacity(total * self.dim);
+        let mut rows = Vec::with_capacity(total);
+        for (split, m, labels, paths) in parts {
+            data.extend_from_slice(&m.data);
+            for i in 0..m.rows {
+                rows.push(ImageRow {
+                    split: split.clone(),
+                    index: i,
+                    label: labels.and_then(|l| l.get(i).copied()),
+                    path: paths.and_then(|p| p.get(i).cloned()),
+                });
+            }
+        }
+        (Mat::from_vec(rows.len(), self.dim, data), rows)
     }
 
     fn first_dim(&self) -> Option<usize> {

@@ -10,6 +10,7 @@
 //! - [`features`]: the features file (per-split features, labels, class names, text features).
 //! - [`stored_path`]: file names in files a program reads back, byte-exact (`\xNN` for non-UTF-8 bytes).
 //! - [`prompts`]: prompt templates and their negative ("a photo of no {}") forms.
+//! - [`similarity`]: cosine ranking against a query (a phrase, "more like this") and near-duplicate groups.
 //! - [`graph`]: the heterogeneous graph (visual, positive-text and negative-text nodes, six edge types).
 //! - [`adapter`]: HeGraphAdapter and the baselines (zero-shot, Tip-Adapter, Tip-Adapter-F) on the CPU
 //!   reference backend (candle autodiff), training and prediction.
@@ -35,3 +36,4 @@ pub mod gpu;
 pub mod graph;
 pub mod project;
 pub mod prompts;
+pub mod similarity;

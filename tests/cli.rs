@@ -788,3 +788,86 @@ fn training_on_all_zero_features_fails_without_claiming_or_writing_an_adapter() 
         assert!(!text.contains("were kept"), "{text}");
     }
 }
+
+/// Issue 12: `search` ranks a flat folder (no classes) by a phrase through the cache, best first, and a
+/// features file by a class name with the file's own text features; a phrase the file cannot match is refused
+/// with a message naming the file.
+#[test]
+fn search_ranks_a_flat_folder_and_a_features_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = demo_copy(tmp.path());
+    let images = demo.join("images");
+    let count = std::fs::read_dir(&images).unwrap().count();
+    let d = images.to_str().unwrap();
+    let out = run(
+        tmp.path(),
+        &[
+            "search",
+            d,
+            "a bird on a branch",
+            "--test-checkpoint",
+            "--top",
+            "5",
+        ],
+    );
+    assert!(out.status.success());
+    let lines: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    assert_eq!(lines.len(), 5, "--top 5");
+    let scores: Vec<f32> = lines
+        .iter()
+        .map(|l| {
+            let (score, path) = l.split_once('\t').unwrap();
+            assert!(Path::new(path).is_file(), "{path}");
+            score.parse().unwrap()
+        })
+        .collect();
+    assert!(
+        scores.windows(2).all(|w| w[0] >= w[1]),
+        "best first: {scores:?}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("TEST CHECKPOINT"), "{err}");
+    assert!(err.contains(&format!("{count} images ranked")), "{err}");
+    // Again: every image from the cache, the whole folder listed.
+    let out = run(
+        tmp.path(),
+        &["search", d, "a bird on a branch", "--test-checkpoint"],
+    );
+    assert!(out.status.success());
+    assert_eq!(stdout(&out).lines().count(), count);
+    let again: Vec<String> = stdout(&out).lines().take(5).map(str::to_string).collect();
+    assert_eq!(again, lines, "the same ranking");
+    assert!(
+        all_output(&out).contains("0 embedded now"),
+        "{}",
+        all_output(&out)
+    );
+
+    // A features file with real CLIP image and text features: the class name finds that class.
+    let pets = manifest().join("../shared/data/features/oxford_pets25.safetensors");
+    if !pets.is_file() {
+        println!(
+            "skipped the features-file part: {} is missing",
+            pets.display()
+        );
+        return;
+    }
+    let p = pets.to_str().unwrap();
+    let out = run(tmp.path(), &["search", p, "beagle", "--top", "10"]);
+    assert!(out.status.success());
+    let beagles = stdout(&out)
+        .lines()
+        .filter(|l| l.split('\t').nth(2) == Some("beagle"))
+        .count();
+    assert!(
+        beagles >= 8,
+        "real CLIP features: the top 10 for 'beagle' are beagles ({beagles})"
+    );
+    let out = run(tmp.path(), &["search", p, "a dog on a beach"]);
+    assert!(!out.status.success());
+    let err = all_output(&out);
+    assert!(
+        err.contains("oxford_pets25.safetensors") && err.contains("not one of its class names"),
+        "{err}"
+    );
+}

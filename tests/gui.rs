@@ -1965,3 +1965,390 @@ fn a_double_click_on_a_tile_or_the_preview_opens_the_viewer_with_the_prediction(
     h.step();
     assert!(!h.state().modal_open());
 }
+
+// --- Issue 12 (1, 2): CLIP text search, more like this, near-duplicates ----------------------------------------
+
+/// The grid's order as the engine ranks it: cosine of every image's features to `query`, best first.
+fn ranked(h: &Harness<'static, HeGraphApp>, query: &[f32]) -> Vec<usize> {
+    let feats = h.state().image_features().expect("features");
+    let scores = hegraph::similarity::cosine_scores(feats, query).unwrap();
+    hegraph::similarity::rank(&scores, None)
+}
+
+/// Ctrl+Shift+F, a phrase and Enter rank the grid by the phrase's CLIP text feature (the test checkpoint's: the
+/// order means nothing, the plumbing is what is checked, against the model's own text encoder); the ranking
+/// time is printed. M then sorts by similarity to the selected images' mean feature, with the selection kept.
+#[test]
+fn clip_text_search_and_more_like_this_sort_the_grid_by_cosine() {
+    use hegraph::app::search::SearchMode;
+    use hegraph::app::state::SortKey;
+    let f = fixture();
+    let ckpt = f.opts.model_dir.clone().unwrap();
+    let mut app = HeGraphApp::new(f.opts.clone());
+    app.open_path(&f.folder).unwrap();
+    let Some(mut h) = harness(app) else { return };
+    settle(&mut h);
+    assert!(h.state().has_features(), "{:?}", h.state().last_error());
+
+    let phrase = "a red flower in the sun";
+    h.key_press_modifiers(
+        egui::Modifiers::COMMAND | egui::Modifiers::SHIFT,
+        egui::Key::F,
+    );
+    h.step();
+    assert_eq!(h.state().search().mode, SearchMode::ClipText);
+    h.event(egui::Event::Text(phrase.into()));
+    h.step();
+    h.key_press(egui::Key::Enter);
+    h.step();
+    settle(&mut h);
+    let timing = h
+        .state()
+        .search()
+        .last
+        .clone()
+        .expect("the phrase ranked the grid");
+    println!(
+        "bench: CLIP text search on the demo ({} images): ranked in {:.2} ms, phrase embedded in {:?} ms (first time)",
+        timing.images, timing.rank_ms, timing.embed_ms
+    );
+    assert!(
+        timing.embed_ms.is_some(),
+        "the first query embeds the phrase"
+    );
+    let model = hegraph::clip::ClipModel::load(&ckpt).unwrap();
+    let text = model.encode_texts(&[phrase.to_string()]).unwrap();
+    let want = ranked(&h, text.row(0));
+    let s = h.state_mut().session_mut().unwrap();
+    assert_eq!(s.filter().sort, SortKey::Similarity);
+    assert_eq!(
+        s.visible(),
+        want.as_slice(),
+        "the grid is sorted by cosine to the phrase"
+    );
+    assert_eq!(s.cursor, Some(want[0]), "the cursor is on the best match");
+    assert!(s.similarity_query().unwrap().contains(phrase));
+    h.state_mut().dismiss_notices();
+    h.step();
+    h.get_by_label_contains("test checkpoint: this ranking means nothing");
+    screenshot(&mut h, "clip-search");
+
+    // The same phrase again: known, ranked on the UI thread without embedding.
+    h.key_press_modifiers(
+        egui::Modifiers::COMMAND | egui::Modifiers::SHIFT,
+        egui::Key::F,
+    );
+    h.step();
+    h.key_press(egui::Key::Enter);
+    h.step();
+    let again = h.state().search().last.clone().unwrap();
+    assert_eq!(again.embed_ms, None, "the phrase's feature was kept");
+    println!(
+        "bench: CLIP text search on the demo, known phrase: {} images ranked in {:.2} ms",
+        again.images, again.rank_ms
+    );
+
+    // More like this: two images selected, M.
+    let (a, b) = (want[5], want[9]);
+    {
+        let s = h.state_mut().session_mut().unwrap();
+        s.click(a);
+        s.ctrl_click(b);
+    }
+    h.step();
+    h.key_press(egui::Key::M);
+    h.step();
+    let q = hegraph::similarity::mean_query(h.state().image_features().unwrap(), &[a, b]).unwrap();
+    let want = ranked(&h, &q);
+    let s = h.state_mut().session_mut().unwrap();
+    assert_eq!(
+        s.visible(),
+        want.as_slice(),
+        "sorted by cosine to the mean of the two"
+    );
+    assert_eq!(
+        s.targets(),
+        vec![a.min(b), a.max(b)],
+        "the selection is kept"
+    );
+    assert_eq!(s.similarity_query(), Some("2 selected images"));
+    // Clearing the query (the button beside it) goes back to folder order.
+    h.get_by_label("clear").click();
+    h.step();
+    h.step();
+    let s = h.state_mut().session_mut().unwrap();
+    assert_eq!(s.filter().sort, SortKey::Name);
+    assert!(s.similarity_query().is_none());
+    let all: Vec<usize> = (0..s.len()).collect();
+    assert_eq!(s.visible(), all.as_slice());
+}
+
+/// D opens the near-duplicates window: an image copied under another name is in one group with its original
+/// (the engine's grouping, at the window's threshold); "Label group as" labels the whole group in one action
+/// (saved, the person's own label) that one Ctrl+Z undoes; "Skip group" hides it.
+#[test]
+fn near_duplicates_are_grouped_labelled_in_one_undo_step_and_skipped() {
+    use hegraph::project::LabelOrigin;
+    let f = fixture();
+    let images = f.folder.join("images");
+    std::fs::copy(images.join("bison.png"), images.join("bison_copy.png")).unwrap();
+    let mut app = HeGraphApp::new(f.opts.clone());
+    app.open_path(&f.folder).unwrap();
+    let Some(mut h) = harness(app) else { return };
+    settle(&mut h);
+    assert!(h.state().has_features(), "{:?}", h.state().last_error());
+    let project_path = default_project_path(&h.state().session().unwrap().project.folder);
+    let index = |h: &Harness<'static, HeGraphApp>, rel: &str| {
+        h.state()
+            .session()
+            .unwrap()
+            .images
+            .iter()
+            .position(|i| i.rel == rel)
+            .unwrap()
+    };
+    let (orig, copy) = (index(&h, "bison.png"), index(&h, "bison_copy.png"));
+
+    h.key_press(egui::Key::D);
+    h.step();
+    settle(&mut h);
+    let groups: Vec<Vec<usize>> = h
+        .state()
+        .search()
+        .duplicate_groups()
+        .iter()
+        .map(|g| g.members.clone())
+        .collect();
+    let threshold = h.state().search().duplicates.threshold;
+    let engine = hegraph::similarity::near_duplicate_groups(
+        h.state().image_features().unwrap(),
+        threshold,
+        &hegraph::progress::NoProgress,
+        &hegraph::progress::CancelToken::new(),
+    )
+    .unwrap();
+    assert_eq!(
+        groups,
+        engine.iter().map(|g| g.members.clone()).collect::<Vec<_>>(),
+        "the window lists the engine's groups"
+    );
+    let first = groups
+        .first()
+        .cloned()
+        .expect("at least the copied image's group");
+    assert!(
+        groups
+            .iter()
+            .any(|g| g.contains(&orig) && g.contains(&copy)),
+        "the copy is grouped with its original: {groups:?}"
+    );
+    h.state_mut().dismiss_notices();
+    for _ in 0..6 {
+        h.step();
+    }
+    settle(&mut h);
+    screenshot(&mut h, "near-duplicates");
+
+    let labels_before = Project::load(&project_path).unwrap().project.labels;
+    h.get_all_by_label_contains("Label group as")
+        .next()
+        .unwrap()
+        .click();
+    h.step();
+    h.step();
+    let on_disk = Project::load(&project_path).unwrap().project;
+    let s = h.state().session().unwrap();
+    let class = s.label(first[0]).expect("the group is labelled");
+    for &i in &first {
+        assert_eq!(s.label(i), Some(class), "image {i} of the group");
+        let rel = &s.images[i].rel;
+        assert_eq!(
+            on_disk.labels.get(rel),
+            Some(&s.classes()[class]),
+            "{rel} saved"
+        );
+        assert_eq!(on_disk.origin(rel), LabelOrigin::Human);
+    }
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Z);
+    h.step();
+    assert_eq!(
+        Project::load(&project_path).unwrap().project.labels,
+        labels_before,
+        "one Ctrl+Z undoes the whole group"
+    );
+
+    let shown = h.state().search().duplicate_groups().len();
+    h.get_all_by_label("Skip group").next().unwrap().click();
+    h.step();
+    h.step();
+    assert_eq!(h.state().search().duplicate_groups().len(), shown - 1);
+    assert_eq!(
+        Project::load(&project_path).unwrap().project.labels,
+        labels_before,
+        "skipping labels nothing"
+    );
+    h.key_press(egui::Key::Escape);
+    h.step();
+    assert!(!h.state().search().duplicates.open, "Esc closes the window");
+}
+
+// --- Issue 12 (7): a features file opened in the GUI ---------------------------------------------------------
+
+/// `oxford_pets25` (real CLIP ViT-B/32 image and text features) tiled up to 10,000 rows: its 16-shot draw, its
+/// val split and its test split repeated.
+fn tiled_pets25(dir: &Path) -> Option<PathBuf> {
+    use hegraph::features::{FeatureSet, LabelledSplit};
+    let path = manifest().join("../shared/data/features/oxford_pets25.safetensors");
+    if !path.exists() {
+        println!("skipped: {} is not there", path.display());
+        return None;
+    }
+    let mut fs = FeatureSet::load(&path).unwrap();
+    let shots = fs.shots.get(&16).unwrap().clone();
+    fs.shots.clear();
+    fs.shots.insert(16, shots.clone());
+    let val = fs.val.clone().unwrap();
+    let test = fs.test.clone().unwrap();
+    let want = 10_000 - shots.len() - val.len();
+    let idx: Vec<usize> = (0..want).map(|i| i % test.len()).collect();
+    fs.test = Some(LabelledSplit::new(
+        test.features.select_rows(&idx),
+        idx.iter().map(|&i| test.labels[i]).collect(),
+    ));
+    let out = dir.join("pets25x.safetensors");
+    fs.save(&out).unwrap();
+    Some(out)
+}
+
+/// A features file opens as a read-only project: 10,000 tiles showing split and class, the 16-shot labels,
+/// zero-shot predictions from the file's text features; a class name searched in the CLIP mode ranks by the
+/// file's own text feature of that class (timed; printed); T trains on the real features; the graph view draws
+/// them; nothing is written next to the file.
+#[test]
+fn a_features_file_opens_read_only_searches_by_class_name_and_trains() {
+    use hegraph::app::state::SortKey;
+    let dir = tempfile::tempdir().unwrap();
+    let Some(file) = tiled_pets25(dir.path()) else {
+        return;
+    };
+    let f = fixture();
+    let mut app = HeGraphApp::new(f.opts.clone());
+    app.open_path(&file).unwrap();
+    let Some(mut h) = harness(app) else { return };
+    settle(&mut h);
+    {
+        let s = h.state().session().unwrap();
+        assert_eq!(s.len(), 10_000);
+        assert_eq!(s.labelled_count(), 400, "the 16-shot labels of 25 classes");
+        assert!(s.project_path.is_none(), "read-only: no project file");
+        assert!(
+            s.predictions().is_some(),
+            "zero-shot from the file's text features"
+        );
+        let card = h
+            .state()
+            .features_source()
+            .unwrap()
+            .card(9_000, s.classes());
+        assert!(card.starts_with("test #"), "{card}");
+    }
+    h.get_by_label_contains("read-only, labels stay in memory");
+
+    h.key_press_modifiers(
+        egui::Modifiers::COMMAND | egui::Modifiers::SHIFT,
+        egui::Key::F,
+    );
+    h.step();
+    h.event(egui::Event::Text("beagle".into()));
+    h.step();
+    h.key_press(egui::Key::Enter);
+    h.step();
+    let timing = h
+        .state()
+        .search()
+        .last
+        .clone()
+        .expect("a class name is searched at once");
+    println!(
+        "bench: text search (class name, the file's text feature) over a features file of {} images: ranked in {:.2} ms",
+        timing.images, timing.rank_ms
+    );
+    let fs = hegraph::features::FeatureSet::load(&file).unwrap();
+    let beagle = fs.classes.iter().position(|c| c == "beagle").unwrap();
+    let want = ranked(&h, fs.text.as_ref().unwrap().row(beagle));
+    let truth: Vec<Option<usize>> = h
+        .state()
+        .features_source()
+        .unwrap()
+        .rows
+        .iter()
+        .map(|r| r.label)
+        .collect();
+    let s = h.state_mut().session_mut().unwrap();
+    assert_eq!(s.filter().sort, SortKey::Similarity);
+    assert_eq!(s.visible(), want.as_slice());
+    let hits = want[..50]
+        .iter()
+        .filter(|&&i| truth[i] == Some(beagle))
+        .count();
+    assert!(
+        hits >= 45,
+        "real features: {hits}/50 of the best matches are beagles"
+    );
+    h.state_mut().dismiss_notices();
+    h.step();
+    screenshot(&mut h, "features-file");
+
+    // Training on the real features, from the keyboard.
+    h.key_press(egui::Key::T);
+    h.step();
+    settle(&mut h);
+    let run = h
+        .state()
+        .history()
+        .first()
+        .cloned()
+        .unwrap_or_else(|| panic!("training failed: {:?}", h.state().last_error()));
+    println!(
+        "{} on 10,000 real rows: held-out accuracy {:?} in {:.1} s",
+        run.method, run.accuracy, run.seconds
+    );
+    assert!(run.accuracy.is_some_and(|a| a > 0.7), "{:?}", run.accuracy);
+    // A label given here stays in memory.
+    h.state_mut().session_mut().unwrap().click(9_999);
+    h.key_press(egui::Key::Num3);
+    h.step();
+    assert_eq!(h.state().session().unwrap().label(9_999), Some(2));
+
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Num2);
+    for _ in 0..2_000 {
+        h.step();
+        if h.state()
+            .graph_view()
+            .layout
+            .as_ref()
+            .is_some_and(|l| l.is_settled())
+        {
+            break;
+        }
+    }
+    let layout = h.state().graph_view().layout.clone().expect("a graph");
+    assert_eq!(
+        layout.nodes.len(),
+        2 * 25,
+        "P and V nodes; the file has no negative prompts"
+    );
+    h.state_mut().dismiss_notices();
+    h.step();
+    screenshot(&mut h, "features-file-graph");
+    let written: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        written.len(),
+        1,
+        "nothing written beside the file: {written:?}"
+    );
+}

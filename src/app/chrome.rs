@@ -373,6 +373,21 @@ impl HeGraphApp {
                 ui.label(small(format!("model: {}", m.name)).color(weak))
                     .on_hover_text(m.banner());
             }
+            None if self.features_file.is_some() => {
+                let name = self
+                    .features_file
+                    .as_ref()
+                    .map(|f| f.file_name())
+                    .unwrap_or_default();
+                ui.label(
+                    small(format!("features file {name}: read-only, labels stay in memory"))
+                        .color(style::WARNING_FG),
+                )
+                .on_hover_text(
+                    "No project file is written for a features file; its images are not here, so tiles \
+                     show their split and class",
+                );
+            }
             None if self.engine.model_error.is_some() => {
                 ui.label(small("no CLIP model".into()).color(style::WARNING_FG))
                     .on_hover_text(self.engine.model_error.clone().unwrap_or_default());

@@ -370,12 +370,14 @@ pub fn zero_shot_probs(z: &Mat, text: &Mat, scale: f32) -> Mat {
 // Training.
 
 pub struct TrainRequest {
-    pub embedder: Arc<Embedder>,
+    /// Computes the labelled images' augmented views; `None` for a features file (no images: centre crops only).
+    pub embedder: Option<Arc<Embedder>>,
     pub method: Method,
     pub params: TrainParams,
     pub classes: Vec<String>,
     pub text: Arc<Mat>,
-    pub text_neg: Arc<Mat>,
+    /// `None` when there are no negative prompts (a features file without `text_neg.features`).
+    pub text_neg: Option<Arc<Mat>>,
     /// Centre-crop features of every image.
     pub centre: Arc<Mat>,
     /// Image indices and labels to train on, and held out for the accuracy.
@@ -496,15 +498,23 @@ pub fn run_train(
     if req.train.is_empty() {
         return Err("label at least one image before training".into());
     }
-    let views = req.embedder.options().views as u32;
-    let paths: Vec<PathBuf> = req.train.iter().map(|t| t.1.clone()).collect();
-    let view_ids: Vec<u32> = (1..=views).collect();
-    let (aug, _) = req
+    let views = req
         .embedder
-        .embed_images(&paths, &view_ids, progress, cancel)
-        .map_err(|e| e.to_string())?;
+        .as_ref()
+        .map_or(0, |e| e.options().views as u32);
+    let (aug_ok, aug_views) = match &req.embedder {
+        Some(e) if views > 0 => {
+            let paths: Vec<PathBuf> = req.train.iter().map(|t| t.1.clone()).collect();
+            let view_ids: Vec<u32> = (1..=views).collect();
+            let (aug, _) = e
+                .embed_images(&paths, &view_ids, progress, cancel)
+                .map_err(|e| e.to_string())?;
+            (aug.ok, aug.per_view)
+        }
+        _ => (vec![true; req.train.len()], Vec::new()),
+    };
     // Images whose views could not be computed are left out.
-    let keep: Vec<usize> = (0..req.train.len()).filter(|&i| aug.ok[i]).collect();
+    let keep: Vec<usize> = (0..req.train.len()).filter(|&i| aug_ok[i]).collect();
     if keep.is_empty() {
         return Err("none of the labelled images could be read".into());
     }
@@ -512,13 +522,14 @@ pub fn run_train(
     let split = LabelledSplit {
         features: req.centre.select_rows(&rows),
         labels: keep.iter().map(|&i| req.train[i].2).collect(),
-        views: (views > 0).then(|| aug.per_view.iter().map(|v| v.select_rows(&keep)).collect()),
+        views: (!aug_views.is_empty())
+            .then(|| aug_views.iter().map(|v| v.select_rows(&keep)).collect()),
         paths: None,
     };
     let input = TrainInput {
         classes: &req.classes,
         text: Some(&req.text),
-        text_neg: Some(&req.text_neg),
+        text_neg: req.text_neg.as_deref(),
         train: &split,
         // Held-out images are not given as validation: Tip-Adapter would tune (α, β) on them and the accuracy
         // shown would flatter it.

@@ -149,7 +149,7 @@ impl HeGraphApp {
                 .weak(),
         );
         ui.add_space(2.0);
-        let list_height = (ui.available_height() - 250.0).max(120.0);
+        let list_height = (ui.available_height() - 330.0).max(120.0);
         egui::ScrollArea::vertical()
             .id_salt("hegraph-class-list")
             .max_height(list_height)
@@ -272,23 +272,27 @@ impl HeGraphApp {
                     for k in SortKey::ALL {
                         ui.selectable_value(&mut filter.sort, k, k.label());
                     }
+                    if s.similarity_query().is_some() {
+                        let k = SortKey::Similarity;
+                        ui.selectable_value(&mut filter.sort, k, k.label());
+                    }
                 })
                 .response
                 .labelled_by(l.id);
         });
-        ui.horizontal(|ui| {
-            let l = ui.label("search");
-            let r = ui
-                .add(
-                    egui::TextEdit::singleline(&mut filter.search)
-                        .hint_text("file name (Ctrl+F)")
-                        .desired_width(ui.available_width().min(170.0)),
-                )
-                .labelled_by(l.id);
-            if std::mem::take(&mut self.grid.focus_search) {
-                r.request_focus();
-            }
-        });
+        let test_checkpoint = self
+            .engine
+            .model
+            .as_ref()
+            .is_some_and(|m| m.is_test_checkpoint);
+        let search = super::search::search_row(
+            ui,
+            &mut self.search,
+            &mut filter,
+            &mut self.grid.focus_search,
+            s.similarity_query(),
+            test_checkpoint,
+        );
         if filter != GridFilter::default() && ui.small_button("clear filters").clicked() {
             filter = GridFilter::default();
         }
@@ -304,6 +308,12 @@ impl HeGraphApp {
             .desired_height(18.0),
         );
         s.set_filter(filter);
+        if search.clear {
+            s.clear_similarity();
+        }
+        if search.submit {
+            self.start_phrase_query();
+        }
         if let Some(c) = label_as {
             self.label_with(Some(c));
         }
@@ -363,6 +373,7 @@ impl HeGraphApp {
         }
         let mut clicked: Option<(usize, egui::Modifiers)> = None;
         let mut double: Option<usize> = None;
+        let mut menu: Option<(usize, TileMenu)> = None;
         let mut wanted: Vec<ThumbKey> = Vec::new();
         if let Some(c) = s.cursor {
             wanted.push(ThumbKey {
@@ -399,6 +410,7 @@ impl HeGraphApp {
                                 is_cursor: cursor == Some(i),
                                 selected: selection.contains(&i),
                                 hovered: resp.hovered(),
+                                card: self.features_file.as_ref().map(|f| f.card(i, &classes)),
                             };
                             draw_tile(ui, rect, tile_w, thumbs.get(key), &info, &classes);
                         }
@@ -408,6 +420,16 @@ impl HeGraphApp {
                         if resp.double_clicked() {
                             double = Some(i);
                         }
+                        resp.context_menu(|ui| {
+                            if ui.button("More like this (M)").clicked() {
+                                menu = Some((i, TileMenu::MoreLikeThis));
+                                ui.close();
+                            }
+                            if ui.button("Near-duplicates… (D)").clicked() {
+                                menu = Some((i, TileMenu::Duplicates));
+                                ui.close();
+                            }
+                        });
                     }
                 });
             }
@@ -416,7 +438,10 @@ impl HeGraphApp {
         if visible.is_empty() {
             ui.label(RichText::new("No image matches the filters.").weak());
         }
-        thumbs.want(&wanted);
+        wanted.extend(self.search.duplicates.wanted.iter().copied());
+        if self.features_file.is_none() {
+            thumbs.want(&wanted);
+        }
         if let Some((i, m)) = clicked {
             if m.command {
                 s.ctrl_click(i);
@@ -426,9 +451,21 @@ impl HeGraphApp {
                 s.click(i);
             }
         }
+        if let Some((i, _)) = menu {
+            // A right-click on an image outside the selection acts on that image alone.
+            if !s.targets().contains(&i) {
+                s.click(i);
+            }
+        }
         if let Some(i) = double {
             s.click(i);
             self.open_viewer();
+        }
+        if let Some((_, what)) = menu {
+            match what {
+                TileMenu::MoreLikeThis => self.more_like_this(),
+                TileMenu::Duplicates => self.open_duplicates(),
+            }
         }
     }
 
@@ -454,7 +491,18 @@ impl HeGraphApp {
             .double_clicked();
         ui.painter()
             .rect_filled(rect, 8.0, ui.visuals().extreme_bg_color);
+        let card = self.features_file.as_ref().map(|f| f.card(c, &classes));
+        if let Some(text) = &card {
+            ui.painter().text(
+                rect.center(),
+                Align2::CENTER_CENTER,
+                text,
+                FontId::proportional(18.0),
+                ui.visuals().strong_text_color(),
+            );
+        }
         let tex = match thumbs.preview(c) {
+            _ if card.is_some() => None,
             Thumb::Ready(t) => Some(t.clone()),
             Thumb::Failed(e) => {
                 ui.painter().text(
@@ -593,12 +641,21 @@ impl HeGraphApp {
     }
 }
 
+/// What a tile's context menu asked for.
+#[derive(Clone, Copy)]
+enum TileMenu {
+    MoreLikeThis,
+    Duplicates,
+}
+
 struct TileInfo {
     label: Option<usize>,
     prediction: Option<(usize, f32, f32)>,
     is_cursor: bool,
     selected: bool,
     hovered: bool,
+    /// Instead of a picture (a features file has none): the row's split and class.
+    card: Option<String>,
 }
 
 fn draw_tile(
@@ -621,6 +678,18 @@ fn draw_tile(
     p.rect_filled(rect, 6.0, bg);
     let img_rect = Rect::from_min_size(rect.min, Vec2::splat(size)).shrink(5.0);
     match thumb {
+        _ if info.card.is_some() => {
+            p.rect_filled(img_rect, 4.0, v.extreme_bg_color);
+            if let Some(text) = &info.card {
+                p.with_clip_rect(img_rect).text(
+                    img_rect.center(),
+                    Align2::CENTER_CENTER,
+                    text,
+                    FontId::proportional(12.5),
+                    v.text_color(),
+                );
+            }
+        }
         Thumb::Ready(t) => {
             let r = fit(t.size_vec2(), img_rect);
             p.image(

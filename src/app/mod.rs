@@ -20,12 +20,14 @@ pub mod frame_stats;
 pub mod graph_view;
 pub mod jobs;
 pub mod prefs;
+pub mod search;
 pub mod state;
 pub mod style;
 pub mod thumbs;
 
 mod chrome;
 mod dialogs;
+mod features_file;
 mod graph_page;
 mod image_viewer;
 mod label_view;
@@ -109,6 +111,10 @@ pub enum AppError {
     Data(#[from] DataError),
     #[error("{}: no such folder or project file; give an image folder or a project .json file", path.display())]
     NotFound { path: PathBuf },
+    #[error(transparent)]
+    Features(#[from] crate::features::FeaturesError),
+    #[error("{}: the features file holds no image rows", path.display())]
+    NoRows { path: PathBuf },
     #[error("nothing is open; open an image folder first")]
     NothingOpen,
     #[error("cannot open the window: {0}")]
@@ -288,6 +294,10 @@ pub struct HeGraphApp {
     /// The person's choices for every project (model, recent projects).
     prefs: prefs::Prefs,
     frames: frame_stats::FrameStats,
+    /// CLIP text search, "more like this" and near-duplicates ([`search`]).
+    search: search::SearchState,
+    /// The features file the open project is, when it is one ([`features_file`]): read-only, no images.
+    features_file: Option<features_file::FeaturesSource>,
 }
 
 impl HeGraphApp {
@@ -323,6 +333,8 @@ impl HeGraphApp {
             viewer: None,
             train_after_embed: false,
             styled: false,
+            search: search::SearchState::default(),
+            features_file: None,
         }
     }
 
@@ -350,7 +362,10 @@ impl HeGraphApp {
 
     /// True while embedding or training runs (or is about to).
     pub fn is_busy(&self) -> bool {
-        self.engine.embed_job.is_some() || self.engine.train_job.is_some() || self.train_after_embed
+        self.engine.embed_job.is_some()
+            || self.engine.train_job.is_some()
+            || self.train_after_embed
+            || self.search.busy()
     }
 
     /// Closes the dialog on top, as Esc does.
@@ -408,6 +423,9 @@ impl HeGraphApp {
 
     /// Opens an image folder (its project if it has one) or a project file.
     pub fn open_path(&mut self, path: &Path) -> Result<(), AppError> {
+        if features_file::is_features_file(path) {
+            return self.open_features_file(path);
+        }
         if path.is_file() {
             return self.open_project_file(path);
         }
@@ -736,6 +754,8 @@ impl HeGraphApp {
         self.graph_key = None;
         self.thumbs = None;
         self.grid = GridUi::default();
+        self.search.reset_for_new_project();
+        self.features_file = None;
         let mut session = Session::new(project, path, images);
         // The project reopens with the sort and the view it was left with.
         let st = &session.project.settings;
@@ -778,6 +798,10 @@ impl HeGraphApp {
     /// Embeds the images (when their features are missing) and the class prompts in the background.
     pub fn start_embedding(&mut self) {
         let Some(s) = &self.session else { return };
+        if self.features_file.is_some() {
+            // A features file is embedded already, by someone else's CLIP.
+            return;
+        }
         if self.engine.embed_job.is_some() {
             return;
         }
@@ -825,12 +849,27 @@ impl HeGraphApp {
             self.train_after_embed = true;
             return Ok(());
         }
-        let (Some(embedder), Some(centre), Some(text), Some(text_neg)) = (
+        // A features file has no images to embed (no embedder: no augmented views) and may lack negative
+        // prompts (the graph then has no negative nodes).
+        let from_file = self.features_file.is_some();
+        let ready = match (
             self.engine.embedder.clone(),
             self.engine.centre.clone(),
             self.engine.text.clone(),
             self.engine.text_neg.clone(),
-        ) else {
+        ) {
+            (Some(e), Some(c), Some(t), Some(n)) => Some((Some(e), c, t, Some(n))),
+            (None, Some(c), Some(t), n) if from_file => Some((None, c, t, n)),
+            _ => None,
+        };
+        if from_file && ready.is_none() {
+            return Err(
+                "this features file has no text features (text.features): the methods here need one text \
+                 node per class"
+                    .into(),
+            );
+        }
+        let Some((embedder, centre, text, text_neg)) = ready else {
             if let Some(why) = self.engine.model_error.clone() {
                 return Err(format!("cannot train: {why}"));
             }
@@ -951,6 +990,7 @@ impl HeGraphApp {
                 self.notify(Level::Warn, e);
             }
         }
+        self.poll_search();
     }
 
     fn embedding_done(&mut self, out: EmbedOutput) {
@@ -1281,6 +1321,9 @@ impl HeGraphApp {
             View::Graph => self.graph_page(ui),
             View::Train => self.train_view(ui),
         }
+        if self.view == View::Label {
+            self.duplicates_window(&ctx);
+        }
         self.image_viewer(&ctx);
         self.show_dialogs(&ctx);
         chrome::drop_overlay(&ctx);
@@ -1415,6 +1458,8 @@ impl HeGraphApp {
                     self.dialogs.model_dir_text = None;
                 } else if self.dialogs.export.open {
                     self.dialogs.export.open = false;
+                } else if self.search.duplicates.open {
+                    self.search.duplicates.open = false;
                 } else if let Some(s) = self.session.as_mut() {
                     s.clear_selection();
                 }
@@ -1426,8 +1471,16 @@ impl HeGraphApp {
             }
             Action::FocusSearch => {
                 self.view = View::Label;
+                self.search.mode = search::SearchMode::FileName;
                 self.grid.focus_search = true;
             }
+            Action::FocusClipSearch => {
+                self.view = View::Label;
+                self.search.mode = search::SearchMode::ClipText;
+                self.grid.focus_search = true;
+            }
+            Action::MoreLikeThis => self.more_like_this(),
+            Action::NearDuplicates => self.open_duplicates(),
             Action::CycleShow => {
                 if let Some(s) = self.session.as_mut() {
                     let mut f = s.filter().clone();

@@ -38,6 +38,12 @@ pub(super) enum Action {
     Move(isize),
     /// The cursor image at full size ([`super::image_viewer`]).
     OpenViewer,
+    /// The search box in its CLIP text mode ([`super::search`]).
+    FocusClipSearch,
+    /// Sort by similarity to the selected image(s).
+    MoreLikeThis,
+    /// The near-duplicates window.
+    NearDuplicates,
 }
 
 /// What the mapping from keys to actions depends on.
@@ -162,6 +168,12 @@ pub(super) const BINDINGS: &[Binding] = &[
         help: "Train view",
     },
     Binding {
+        chords: &[(CMD_SHIFT, Key::F)],
+        scope: Scope::Anywhere,
+        act: Act::Do(Action::FocusClipSearch),
+        help: "search by meaning: a phrase ranked with CLIP's text encoder (Enter searches)",
+    },
+    Binding {
         chords: &[(CMD, Key::F)],
         scope: Scope::Anywhere,
         act: Act::Do(Action::FocusSearch),
@@ -254,6 +266,18 @@ pub(super) const BINDINGS: &[Binding] = &[
         scope: Scope::Grid,
         act: Act::Do(Action::CycleSort),
         help: "next sort order",
+    },
+    Binding {
+        chords: &[(NONE, Key::M)],
+        scope: Scope::Grid,
+        act: Act::Do(Action::MoreLikeThis),
+        help: "more like this: sort by similarity to the selected image(s)",
+    },
+    Binding {
+        chords: &[(NONE, Key::D)],
+        scope: Scope::Grid,
+        act: Act::Do(Action::NearDuplicates),
+        help: "near-duplicates: groups of look-alike images, labelled or skipped whole",
     },
     Binding {
         chords: &[(NONE, Key::Space)],
@@ -495,6 +519,9 @@ mod tests {
             "1 … 9",
             "V",
             "S",
+            "M",
+            "D",
+            "Ctrl+Shift+F",
             "Escape",
         ] {
             assert!(keys.contains(&shown), "{shown} missing from {keys:?}");

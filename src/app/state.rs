@@ -36,6 +36,9 @@ pub enum SortKey {
     ConfidenceDesc,
     /// Smallest top-1 minus top-2 first: the images the model is torn about.
     MarginAsc,
+    /// Most similar first to the last similarity query (a CLIP phrase, or "more like this"); not in
+    /// [`SortKey::ALL`]: it exists only while a query does (see [`Session::set_similarity`]).
+    Similarity,
 }
 
 impl SortKey {
@@ -52,6 +55,7 @@ impl SortKey {
             SortKey::ConfidenceAsc => "confidence ↑ (least sure first)",
             SortKey::ConfidenceDesc => "confidence ↓ (most sure first)",
             SortKey::MarginAsc => "margin ↑ (most torn first)",
+            SortKey::Similarity => "similarity ↓ (most alike first)",
         }
     }
 
@@ -62,6 +66,7 @@ impl SortKey {
             SortKey::ConfidenceAsc => "confidence_asc",
             SortKey::ConfidenceDesc => "confidence_desc",
             SortKey::MarginAsc => "margin_asc",
+            SortKey::Similarity => "similarity",
         }
     }
 
@@ -132,6 +137,8 @@ pub struct Session {
     changed_since_training: usize,
     /// Bumped on every label change so views can cache derived data.
     pub label_generation: u64,
+    /// Cosine of every image to the current similarity query (`None`: no features), and what the query is.
+    similarity: Option<(Vec<Option<f32>>, String)>,
 }
 
 impl Session {
@@ -160,6 +167,7 @@ impl Session {
             trained_on: BTreeMap::new(),
             changed_since_training: 0,
             label_generation: 0,
+            similarity: None,
         };
         s.trained_on = s.project.labels.clone();
         s.refresh_visible();
@@ -280,6 +288,38 @@ impl Session {
         Some(m)
     }
 
+    // --- similarity ------------------------------------------------------------------------------------
+
+    /// Installs the scores of a similarity query (one per image; a wrong length is ignored) described by
+    /// `query` ("“a dog on a beach”", "like 3 images"), and sorts the grid by them.
+    pub fn set_similarity(&mut self, scores: Vec<Option<f32>>, query: String) {
+        if scores.len() != self.images.len() {
+            return;
+        }
+        self.similarity = Some((scores, query));
+        self.filter.sort = SortKey::Similarity;
+        self.visible_dirty = true;
+    }
+
+    /// Drops the similarity query; a grid sorted by it goes back to folder order.
+    pub fn clear_similarity(&mut self) {
+        self.similarity = None;
+        if self.filter.sort == SortKey::Similarity {
+            self.filter.sort = SortKey::Name;
+        }
+        self.visible_dirty = true;
+    }
+
+    /// Image `i`'s cosine to the current query.
+    pub fn similarity(&self, i: usize) -> Option<f32> {
+        self.similarity.as_ref()?.0.get(i).copied().flatten()
+    }
+
+    /// What the current similarity query is, when there is one.
+    pub fn similarity_query(&self) -> Option<&str> {
+        self.similarity.as_ref().map(|s| s.1.as_str())
+    }
+
     // --- grid ------------------------------------------------------------------------------------------
 
     pub fn filter(&self) -> &GridFilter {
@@ -329,6 +369,12 @@ impl Session {
             }),
             SortKey::MarginAsc => {
                 v.sort_by(|&a, &b| cmp_opt(key(a).map(|s| s.2), key(b).map(|s| s.2)))
+            }
+            SortKey::Similarity => {
+                if let Some((scores, _)) = &self.similarity {
+                    let score = |i: usize| scores.get(i).copied().flatten().map(|x| -x);
+                    v.sort_by(|&a, &b| cmp_opt(score(a), score(b)).then(a.cmp(&b)));
+                }
             }
         }
         self.visible = v;
@@ -984,6 +1030,41 @@ mod tests {
         // A wrong-shaped matrix is refused.
         s.set_predictions(Some(Mat::zeros(2, 3)));
         assert!(s.predictions().is_none());
+    }
+
+    #[test]
+    fn a_similarity_query_sorts_the_grid_under_the_filters_and_clearing_it_restores_folder_order() {
+        let mut s = session(5, None);
+        s.set_labels(&[1], Some(0));
+        s.set_similarity(
+            vec![Some(0.1), Some(0.9), None, Some(0.5), Some(0.9)],
+            "q".into(),
+        );
+        assert_eq!(s.filter().sort, SortKey::Similarity);
+        assert_eq!(
+            s.visible(),
+            &[1, 4, 3, 0, 2],
+            "ties in folder order, no score last"
+        );
+        assert_eq!(s.similarity(3), Some(0.5));
+        assert_eq!(s.similarity_query(), Some("q"));
+        s.set_filter(GridFilter {
+            show: Show::Unlabelled,
+            sort: SortKey::Similarity,
+            ..Default::default()
+        });
+        assert_eq!(s.visible(), &[4, 3, 0, 2]);
+        // A wrong length is ignored.
+        s.set_similarity(vec![Some(1.0)], "bad".into());
+        assert_eq!(s.similarity_query(), Some("q"));
+        s.clear_similarity();
+        assert_eq!(s.filter().sort, SortKey::Name);
+        assert_eq!(s.visible(), &[0, 2, 3, 4]);
+        assert_eq!(
+            SortKey::from_id(SortKey::Similarity.id()),
+            SortKey::Name,
+            "a reopened project has no query to sort by"
+        );
     }
 
     #[test]
