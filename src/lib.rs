@@ -16,6 +16,9 @@
 //!   reference backend (candle autodiff), training and prediction.
 //! - [`gpu`]: the wgpu runtime and WGSL kernels, and the adapter's training on them.
 //! - [`eval`]: the few-shot evaluation protocol of the field.
+//! - [`embedding_map`]: the 2-D map of the image features (PCA) that the map view draws.
+//! - [`chart_png`]: the training view's charts (accuracy against labels, confusion matrix) as PNG files.
+//! - [`review`]: k-fold held-out predictions on the labelled images (likely mistakes, accuracy, confusion).
 //! - [`app`]: the egui/eframe desktop application.
 
 pub mod linalg;
@@ -27,8 +30,10 @@ pub mod adapter;
 pub mod app;
 pub mod bench;
 pub mod cache;
+pub mod chart_png;
 pub mod clip;
 pub mod data;
+pub mod embedding_map;
 pub mod eval;
 pub mod extract;
 pub mod features;
@@ -36,4 +41,5 @@ pub mod gpu;
 pub mod graph;
 pub mod project;
 pub mod prompts;
+pub mod review;
 pub mod similarity;

@@ -214,6 +214,21 @@ pub struct Project {
     pub adapter_path: Option<PathBuf>,
     #[serde(default)]
     pub last_training: Option<TrainingRecord>,
+    /// Cross-validated accuracy after each training ([`crate::review`]), oldest first: how the model improves
+    /// as labels accumulate, kept so the training view can plot it across sessions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accuracy_history: Vec<AccuracyPoint>,
+}
+
+/// The k-fold cross-validated accuracy on the labelled images after one training.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AccuracyPoint {
+    /// Seconds since the Unix epoch.
+    pub finished_unix: u64,
+    /// Labelled images at the time (all of them take part in the cross-validation).
+    pub labels: usize,
+    pub accuracy: f32,
+    pub folds: usize,
 }
 
 fn default_templates() -> Vec<String> {
@@ -256,6 +271,7 @@ impl Project {
             settings: Settings::default(),
             adapter_path: None,
             last_training: None,
+            accuracy_history: Vec::new(),
         }
     }
 

@@ -1143,7 +1143,7 @@ fn help_lists_the_keys_esc_closes_it_and_filter_sort_and_search_have_keys() {
     for key in ["Ctrl+Q", "Ctrl+F", "Ctrl+Shift+Z, Ctrl+Y", "1 … 9", "V"] {
         h.get_by_label(key);
     }
-    h.get_by_label("show all / unlabelled / labelled images");
+    h.get_by_label("show all / unlabelled / labelled images / likely mistakes");
     for _ in 0..4 {
         h.step();
     }

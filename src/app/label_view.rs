@@ -241,10 +241,28 @@ impl HeGraphApp {
                 (Show::All, "all"),
                 (Show::Unlabelled, "unlabelled"),
                 (Show::Labelled, "labelled"),
+                (Show::Review, "review"),
             ] {
-                ui.selectable_value(&mut filter.show, v, t);
+                let r = ui.selectable_value(&mut filter.show, v, t);
+                if v == Show::Review {
+                    r.on_hover_text(
+                        "Likely mistakes: labels that a confident prediction of a model that did not see \
+                         them disagrees with (5-fold cross-validation), most confident first",
+                    );
+                }
             }
         });
+        if filter.show == Show::Review {
+            let n = s.review().len();
+            ui.label(
+                RichText::new(format!(
+                    "{n} label(s) a held-out prediction ≥ {:.0} % disagrees with",
+                    super::insights::REVIEW_MIN_CONFIDENCE * 100.0
+                ))
+                .small()
+                .weak(),
+            );
+        }
         ui.horizontal(|ui| {
             let l = ui.label("predicted as");
             let text = filter
@@ -293,9 +311,16 @@ impl HeGraphApp {
             s.similarity_query(),
             test_checkpoint,
         );
-        if filter != GridFilter::default() && ui.small_button("clear filters").clicked() {
-            filter = GridFilter::default();
-        }
+        let mut bulk = false;
+        ui.horizontal(|ui| {
+            if filter != GridFilter::default() && ui.small_button("clear filters").clicked() {
+                filter = GridFilter::default();
+            }
+            bulk = ui
+                .small_button("Accept predictions… (A)")
+                .on_hover_text("Label every unlabelled image predicted at least X % surely")
+                .clicked();
+        });
         ui.add_space(8.0);
         let (done, total) = (s.labelled_count(), s.len());
         ui.add(
@@ -319,6 +344,9 @@ impl HeGraphApp {
         }
         if edit {
             self.open_class_editor();
+        }
+        if bulk {
+            self.open_bulk_accept();
         }
     }
 

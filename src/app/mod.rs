@@ -18,6 +18,7 @@
 
 pub mod frame_stats;
 pub mod graph_view;
+pub mod insights;
 pub mod jobs;
 pub mod prefs;
 pub mod search;
@@ -25,12 +26,14 @@ pub mod state;
 pub mod style;
 pub mod thumbs;
 
+mod bulk_accept;
 mod chrome;
 mod dialogs;
 mod features_file;
 mod graph_page;
 mod image_viewer;
 mod label_view;
+mod map_view;
 mod path_prompt;
 mod shortcuts;
 mod train_view;
@@ -55,6 +58,8 @@ use prefs::ModelChoice;
 use shortcuts::Action;
 use state::{GridFilter, ImageItem, Session, Show, SortKey};
 use thumbs::ThumbCache;
+
+pub use train_view::Chart;
 
 /// Where a folder's images and class-name/label files are.
 struct Sidecars {
@@ -172,16 +177,18 @@ pub enum View {
     Label,
     Graph,
     Train,
+    Map,
 }
 
 impl View {
-    pub const ALL: [View; 3] = [View::Label, View::Graph, View::Train];
+    pub const ALL: [View; 4] = [View::Label, View::Graph, View::Train, View::Map];
 
     pub fn title(self) -> &'static str {
         match self {
             View::Label => "Label",
             View::Graph => "Graph",
             View::Train => "Train",
+            View::Map => "Map",
         }
     }
 
@@ -191,6 +198,7 @@ impl View {
             View::Label => "label",
             View::Graph => "graph",
             View::Train => "train",
+            View::Map => "map",
         }
     }
 
@@ -203,6 +211,7 @@ impl View {
             View::Label => "Ctrl+1",
             View::Graph => "Ctrl+2",
             View::Train => "Ctrl+3",
+            View::Map => "Ctrl+4",
         }
     }
 }
@@ -298,6 +307,8 @@ pub struct HeGraphApp {
     search: search::SearchState,
     /// The features file the open project is, when it is one ([`features_file`]): read-only, no images.
     features_file: Option<features_file::FeaturesSource>,
+    /// The map, the cross-validation and the bulk-accept dialog ([`insights`]).
+    insight: insights::Insights,
 }
 
 impl HeGraphApp {
@@ -335,6 +346,7 @@ impl HeGraphApp {
             styled: false,
             search: search::SearchState::default(),
             features_file: None,
+            insight: insights::Insights::default(),
         }
     }
 
@@ -366,6 +378,7 @@ impl HeGraphApp {
             || self.engine.train_job.is_some()
             || self.train_after_embed
             || self.search.busy()
+            || self.insight.busy()
     }
 
     /// Closes the dialog on top, as Esc does.
@@ -375,7 +388,7 @@ impl HeGraphApp {
 
     /// Whether a modal dialog (a question, the class picker, an editor) has the keyboard.
     pub fn modal_open(&self) -> bool {
-        self.dialogs.modal_open()
+        self.dialogs.modal_open() || self.insight.bulk.is_some()
     }
 
     pub fn has_features(&self) -> bool {
@@ -752,6 +765,7 @@ impl HeGraphApp {
         self.train_after_embed = false;
         self.graph = GraphView::default();
         self.graph_key = None;
+        self.insight = insights::Insights::default();
         self.thumbs = None;
         self.grid = GridUi::default();
         self.search.reset_for_new_project();
@@ -1129,6 +1143,7 @@ impl HeGraphApp {
             ));
         }
         self.notify(Level::Info, msg);
+        self.insight.record_after_training();
         self.engine.history.push(summary);
         self.engine.adapter = Some(out.adapter);
         self.engine.serial += 1;
@@ -1297,6 +1312,7 @@ impl HeGraphApp {
         let started = Instant::now();
         self.frames.frame_started(started);
         self.poll_jobs();
+        self.poll_insights();
         if self.thumbs.is_none() {
             if let Some(s) = &self.session {
                 let paths = s.images.iter().map(|i| i.path.clone()).collect();
@@ -1320,12 +1336,14 @@ impl HeGraphApp {
             View::Label => self.label_view(ui),
             View::Graph => self.graph_page(ui),
             View::Train => self.train_view(ui),
+            View::Map => self.map_view(ui),
         }
         if self.view == View::Label {
             self.duplicates_window(&ctx);
         }
         self.image_viewer(&ctx);
         self.show_dialogs(&ctx);
+        self.bulk_accept_dialog(&ctx);
         chrome::drop_overlay(&ctx);
         self.show_notices(&ctx);
         if self.is_busy() {
@@ -1394,8 +1412,10 @@ impl HeGraphApp {
             ctx.input_mut(|i| i.events.retain(|e| !shortcuts::is_user_input(e)));
             return;
         }
-        if self.dialogs.modal_open() {
-            if ctx.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Escape)) {
+        if self.modal_open() {
+            if ctx.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Escape))
+                && self.insight.bulk.take().is_none()
+            {
                 self.dialogs.close_top();
             }
             return;
@@ -1417,7 +1437,7 @@ impl HeGraphApp {
             match shortcuts::action_of(&e, &cx) {
                 Some(a) => {
                     self.perform(a);
-                    if self.dialogs.modal_open() || self.dialogs.drop_input {
+                    if self.modal_open() || self.dialogs.drop_input {
                         keep.extend(events.by_ref());
                     }
                 }
@@ -1487,7 +1507,8 @@ impl HeGraphApp {
                     f.show = match f.show {
                         Show::All => Show::Unlabelled,
                         Show::Unlabelled => Show::Labelled,
-                        Show::Labelled => Show::All,
+                        Show::Labelled => Show::Review,
+                        Show::Review => Show::All,
                     };
                     s.set_filter(f);
                 }
@@ -1507,6 +1528,7 @@ impl HeGraphApp {
             }
             Action::Label(class) => self.label_with(class),
             Action::LabelNext => self.label_next(),
+            Action::AcceptPredictions => self.open_bulk_accept(),
             Action::OpenViewer => self.open_viewer(),
             Action::ClassPicker => {
                 if self.session.is_some() {

@@ -44,6 +44,8 @@ pub(super) enum Action {
     MoreLikeThis,
     /// The near-duplicates window.
     NearDuplicates,
+    /// "Accept predictions ≥ X %" ([`super::bulk_accept`]).
+    AcceptPredictions,
 }
 
 /// What the mapping from keys to actions depends on.
@@ -174,6 +176,12 @@ pub(super) const BINDINGS: &[Binding] = &[
         help: "search by meaning: a phrase ranked with CLIP's text encoder (Enter searches)",
     },
     Binding {
+        chords: &[(CMD, Key::Num4)],
+        scope: Scope::Anywhere,
+        act: Act::Do(Action::Show(View::Map)),
+        help: "Map view",
+    },
+    Binding {
         chords: &[(CMD, Key::F)],
         scope: Scope::Anywhere,
         act: Act::Do(Action::FocusSearch),
@@ -259,7 +267,13 @@ pub(super) const BINDINGS: &[Binding] = &[
         chords: &[(NONE, Key::V)],
         scope: Scope::Grid,
         act: Act::Do(Action::CycleShow),
-        help: "show all / unlabelled / labelled images",
+        help: "show all / unlabelled / labelled images / likely mistakes",
+    },
+    Binding {
+        chords: &[(NONE, Key::A)],
+        scope: Scope::Grid,
+        act: Act::Do(Action::AcceptPredictions),
+        help: "accept every prediction at least X % sure (asks, shows the count first)",
     },
     Binding {
         chords: &[(NONE, Key::S)],
@@ -342,7 +356,7 @@ pub(super) fn action_for(key: Key, mods: Modifiers, cx: &KeyContext) -> Option<A
         let in_scope = match b.scope {
             Scope::Anywhere => true,
             Scope::NotTyping => !cx.text_focus,
-            Scope::Grid => !cx.text_focus && cx.view == View::Label && plain,
+            Scope::Grid => !cx.text_focus && matches!(cx.view, View::Label | View::Map) && plain,
         };
         let chord = b
             .chords

@@ -23,6 +23,9 @@ pub enum Show {
     All,
     Labelled,
     Unlabelled,
+    /// Labelled images whose label a confident held-out prediction disagrees with ([`Session::set_review`]),
+    /// the most confident disagreement first.
+    Review,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -139,6 +142,8 @@ pub struct Session {
     pub label_generation: u64,
     /// Cosine of every image to the current similarity query (`None`: no features), and what the query is.
     similarity: Option<(Vec<Option<f32>>, String)>,
+    /// The likely mistakes: (image, class a held-out model predicts for it), most confident first.
+    review: Vec<(usize, usize)>,
 }
 
 impl Session {
@@ -168,6 +173,7 @@ impl Session {
             changed_since_training: 0,
             label_generation: 0,
             similarity: None,
+            review: Vec::new(),
         };
         s.trained_on = s.project.labels.clone();
         s.refresh_visible();
@@ -348,7 +354,7 @@ impl Session {
             .filter(|&i| {
                 let l = self.labels[i];
                 let show = match f.show {
-                    Show::All => true,
+                    Show::All | Show::Review => true,
                     Show::Labelled => l.is_some(),
                     Show::Unlabelled => l.is_none(),
                 };
@@ -358,6 +364,21 @@ impl Session {
                     && (needle.is_empty() || self.images[i].rel.to_lowercase().contains(&needle))
             })
             .collect();
+        if f.show == Show::Review {
+            // The review list's own order (how confident the disagreement is), limited to the images whose
+            // label still disagrees: a fixed label leaves the list at once, before the list is recomputed.
+            let keep: std::collections::HashSet<usize> = v.into_iter().collect();
+            self.visible = self
+                .review
+                .iter()
+                .filter(|&&(i, predicted)| {
+                    keep.contains(&i) && self.labels[i].is_some_and(|l| l != predicted)
+                })
+                .map(|&(i, _)| i)
+                .collect();
+            self.visible_dirty = false;
+            return;
+        }
         let key = |i: usize| self.summary[i];
         match f.sort {
             SortKey::Name => {}
@@ -379,6 +400,23 @@ impl Session {
         }
         self.visible = v;
         self.visible_dirty = false;
+    }
+
+    /// Installs the likely mistakes (image, class a held-out model predicts), most confident first.
+    pub fn set_review(&mut self, list: Vec<(usize, usize)>) {
+        let list: Vec<(usize, usize)> = list
+            .into_iter()
+            .filter(|&(i, c)| i < self.images.len() && c < self.classes().len())
+            .collect();
+        if list != self.review {
+            self.review = list;
+            self.visible_dirty = true;
+        }
+    }
+
+    /// The likely mistakes as installed (before the filter drops the ones fixed since).
+    pub fn review(&self) -> &[(usize, usize)] {
+        &self.review
     }
 
     // --- selection -------------------------------------------------------------------------------------
@@ -532,6 +570,62 @@ impl Session {
             .find(|&x| !targets.contains(&x) && self.labels[x].is_none())
     }
 
+    /// Unlabelled images whose top prediction has probability at least `min_confidence`, with that class,
+    /// in folder order; only those predicted as `class` when given. What "accept predictions" would label.
+    pub fn acceptable(&self, min_confidence: f32, class: Option<usize>) -> Vec<(usize, usize)> {
+        (0..self.images.len())
+            .filter(|&i| self.labels[i].is_none())
+            .filter_map(|i| {
+                let (c, p, _) = self.summary[i]?;
+                (p >= min_confidence && class.is_none_or(|k| k == c)).then_some((i, c))
+            })
+            .collect()
+    }
+
+    /// Gives each `(image, class)` its class with `origin`, as one undoable action, and saves. An image that
+    /// carries a label already keeps it: this labels what nobody labelled (accepting predictions in bulk).
+    pub fn label_each_unlabelled(
+        &mut self,
+        labels: &[(usize, usize)],
+        origin: LabelOrigin,
+    ) -> LabelOutcome {
+        let changes: Vec<(usize, Labelled, Labelled)> = labels
+            .iter()
+            .filter(|&&(i, _)| i < self.images.len() && self.labels[i].is_none())
+            .filter_map(|&(i, c)| {
+                let name = self.classes().get(c)?.clone();
+                Some((i, None, Some((name, origin))))
+            })
+            .collect();
+        self.commit(changes)
+    }
+
+    /// Applies a new edit, saves, and records it for undo; a save that fails rolls it back.
+    fn commit(&mut self, changes: Vec<(usize, Labelled, Labelled)>) -> LabelOutcome {
+        if changes.is_empty() {
+            return LabelOutcome {
+                changed: 0,
+                saved: Ok(()),
+            };
+        }
+        let changed = changes.len();
+        let edit = Edit { changes };
+        self.apply(&edit, false);
+        if let Err(e) = self.save() {
+            self.apply(&edit, true);
+            return LabelOutcome {
+                changed: 0,
+                saved: Err(e),
+            };
+        }
+        self.undo.push(edit);
+        self.redo.clear();
+        LabelOutcome {
+            changed,
+            saved: Ok(()),
+        }
+    }
+
     /// Sets labels of `images` as the person's own (an undoable action) and saves.
     pub fn set_labels(&mut self, images: &[usize], class: Option<usize>) -> LabelOutcome {
         self.set_labels_from(images, class, &vec![LabelOrigin::Human; images.len()])
@@ -574,28 +668,7 @@ impl Session {
                 (old != new).then_some((i, old, new))
             })
             .collect();
-        if changes.is_empty() {
-            return LabelOutcome {
-                changed: 0,
-                saved: Ok(()),
-            };
-        }
-        let changed = changes.len();
-        let edit = Edit { changes };
-        self.apply(&edit, false);
-        if let Err(e) = self.save() {
-            self.apply(&edit, true);
-            return LabelOutcome {
-                changed: 0,
-                saved: Err(e),
-            };
-        }
-        self.undo.push(edit);
-        self.redo.clear();
-        LabelOutcome {
-            changed,
-            saved: Ok(()),
-        }
+        self.commit(changes)
     }
 
     /// Image `i`'s label and its origin.
@@ -922,6 +995,59 @@ mod tests {
         assert_eq!(s.origin(2), None);
         let saved = Project::load(&dir.path().join("p.json")).unwrap().project;
         assert!(!saved.label_origins.contains_key("img02.png"));
+    }
+
+    #[test]
+    fn accepting_predictions_labels_only_unlabelled_images_as_one_undo_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = session(4, Some(dir.path()));
+        let probs = Mat::from_vec(
+            4,
+            3,
+            vec![
+                0.9, 0.05, 0.05, 0.2, 0.75, 0.05, 0.5, 0.3, 0.2, 0.95, 0.03, 0.02,
+            ],
+        );
+        s.set_predictions(Some(probs));
+        s.click(3);
+        s.label_targets(Some(2), false).saved.unwrap();
+        assert_eq!(
+            s.acceptable(0.7, None),
+            vec![(0, 0), (1, 1)],
+            "3 is labelled"
+        );
+        assert_eq!(s.acceptable(0.7, Some(1)), vec![(1, 1)]);
+        assert_eq!(s.acceptable(0.0, None).len(), 3);
+        let out = s.label_each_unlabelled(&[(0, 0), (1, 1), (3, 0)], LabelOrigin::Accepted);
+        out.saved.unwrap();
+        assert_eq!(out.changed, 2, "the person's label of 3 is kept");
+        assert_eq!(
+            (s.label(0), s.label(1), s.label(3)),
+            (Some(0), Some(1), Some(2))
+        );
+        let saved = Project::load(&dir.path().join("p.json")).unwrap().project;
+        assert_eq!(saved.origin("img00.png"), LabelOrigin::Accepted);
+        assert_eq!(saved.origin("img01.png"), LabelOrigin::Accepted);
+        assert_eq!(saved.origin("img03.png"), LabelOrigin::Human);
+        s.undo().unwrap().saved.unwrap();
+        assert_eq!((s.label(0), s.label(1), s.label(3)), (None, None, Some(2)));
+    }
+
+    #[test]
+    fn the_review_filter_keeps_its_order_and_drops_a_label_once_fixed() {
+        let mut s = session(5, None);
+        s.set_labels(&[0, 1, 2, 3], Some(0));
+        s.set_review(vec![(2, 1), (0, 2), (3, 0), (9, 0)]);
+        assert_eq!(s.review().len(), 3, "an image out of range is dropped");
+        s.set_filter(GridFilter {
+            show: Show::Review,
+            ..Default::default()
+        });
+        assert_eq!(s.visible(), &[2, 0], "3 already has the predicted class");
+        s.set_labels(&[2], Some(1));
+        assert_eq!(s.visible(), &[0]);
+        s.undo();
+        assert_eq!(s.visible(), &[2, 0]);
     }
 
     #[test]

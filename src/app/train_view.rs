@@ -1,12 +1,23 @@
-//! The training view: method and hyperparameters (left), the live loss curve, the history of runs with their
-//! held-out accuracy, and the labels per class (centre).
+//! The training view: method and hyperparameters (left), the live loss curve, the cross-validated accuracy
+//! across retrains, the history of runs with their held-out accuracy, the labels per class and the confusion
+//! matrix of the cross-validated predictions (centre). Both charts export as PNG ([`crate::chart_png`]).
 
-use egui::{Align2, FontId, Pos2, Rect, RichText, Sense, Vec2};
-use egui_plot::{Legend, Line, Plot};
+use std::path::PathBuf;
+
+use egui::{Align2, Color32, FontId, Pos2, Rect, RichText, Sense, Stroke, Vec2};
+use egui_plot::{Legend, Line, Plot, Points};
 
 use super::dialogs::{method_combo, param, param_group, reset_params};
-use super::{style, HeGraphApp};
+use super::{style, HeGraphApp, Level};
 use crate::adapter::{Fusion, Method, TrainParams, WeightInit};
+use crate::chart_png::{accuracy_chart, confusion_chart, save_png};
+
+/// Which chart to write as PNG.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Chart {
+    Accuracy,
+    Confusion,
+}
 
 impl HeGraphApp {
     pub(super) fn train_view(&mut self, ui: &mut egui::Ui) {
@@ -276,51 +287,56 @@ impl HeGraphApp {
                 .map(|r| r.losses.clone())
         };
         let current = live.clone().or(last).unwrap_or_default();
-        ui.horizontal(|ui| {
-            ui.heading("Loss");
-            let note = if live.is_some() {
-                "training now".to_string()
-            } else if current.is_empty() {
-                "train (T) to see the curve".to_string()
-            } else {
-                "last training".to_string()
-            };
-            ui.label(RichText::new(note).weak());
-        });
         let to_points = |l: &[(usize, f32)]| -> Vec<[f64; 2]> {
             l.iter().map(|&(s, v)| [s as f64, v as f64]).collect()
         };
-        let height = (ui.available_height() * 0.48).clamp(180.0, 360.0);
-        Plot::new("hegraph-loss")
-            .height(height)
-            .legend(Legend::default())
-            .x_axis_label("step")
-            .y_axis_label("loss")
-            .include_y(0.0)
-            .allow_scroll(false)
-            .show(ui, |plot| {
-                if let Some(prev) = &previous {
-                    if !prev.is_empty() {
+        let height = (ui.available_height() * 0.40).clamp(160.0, 320.0);
+        let mut export = None;
+        ui.columns(2, |cols| {
+            let ui = &mut cols[0];
+            ui.horizontal(|ui| {
+                ui.heading("Loss");
+                let note = if live.is_some() {
+                    "training now".to_string()
+                } else if current.is_empty() {
+                    "train (T) to see the curve".to_string()
+                } else {
+                    "last training".to_string()
+                };
+                ui.label(RichText::new(note).weak());
+            });
+            Plot::new("hegraph-loss")
+                .height(height)
+                .legend(Legend::default())
+                .x_axis_label("step")
+                .y_axis_label("loss")
+                .include_y(0.0)
+                .allow_scroll(false)
+                .show(ui, |plot| {
+                    if let Some(prev) = &previous {
+                        if !prev.is_empty() {
+                            plot.line(
+                                Line::new("previous run", to_points(prev))
+                                    .color(egui::Color32::from_gray(120))
+                                    .width(1.5),
+                            );
+                        }
+                    }
+                    if !current.is_empty() {
+                        let name = if live.is_some() {
+                            "this run"
+                        } else {
+                            "last run"
+                        };
                         plot.line(
-                            Line::new("previous run", to_points(prev))
-                                .color(egui::Color32::from_gray(120))
-                                .width(1.5),
+                            Line::new(name, to_points(&current))
+                                .color(style::ACCENT)
+                                .width(2.5),
                         );
                     }
-                }
-                if !current.is_empty() {
-                    let name = if live.is_some() {
-                        "this run"
-                    } else {
-                        "last run"
-                    };
-                    plot.line(
-                        Line::new(name, to_points(&current))
-                            .color(style::ACCENT)
-                            .width(2.5),
-                    );
-                }
-            });
+                });
+            export = export.or(self.accuracy_plot(&mut cols[1], height));
+        });
         if let Some(r) = self.engine.history.last() {
             let mut how = r.selection.clone().unwrap_or_default();
             if r.refined > 0 {
@@ -337,10 +353,210 @@ impl HeGraphApp {
             }
         }
         ui.add_space(10.0);
-        ui.columns(2, |cols| {
+        ui.columns(3, |cols| {
             self.runs_table(&mut cols[0]);
             self.class_counts(&mut cols[1]);
+            export = export.or(self.confusion_matrix(&mut cols[2]));
         });
+        if let Some(chart) = export {
+            match self.export_chart(chart) {
+                Ok(p) => self.notify(Level::Info, format!("saved {}", p.display())),
+                Err(e) => self.notify(Level::Error, e),
+            }
+        }
+    }
+
+    /// Where a chart's PNG goes: next to the project file.
+    fn chart_path(&self, chart: Chart) -> Option<PathBuf> {
+        let dir = self.session.as_ref()?.project_path.as_ref()?.parent()?;
+        Some(dir.join(match chart {
+            Chart::Accuracy => "accuracy.png",
+            Chart::Confusion => "confusion.png",
+        }))
+    }
+
+    /// Writes a chart of the training view as a PNG next to the project file and returns its path.
+    pub fn export_chart(&mut self, chart: Chart) -> Result<PathBuf, String> {
+        let path = self
+            .chart_path(chart)
+            .ok_or("the project has no folder to save the chart in")?;
+        let img = match chart {
+            Chart::Accuracy => {
+                let points: Vec<(usize, f32)> = self
+                    .session
+                    .as_ref()
+                    .map(|s| {
+                        s.project
+                            .accuracy_history
+                            .iter()
+                            .map(|p| (p.labels, p.accuracy))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                accuracy_chart(&points)
+            }
+            Chart::Confusion => match self.cross_validation() {
+                Some(cv) => confusion_chart(&cv.confusion()),
+                None => confusion_chart(&[]),
+            },
+        }
+        .map_err(|e| e.to_string())?;
+        save_png(&img, &path).map_err(|e| e.to_string())?;
+        Ok(path)
+    }
+
+    /// Cross-validated accuracy against the number of labels, one point per training (kept in the project).
+    fn accuracy_plot(&self, ui: &mut egui::Ui, height: f32) -> Option<Chart> {
+        let points: Vec<[f64; 2]> = self
+            .session
+            .as_ref()
+            .map(|s| {
+                s.project
+                    .accuracy_history
+                    .iter()
+                    .map(|p| [p.labels as f64, p.accuracy as f64 * 100.0])
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut export = None;
+        ui.horizontal(|ui| {
+            ui.heading("Accuracy");
+            ui.label(
+                RichText::new("5-fold cross-validated, after each training")
+                    .weak()
+                    .small(),
+            );
+            if !points.is_empty() && ui.small_button("Export PNG").clicked() {
+                export = Some(Chart::Accuracy);
+            }
+        });
+        Plot::new("hegraph-cv-accuracy")
+            .height(height)
+            .x_axis_label("labelled images")
+            .y_axis_label("accuracy %")
+            .include_y(0.0)
+            .include_y(100.0)
+            .allow_scroll(false)
+            .show(ui, |plot| {
+                if !points.is_empty() {
+                    plot.line(
+                        Line::new("cross-validated", points.clone())
+                            .color(style::OK)
+                            .width(2.5),
+                    );
+                    plot.points(
+                        Points::new("trainings", points)
+                            .radius(4.0)
+                            .color(style::OK),
+                    );
+                }
+            });
+        if self
+            .session
+            .as_ref()
+            .is_some_and(|s| s.project.accuracy_history.is_empty())
+        {
+            ui.label(RichText::new("Train (T) to measure the first point.").weak());
+        }
+        export
+    }
+
+    /// Rows: the label; columns: the cross-validated prediction; each row coloured by its share.
+    fn confusion_matrix(&self, ui: &mut egui::Ui) -> Option<Chart> {
+        let mut export = None;
+        let cv = self.cross_validation();
+        ui.horizontal(|ui| {
+            ui.heading("Confusion");
+            if cv.is_some() && ui.small_button("Export PNG").clicked() {
+                export = Some(Chart::Confusion);
+            }
+        });
+        let Some(cv) = cv else {
+            ui.label(RichText::new("Needs two labels; computed in the background.").weak());
+            return export;
+        };
+        let classes = self
+            .session
+            .as_ref()
+            .map(|s| s.classes().to_vec())
+            .unwrap_or_default();
+        let m = cv.confusion();
+        let c = m.len().max(1);
+        let side = ui.available_width().min(260.0);
+        let cell = ((side - 24.0) / c as f32).max(2.0);
+        let (rect, resp) =
+            ui.allocate_exact_size(Vec2::splat(cell * c as f32 + 24.0), Sense::hover());
+        let p = ui.painter();
+        let origin = rect.min + Vec2::splat(24.0);
+        let mut hovered = None;
+        for (i, row) in m.iter().enumerate() {
+            let total = row.iter().sum::<usize>().max(1) as f32;
+            for (j, &n) in row.iter().enumerate() {
+                let share = n as f32 / total;
+                let base = if i == j {
+                    style::ACCENT
+                } else {
+                    Color32::from_rgb(230, 80, 70)
+                };
+                let r = Rect::from_min_size(
+                    origin + Vec2::new(j as f32 * cell, i as f32 * cell),
+                    Vec2::splat(cell - 1.0),
+                );
+                p.rect_filled(r, 1.0, ui.visuals().extreme_bg_color);
+                p.rect_filled(r, 1.0, base.gamma_multiply(share));
+                if n > 0 && cell >= 18.0 {
+                    p.text(
+                        r.center(),
+                        Align2::CENTER_CENTER,
+                        n.to_string(),
+                        FontId::monospace((cell * 0.4).min(13.0)),
+                        ui.visuals().strong_text_color(),
+                    );
+                }
+                if resp.hover_pos().is_some_and(|h| r.contains(h)) {
+                    hovered = Some((i, j, n));
+                }
+            }
+        }
+        for k in 0..c.min(classes.len()) {
+            if cell >= 12.0 {
+                let t = (k + 1).to_string();
+                let f = FontId::monospace(11.0);
+                let weak = ui.visuals().weak_text_color();
+                p.text(
+                    origin + Vec2::new((k as f32 + 0.5) * cell, -10.0),
+                    Align2::CENTER_CENTER,
+                    &t,
+                    f.clone(),
+                    weak,
+                );
+                p.text(
+                    origin + Vec2::new(-10.0, (k as f32 + 0.5) * cell),
+                    Align2::CENTER_CENTER,
+                    &t,
+                    f,
+                    weak,
+                );
+            }
+        }
+        p.rect_stroke(
+            Rect::from_min_size(origin, Vec2::splat(cell * c as f32)),
+            1.0,
+            Stroke::new(1.0, ui.visuals().weak_text_color()),
+            egui::StrokeKind::Outside,
+        );
+        let name = |k: usize| classes.get(k).cloned().unwrap_or_default();
+        let text = match hovered {
+            Some((i, j, n)) => format!("{n} labelled “{}”, predicted “{}”", name(i), name(j)),
+            None => format!(
+                "rows: label · columns: prediction · {:.1} % of {} labels ({} folds)",
+                cv.accuracy() * 100.0,
+                cv.images.len(),
+                cv.folds
+            ),
+        };
+        ui.label(RichText::new(text).small());
+        export
     }
 
     fn runs_table(&self, ui: &mut egui::Ui) {
