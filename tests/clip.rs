@@ -783,6 +783,75 @@ fn batching_and_padding_do_not_change_embeddings() {
     );
 }
 
+/// The fused CPU towers (`clip::cpu`) against candle-transformers' CLIP run as before
+/// (`clip::reference`), on a tiny checkpoint whose query and key weights are scaled up so that attention is
+/// sharp (at the test checkpoint's initial scales it is nearly uniform, which would hide a wrong mask or
+/// softmax). Images in one batch and alone; prompts of different lengths packed, against the reference's
+/// padded batch, including one truncated to the full context.
+#[test]
+fn fused_towers_match_candle_transformers_clip() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_checkpoint(dir.path(), &TestCheckpointConfig::tiny(), 11).unwrap();
+    let weights = dir.path().join(WEIGHTS_FILE);
+    let mut tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+    for (name, t) in tensors.iter_mut() {
+        if name.contains("q_proj.weight") || name.contains("k_proj.weight") {
+            *t = (&*t * 6.0).unwrap();
+        }
+    }
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let model = ClipModel::load(dir.path()).unwrap();
+    let reference = hegraph::clip::reference::ReferenceClip::load(dir.path()).unwrap();
+
+    let s = model.info().image_size;
+    let names = [
+        "chelsea.png",
+        "rocket.jpg",
+        "coins.png",
+        "horse.png",
+        "moon.png",
+    ];
+    let images: Vec<ImageTensor> = names
+        .iter()
+        .map(|n| center_crop(&load_rgb(&photo(n)).unwrap(), s))
+        .collect();
+    let want = reference.encode_images(&images).unwrap();
+    let got = model.encode_images(&images).unwrap();
+    let alone = model.encode_images(&images[2..3]).unwrap();
+    for r in 0..images.len() {
+        let c = cosine(got.row(r), want.row(r));
+        assert!(c >= 0.99999, "image {r}: cosine {c} against the reference");
+    }
+    assert!(cosine(alone.row(0), want.row(2)) >= 0.99999);
+    assert!(
+        cosine(want.row(0), want.row(1)) < 0.999,
+        "the check must see the images differ"
+    );
+
+    let texts: Vec<String> = [
+        "a cat",
+        "a photo of a rocket on its launch pad at night",
+        "",
+        &"a very long description of a photograph ".repeat(30),
+        "two dogs",
+    ]
+    .iter()
+    .map(|t| t.to_string())
+    .collect();
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| model.tokenize(t).unwrap()).collect();
+    assert_eq!(ids[3].len(), 77);
+    let want = reference.encode_token_ids(&ids).unwrap();
+    let got = model.encode_texts(&texts).unwrap();
+    for r in 0..texts.len() {
+        let c = cosine(got.row(r), want.row(r));
+        assert!(c >= 0.99999, "prompt {r}: cosine {c} against the reference");
+    }
+    assert!(
+        cosine(want.row(0), want.row(4)) < 0.999,
+        "the check must see the prompts differ"
+    );
+}
+
 #[test]
 fn file_and_memory_decoding_give_the_same_embedding() {
     let (_dir, model) = tiny_model();
