@@ -1052,3 +1052,84 @@ fn zero_shot_on_real_photos_with_a_real_checkpoint() {
         );
     }
 }
+
+/// Cancels the job at its first progress report after the stage starts counting.
+struct CancelOnUpdate(
+    hegraph::progress::CancelToken,
+    std::sync::atomic::AtomicUsize,
+);
+
+impl hegraph::progress::Progress for CancelOnUpdate {
+    fn update(&self, _done: usize, _total: usize) {
+        // The first update reports what the cache already held; cancel after the first batch is encoded.
+        if self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 1 {
+            self.0.cancel();
+        }
+    }
+}
+
+/// The embedding pipeline decodes the next batch while one encodes: batches of one image must give the
+/// rows one big batch gives, each image in its place, and a cancel between batches must end the run (the
+/// decoding thread stops too) with what was encoded kept in the cache.
+#[test]
+fn pipelined_embedding_matches_one_batch_and_stops_on_cancel() {
+    use hegraph::extract::{EmbedOptions, Embedder, ExtractError};
+    use hegraph::progress::{CancelToken, NoProgress};
+    let (_dir, model) = tiny_model();
+    let model = std::sync::Arc::new(model);
+    let names = [
+        "chelsea.png",
+        "rocket.jpg",
+        "coins.png",
+        "horse.png",
+        "moon.png",
+    ];
+    let paths: Vec<PathBuf> = names.iter().map(|n| photo(n)).collect();
+    let embed =
+        |batch_size: usize, progress: &dyn hegraph::progress::Progress, cancel: &CancelToken| {
+            let cache = tempfile::tempdir().unwrap();
+            let e = Embedder::new(
+                model.clone(),
+                EmbedOptions {
+                    batch_size,
+                    cache_dir: Some(cache.path().to_path_buf()),
+                    ..EmbedOptions::default()
+                },
+            )
+            .unwrap();
+            (e.embed_images(&paths, &[0, 1], progress, cancel), cache)
+        };
+    let (whole, _c1) = embed(32, &NoProgress, &CancelToken::new());
+    let (piecewise, _c2) = embed(1, &NoProgress, &CancelToken::new());
+    let (whole, _) = whole.unwrap();
+    let (piecewise, stats) = piecewise.unwrap();
+    assert_eq!(stats.features_computed, 2 * names.len());
+    for v in 0..2 {
+        assert!(
+            whole.per_view[v].max_abs_diff(&piecewise.per_view[v]) < 1e-5,
+            "view {v}"
+        );
+    }
+    assert!(cosine(whole.per_view[0].row(0), whole.per_view[0].row(1)) < 0.9999);
+
+    let cancel = CancelToken::new();
+    let progress = CancelOnUpdate(cancel.clone(), Default::default());
+    let (r, cache) = embed(1, &progress, &cancel);
+    assert!(matches!(r, Err(ExtractError::Cancelled)), "{:?}", r.err());
+    // What was encoded before the cancel is in the cache: a second run computes only the rest.
+    let e = Embedder::new(
+        model.clone(),
+        EmbedOptions {
+            batch_size: 1,
+            cache_dir: Some(cache.path().to_path_buf()),
+            ..EmbedOptions::default()
+        },
+    )
+    .unwrap();
+    let (again, stats) = e
+        .embed_images(&paths, &[0, 1], &NoProgress, &CancelToken::new())
+        .unwrap();
+    assert!(stats.features_from_cache >= 2, "{stats:?}");
+    assert!(stats.features_computed < 2 * names.len(), "{stats:?}");
+    assert!(again.per_view[0].max_abs_diff(&whole.per_view[0]) < 1e-5);
+}
