@@ -20,6 +20,8 @@ pub enum BenchError {
     Adapter(#[from] AdapterError),
     #[error(transparent)]
     Gpu(#[from] GpuError),
+    #[error(transparent)]
+    Extract(#[from] crate::extract::ExtractError),
     #[error("no benchmark images found in {0}")]
     NoImages(PathBuf),
 }
@@ -38,35 +40,258 @@ fn demo_images() -> Result<Vec<PathBuf>, BenchError> {
     Ok(v)
 }
 
+/// What `hegraph bench clip` times and where its results go.
+#[derive(Clone, Debug, Default)]
+pub struct ClipBenchOptions {
+    /// Time this checkpoint (a random-weight one with ViT-B/32's sizes is written there when it holds
+    /// none) instead of the local CLIP weights or the default bench checkpoint.
+    pub checkpoint: Option<PathBuf>,
+    /// Least seconds per measurement (default [`clip::bench::DEFAULT_MIN_SECONDS`]).
+    pub seconds: Option<f64>,
+    /// Also time candle-transformers' CLIP (the previous path) and print the smallest cosine to it.
+    pub reference: bool,
+    /// Write the results as JSON here (`benches/clip_peer.py` reads it).
+    pub json: Option<PathBuf>,
+}
+
+/// A random-weight checkpoint with ViT-B/32's exact sizes in `dir`, written when missing.
+fn bench_checkpoint(dir: &std::path::Path) -> Result<PathBuf, BenchError> {
+    if !dir.join("model.safetensors").exists() {
+        println!(
+            "writing a random-weight checkpoint with ViT-B/32's sizes: {}",
+            dir.display()
+        );
+        clip::test_checkpoint::write_test_checkpoint(
+            dir,
+            &clip::test_checkpoint::TestCheckpointConfig::vit_b_32(),
+            0,
+        )?;
+    }
+    Ok(dir.to_path_buf())
+}
+
 /// CLIP image encoding at batch 1 and 32 and text encoding per 1,000 prompts. Uses real weights when they
 /// are found locally; otherwise a random-weight checkpoint with ViT-B/32's exact sizes, which times the same
 /// arithmetic (and says so).
-pub fn bench_clip_cli() -> Result<(), BenchError> {
-    let dir = match clip::hub::resolve_model_dir(None, false) {
-        Ok(d) => d,
-        Err(e) => {
-            let base = dirs::cache_dir().unwrap_or_else(std::env::temp_dir);
-            let d = base.join("hegraph/models/hegraph-bench-vit-b-32");
-            println!("no local CLIP weights ({e});");
-            println!(
-                "timing a random-weight checkpoint with ViT-B/32's sizes instead: {}",
-                d.display()
-            );
-            if !d.join("model.safetensors").exists() {
-                clip::test_checkpoint::write_test_checkpoint(
-                    &d,
-                    &clip::test_checkpoint::TestCheckpointConfig::vit_b_32(),
-                    0,
-                )?;
+pub fn bench_clip_cli(opts: &ClipBenchOptions) -> Result<(), BenchError> {
+    let dir = match &opts.checkpoint {
+        Some(d) => bench_checkpoint(d)?,
+        None => match clip::hub::resolve_model_dir(None, false) {
+            Ok(d) => d,
+            Err(e) => {
+                let base = dirs::cache_dir().unwrap_or_else(std::env::temp_dir);
+                println!("no local CLIP weights ({e});");
+                println!("timing a random-weight checkpoint with ViT-B/32's sizes instead");
+                bench_checkpoint(&base.join("hegraph/models/hegraph-bench-vit-b-32"))?
             }
-            d
-        }
+        },
     };
     let model = ClipModel::load(&dir)?;
     println!("model: {}", model.info().banner());
     let photos = demo_images()?;
-    let r = clip::bench::bench_clip(&model, &photos)?;
+    let seconds = opts.seconds.unwrap_or(clip::bench::DEFAULT_MIN_SECONDS);
+    let inputs = clip::bench::BenchInputs::new(&photos, model.info().image_size)?;
+    let r = clip::bench::bench_clip_on(&model, &inputs, seconds)?;
     println!("{r}");
+    let reference = if opts.reference {
+        let reference = clip::reference::ReferenceClip::load(&dir)?;
+        let c = clip::bench::compare_with_reference(&model, &reference, &inputs, seconds)?;
+        println!("{c}");
+        println!(
+            "speed-up over it: batch 1 {:.2}x, batch 32 {:.2}x, prompts {:.2}x",
+            r.images_per_s_batch1 / c.images_per_s_batch1,
+            r.images_per_s_batch32 / c.images_per_s_batch32,
+            c.ms_per_1000_prompts / r.ms_per_1000_prompts
+        );
+        Some(c)
+    } else {
+        None
+    };
+    if let Some(path) = &opts.json {
+        let v = serde_json::json!({
+            "images_per_s_batch1": r.images_per_s_batch1,
+            "images_per_s_batch32": r.images_per_s_batch32,
+            "ms_per_1000_prompts": r.ms_per_1000_prompts,
+            "threads": r.threads,
+            "reference": reference,
+        });
+        std::fs::write(path, v.to_string()).map_err(|source| ClipError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// What `hegraph bench extract` times.
+#[derive(Clone, Debug)]
+pub struct ExtractBenchOptions {
+    /// Photos to upscale (default `../shared/data/photos` beside the source tree).
+    pub photos: Option<PathBuf>,
+    /// Large JPEGs to make and embed.
+    pub count: usize,
+    pub width: u32,
+    pub height: u32,
+    /// Rounds of (encoder only, end to end); each one's best is kept.
+    pub rounds: usize,
+    /// The checkpoint, as for `bench clip` (default: the random ViT-B/32-sized bench checkpoint).
+    pub checkpoint: Option<PathBuf>,
+}
+
+impl Default for ExtractBenchOptions {
+    fn default() -> Self {
+        Self {
+            photos: None,
+            count: 96,
+            width: 4000,
+            height: 3000,
+            rounds: 2,
+            checkpoint: None,
+        }
+    }
+}
+
+/// Upscales `sources` (cycled) to `count` JPEGs of `w×h` in `dir`. One pixel per file carries its index,
+/// so no two files share a content hash (the feature cache would embed duplicates once).
+fn make_large_jpegs(
+    sources: &[PathBuf],
+    dir: &std::path::Path,
+    count: usize,
+    (w, h): (u32, u32),
+) -> Result<Vec<PathBuf>, BenchError> {
+    use image::ImageEncoder;
+    use rayon::prelude::*;
+    let originals: Vec<image::RgbImage> = sources
+        .iter()
+        .filter_map(|p| clip::preprocess::load_rgb(p).ok())
+        .map(|img| image::imageops::resize(&img, w, h, image::imageops::FilterType::Triangle))
+        .collect();
+    if originals.is_empty() {
+        return Err(BenchError::NoImages(
+            sources.first().cloned().unwrap_or_default(),
+        ));
+    }
+    (0..count)
+        .into_par_iter()
+        .map(|i| {
+            let mut img = originals[i % originals.len()].clone();
+            let tag = i.to_le_bytes();
+            img.put_pixel(0, 0, image::Rgb([tag[0], tag[1], 255]));
+            let path = dir.join(format!("large_{i:04}.jpg"));
+            let io = |e: std::io::Error| ClipError::Io {
+                path: path.clone(),
+                source: e,
+            };
+            let file = std::fs::File::create(&path).map_err(io)?;
+            image::codecs::jpeg::JpegEncoder::new_with_quality(std::io::BufWriter::new(file), 90)
+                .write_image(img.as_raw(), w, h, image::ExtendedColorType::Rgb8)
+                .map_err(|e| ClipError::Write {
+                    path: path.clone(),
+                    msg: e.to_string(),
+                })?;
+            Ok(path)
+        })
+        .collect()
+}
+
+/// End-to-end `extract` throughput (hash, decode with DCT scaling, centre crop, encode, cache) on large
+/// JPEGs made from real photos, against the encoder alone on the same images' tensors, in alternating
+/// rounds; prints each round and the ratio of the best rounds.
+pub fn bench_extract_cli(opts: &ExtractBenchOptions) -> Result<(), BenchError> {
+    use crate::extract::{EmbedOptions, Embedder};
+    use crate::progress::{CancelToken, NoProgress};
+    let photos_dir = opts.photos.clone().unwrap_or_else(|| {
+        PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/data/photos"
+        ))
+    });
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(&photos_dir)
+        .map_err(|_| BenchError::NoImages(photos_dir.clone()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| crate::data::is_image_path(p))
+        .collect();
+    sources.sort();
+    let dir = match &opts.checkpoint {
+        Some(d) => bench_checkpoint(d)?,
+        None => {
+            let base = dirs::cache_dir().unwrap_or_else(std::env::temp_dir);
+            bench_checkpoint(&base.join("hegraph/models/hegraph-bench-vit-b-32"))?
+        }
+    };
+    let model = std::sync::Arc::new(ClipModel::load(&dir)?);
+    println!("model: {}", model.info().banner());
+    let tmp = tempfile::tempdir().map_err(|source| ClipError::Io {
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    let images_dir = tmp.path().join("images");
+    std::fs::create_dir_all(&images_dir).map_err(|source| ClipError::Io {
+        path: images_dir.clone(),
+        source,
+    })?;
+    let t = Instant::now();
+    let paths = make_large_jpegs(&sources, &images_dir, opts.count, (opts.width, opts.height))?;
+    let bytes: u64 = paths
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    println!(
+        "made {} JPEGs of {}x{} from {} photos in {} ({:.1} MB on average) in {:.1} s",
+        paths.len(),
+        opts.width,
+        opts.height,
+        sources.len(),
+        photos_dir.display(),
+        bytes as f64 / paths.len().max(1) as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    let size = model.info().image_size;
+    let batch = EmbedOptions::default().batch_size;
+    let tensors: Vec<clip::ImageTensor> =
+        clip::preprocess::prepare_batch(&paths[..batch.min(paths.len())], size)
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+    let (mut best_encoder, mut best_e2e) = (0.0f64, 0.0f64);
+    for round in 1..=opts.rounds.max(1) {
+        // Encoder only: the same batches, tensors already made.
+        let t = Instant::now();
+        let mut left = paths.len();
+        while left > 0 {
+            let n = left.min(tensors.len());
+            model.encode_images(&tensors[..n])?;
+            left -= n;
+        }
+        let encoder = paths.len() as f64 / t.elapsed().as_secs_f64();
+        // End to end, into an empty cache each round.
+        let cache = tmp.path().join(format!("cache{round}"));
+        let embedder = Embedder::new(
+            model.clone(),
+            EmbedOptions {
+                cache_dir: Some(cache),
+                ..EmbedOptions::default()
+            },
+        )?;
+        let t = Instant::now();
+        let (_, stats) = embedder.embed_images(&paths, &[0], &NoProgress, &CancelToken::new())?;
+        let e2e = paths.len() as f64 / t.elapsed().as_secs_f64();
+        if let Some(p) = stats.problems.first() {
+            return Err(ClipError::Input(format!("{}: {}", p.path.display(), p.message)).into());
+        }
+        println!(
+            "round {round}: encoder only {encoder:.2} img/s, end to end {e2e:.2} img/s ({:.2}x)",
+            e2e / encoder
+        );
+        best_encoder = best_encoder.max(encoder);
+        best_e2e = best_e2e.max(e2e);
+    }
+    println!(
+        "best rounds: encoder only {best_encoder:.2} img/s, end to end {best_e2e:.2} img/s: {:.2}x \
+         (threads: {})",
+        best_e2e / best_encoder,
+        rayon::current_num_threads()
+    );
     Ok(())
 }
 

@@ -305,18 +305,56 @@ pub struct EvalArgs {
     pub csv: Option<PathBuf>,
 }
 
-#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+#[derive(Subcommand, Debug, Clone, PartialEq)]
 pub enum BenchWhat {
     /// CLIP image encoding at batch 1 and 32, and text encoding per 1,000 prompts.
-    Clip,
+    Clip(BenchClipArgs),
     /// Adapter training: ms per step and total time, C ∈ {10, 100, 1000}, K = 16, D = 512, both backends.
     Train(BenchTrainArgs),
+    /// End-to-end `extract` images/s on large JPEGs made from real photos, against the encoder alone.
+    Extract(BenchExtractArgs),
     /// WGSL matmul against the CPU matmul.
     Kernels,
     /// One wgpu training step with every kernel timed on the GPU (timestamp queries): where the time goes.
     Step(BenchStepArgs),
     /// The transductive refinement of unlabelled predictions (and the same algorithm in numpy, if present).
     Transduce(BenchTransduceArgs),
+}
+
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct BenchExtractArgs {
+    /// Photos to upscale (default: ../shared/data/photos beside the source tree).
+    #[arg(long)]
+    pub photos: Option<PathBuf>,
+    /// JPEGs to make (in a temporary folder) and embed.
+    #[arg(long, default_value_t = 96)]
+    pub count: usize,
+    #[arg(long, default_value_t = 4000)]
+    pub width: u32,
+    #[arg(long, default_value_t = 3000)]
+    pub height: u32,
+    /// Rounds of (encoder only, end to end); the best of each is compared.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    /// The checkpoint to time (as for `bench clip`).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct BenchClipArgs {
+    /// Time this checkpoint; a random-weight one with ViT-B/32's sizes is written there if it holds none.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Least seconds per measurement.
+    #[arg(long)]
+    pub seconds: Option<f64>,
+    /// Also time candle-transformers' CLIP on the same inputs and print the smallest cosine to it.
+    #[arg(long)]
+    pub reference: bool,
+    /// Write the results as JSON to this file (read by benches/clip_peer.py).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone, PartialEq, Eq)]
@@ -833,13 +871,28 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
     match a.what {
-        BenchWhat::Clip => hegraph::bench::bench_clip_cli(),
+        BenchWhat::Clip(c) => hegraph::bench::bench_clip_cli(&hegraph::bench::ClipBenchOptions {
+            checkpoint: c.checkpoint,
+            seconds: c.seconds,
+            reference: c.reference,
+            json: c.json,
+        }),
         BenchWhat::Train(t) => hegraph::bench::bench_train_cli(
             t.classes
                 .as_deref()
                 .unwrap_or(&hegraph::adapter::bench::BENCH_CLASSES),
             t.epochs,
         ),
+        BenchWhat::Extract(e) => {
+            hegraph::bench::bench_extract_cli(&hegraph::bench::ExtractBenchOptions {
+                photos: e.photos,
+                count: e.count,
+                width: e.width,
+                height: e.height,
+                rounds: e.rounds,
+                checkpoint: e.checkpoint,
+            })
+        }
         BenchWhat::Kernels => hegraph::bench::bench_kernels_cli(),
         BenchWhat::Step(s) => hegraph::bench::bench_step_cli(s.classes),
         BenchWhat::Transduce(t) => hegraph::bench::bench_transduce_cli(t.images, t.classes),

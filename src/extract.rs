@@ -27,6 +27,9 @@ use crate::prompts;
 /// The views still needed of one decoded image, tagged with their view index.
 type ViewTensors = Vec<(u32, ImageTensor)>;
 
+/// One batch's decodes: each image's index and its views, or why it could not be read.
+type Decoded = Vec<(usize, Result<ViewTensors, ClipError>)>;
+
 /// Augmented views per labelled image (the SPEC's `A`).
 pub const DEFAULT_VIEWS: usize = 10;
 
@@ -154,7 +157,6 @@ impl Embedder {
     ) -> Result<(ImageFeatures, EmbedStats), ExtractError> {
         let start = Instant::now();
         let dim = self.model.info().embed_dim;
-        let size = self.model.info().image_size;
         let n = paths.len();
         let mut stats = EmbedStats {
             images: n,
@@ -213,115 +215,141 @@ impl Embedder {
         let mut done = n - todo.len();
         progress.update(done, total);
         let batch = self.opts.batch_size.max(1);
-        for chunk in todo.chunks(batch) {
-            if cancel.is_cancelled() {
-                return Err(ExtractError::Cancelled);
-            }
-            // Decode each image once and cut every view it still lacks.
-            let prepared: Vec<(usize, Result<ViewTensors, ClipError>)> = {
-                let cache = self.cache()?;
-                let needed: Vec<(usize, ContentHash, Vec<u32>)> = chunk
-                    .iter()
-                    .filter_map(|&i| {
-                        let h = *hashes[i].as_ref().ok()?;
-                        let need: Vec<u32> = views
-                            .iter()
-                            .copied()
-                            .filter(|&v| {
-                                !cache.contains(&CacheKey {
-                                    content: h,
-                                    view: v,
-                                })
-                            })
-                            .collect();
-                        Some((i, h, need))
-                    })
-                    .collect();
-                drop(cache);
-                needed
-                    .into_par_iter()
-                    .map(|(i, h, need)| {
-                        // `img` holds its share of the decode budget until every view is cut.
-                        let r = preprocess::load_for_model(&paths[i], size).map(|img| {
-                            let key = u64::from_le_bytes([
-                                h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7],
-                            ]);
-                            let max_view = need.iter().copied().max().unwrap_or(0) as usize;
-                            let aug = if max_view > 0 {
-                                preprocess::augmented_views(
-                                    &img,
-                                    size,
-                                    max_view,
-                                    self.opts.seed,
-                                    key,
-                                )
-                            } else {
-                                Vec::new()
-                            };
-                            let mut aug = aug.into_iter().map(Some).collect::<Vec<_>>();
-                            need.iter()
-                                .filter_map(|&v| {
-                                    if v == 0 {
-                                        Some((0, preprocess::center_crop(&img, size)))
-                                    } else {
-                                        aug.get_mut(v as usize - 1)
-                                            .and_then(Option::take)
-                                            .map(|t| (v, t))
-                                    }
-                                })
-                                .collect::<Vec<_>>()
-                        });
-                        (i, r)
-                    })
-                    .collect()
-            };
-            let mut owners: Vec<(usize, u32)> = Vec::new();
-            let mut tensors: Vec<ImageTensor> = Vec::new();
-            for (i, r) in prepared {
-                match r {
-                    Ok(list) => {
-                        for (v, t) in list {
-                            owners.push((i, v));
-                            tensors.push(t);
-                        }
+        // Decoding overlaps encoding: a producer decodes batch k+1 (its images in parallel on rayon's pool,
+        // which the encoder shares, so the cores stay busy without oversubscription) while batch k encodes.
+        // The rendezvous channel holds nothing: at most one decoded batch waits while one encodes.
+        std::thread::scope(|scope| -> Result<(), ExtractError> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Decoded, ExtractError>>(0);
+            let todo = &todo;
+            let hashes = &hashes;
+            scope.spawn(move || {
+                for chunk in todo.chunks(batch) {
+                    if cancel.is_cancelled() {
+                        break;
                     }
-                    Err(e) => {
-                        ok[i] = false;
-                        stats.problems.push(Problem {
-                            path: paths[i].clone(),
-                            message: e.to_string(),
-                        });
-                        progress.message(&format!("skipped {}: {e}", paths[i].display()));
+                    let r = self.decode_chunk(chunk, paths, hashes, views);
+                    // A closed channel means the encoder stopped (cancelled or failed): stop decoding.
+                    if tx.send(r).is_err() {
+                        break;
                     }
                 }
-            }
-            let mut entries = Vec::with_capacity(tensors.len());
-            for (tchunk, ochunk) in tensors.chunks(batch).zip(owners.chunks(batch)) {
+            });
+            for chunk in todo.chunks(batch) {
                 if cancel.is_cancelled() {
                     return Err(ExtractError::Cancelled);
                 }
-                let feats = self.model.encode_images(tchunk)?;
-                for (r, &(i, v)) in ochunk.iter().enumerate() {
-                    let vi = views.iter().position(|&x| x == v).unwrap_or(0);
-                    per_view[vi].row_mut(i).copy_from_slice(feats.row(r));
-                    if let Ok(h) = &hashes[i] {
-                        entries.push((
-                            CacheKey {
-                                content: *h,
-                                view: v,
-                            },
-                            feats.row(r).to_vec(),
-                        ));
+                let prepared = match rx.recv() {
+                    Ok(r) => r?,
+                    Err(_) => return Err(ExtractError::Cancelled),
+                };
+                let mut owners: Vec<(usize, u32)> = Vec::new();
+                let mut tensors: Vec<ImageTensor> = Vec::new();
+                for (i, r) in prepared {
+                    match r {
+                        Ok(list) => {
+                            for (v, t) in list {
+                                owners.push((i, v));
+                                tensors.push(t);
+                            }
+                        }
+                        Err(e) => {
+                            ok[i] = false;
+                            stats.problems.push(Problem {
+                                path: paths[i].clone(),
+                                message: e.to_string(),
+                            });
+                            progress.message(&format!("skipped {}: {e}", paths[i].display()));
+                        }
                     }
                 }
+                let mut entries = Vec::with_capacity(tensors.len());
+                for (tchunk, ochunk) in tensors.chunks(batch).zip(owners.chunks(batch)) {
+                    if cancel.is_cancelled() {
+                        return Err(ExtractError::Cancelled);
+                    }
+                    let feats = self.model.encode_images(tchunk)?;
+                    for (r, &(i, v)) in ochunk.iter().enumerate() {
+                        let vi = views.iter().position(|&x| x == v).unwrap_or(0);
+                        per_view[vi].row_mut(i).copy_from_slice(feats.row(r));
+                        if let Ok(h) = &hashes[i] {
+                            entries.push((
+                                CacheKey {
+                                    content: *h,
+                                    view: v,
+                                },
+                                feats.row(r).to_vec(),
+                            ));
+                        }
+                    }
+                }
+                stats.features_computed += entries.len();
+                self.cache()?.insert_batch(entries)?;
+                done += chunk.len();
+                progress.update(done, total);
             }
-            stats.features_computed += entries.len();
-            self.cache()?.insert_batch(entries)?;
-            done += chunk.len();
-            progress.update(done, total);
-        }
+            Ok(())
+        })?;
         stats.seconds = start.elapsed().as_secs_f64();
         Ok((ImageFeatures { per_view, ok }, stats))
+    }
+
+    /// Decodes the images of `chunk` (indices into `paths`) once each and cuts every view each still lacks
+    /// in the cache.
+    fn decode_chunk(
+        &self,
+        chunk: &[usize],
+        paths: &[PathBuf],
+        hashes: &[Result<ContentHash, String>],
+        views: &[u32],
+    ) -> Result<Decoded, ExtractError> {
+        let size = self.model.info().image_size;
+        let cache = self.cache()?;
+        let needed: Vec<(usize, ContentHash, Vec<u32>)> = chunk
+            .iter()
+            .filter_map(|&i| {
+                let h = *hashes[i].as_ref().ok()?;
+                let need: Vec<u32> = views
+                    .iter()
+                    .copied()
+                    .filter(|&v| {
+                        !cache.contains(&CacheKey {
+                            content: h,
+                            view: v,
+                        })
+                    })
+                    .collect();
+                Some((i, h, need))
+            })
+            .collect();
+        drop(cache);
+        Ok(needed
+            .into_par_iter()
+            .map(|(i, h, need)| {
+                // `img` holds its share of the decode budget until every view is cut.
+                let r = preprocess::load_for_model(&paths[i], size).map(|img| {
+                    let key = u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]);
+                    let max_view = need.iter().copied().max().unwrap_or(0) as usize;
+                    let aug = if max_view > 0 {
+                        preprocess::augmented_views(&img, size, max_view, self.opts.seed, key)
+                    } else {
+                        Vec::new()
+                    };
+                    let mut aug = aug.into_iter().map(Some).collect::<Vec<_>>();
+                    need.iter()
+                        .filter_map(|&v| {
+                            if v == 0 {
+                                Some((0, preprocess::center_crop(&img, size)))
+                            } else {
+                                aug.get_mut(v as usize - 1)
+                                    .and_then(Option::take)
+                                    .map(|t| (v, t))
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                });
+                (i, r)
+            })
+            .collect())
     }
 
     /// Positive and negative text features per class (`C×D` each): every template filled with the class

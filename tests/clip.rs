@@ -783,6 +783,75 @@ fn batching_and_padding_do_not_change_embeddings() {
     );
 }
 
+/// The fused CPU towers (`clip::cpu`) against candle-transformers' CLIP run as before
+/// (`clip::reference`), on a tiny checkpoint whose query and key weights are scaled up so that attention is
+/// sharp (at the test checkpoint's initial scales it is nearly uniform, which would hide a wrong mask or
+/// softmax). Images in one batch and alone; prompts of different lengths packed, against the reference's
+/// padded batch, including one truncated to the full context.
+#[test]
+fn fused_towers_match_candle_transformers_clip() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_checkpoint(dir.path(), &TestCheckpointConfig::tiny(), 11).unwrap();
+    let weights = dir.path().join(WEIGHTS_FILE);
+    let mut tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+    for (name, t) in tensors.iter_mut() {
+        if name.contains("q_proj.weight") || name.contains("k_proj.weight") {
+            *t = (&*t * 6.0).unwrap();
+        }
+    }
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let model = ClipModel::load(dir.path()).unwrap();
+    let reference = hegraph::clip::reference::ReferenceClip::load(dir.path()).unwrap();
+
+    let s = model.info().image_size;
+    let names = [
+        "chelsea.png",
+        "rocket.jpg",
+        "coins.png",
+        "horse.png",
+        "moon.png",
+    ];
+    let images: Vec<ImageTensor> = names
+        .iter()
+        .map(|n| center_crop(&load_rgb(&photo(n)).unwrap(), s))
+        .collect();
+    let want = reference.encode_images(&images).unwrap();
+    let got = model.encode_images(&images).unwrap();
+    let alone = model.encode_images(&images[2..3]).unwrap();
+    for r in 0..images.len() {
+        let c = cosine(got.row(r), want.row(r));
+        assert!(c >= 0.99999, "image {r}: cosine {c} against the reference");
+    }
+    assert!(cosine(alone.row(0), want.row(2)) >= 0.99999);
+    assert!(
+        cosine(want.row(0), want.row(1)) < 0.999,
+        "the check must see the images differ"
+    );
+
+    let texts: Vec<String> = [
+        "a cat",
+        "a photo of a rocket on its launch pad at night",
+        "",
+        &"a very long description of a photograph ".repeat(30),
+        "two dogs",
+    ]
+    .iter()
+    .map(|t| t.to_string())
+    .collect();
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| model.tokenize(t).unwrap()).collect();
+    assert_eq!(ids[3].len(), 77);
+    let want = reference.encode_token_ids(&ids).unwrap();
+    let got = model.encode_texts(&texts).unwrap();
+    for r in 0..texts.len() {
+        let c = cosine(got.row(r), want.row(r));
+        assert!(c >= 0.99999, "prompt {r}: cosine {c} against the reference");
+    }
+    assert!(
+        cosine(want.row(0), want.row(4)) < 0.999,
+        "the check must see the prompts differ"
+    );
+}
+
 #[test]
 fn file_and_memory_decoding_give_the_same_embedding() {
     let (_dir, model) = tiny_model();
@@ -982,4 +1051,85 @@ fn zero_shot_on_real_photos_with_a_real_checkpoint() {
             prompts[best]
         );
     }
+}
+
+/// Cancels the job at its first progress report after the stage starts counting.
+struct CancelOnUpdate(
+    hegraph::progress::CancelToken,
+    std::sync::atomic::AtomicUsize,
+);
+
+impl hegraph::progress::Progress for CancelOnUpdate {
+    fn update(&self, _done: usize, _total: usize) {
+        // The first update reports what the cache already held; cancel after the first batch is encoded.
+        if self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 1 {
+            self.0.cancel();
+        }
+    }
+}
+
+/// The embedding pipeline decodes the next batch while one encodes: batches of one image must give the
+/// rows one big batch gives, each image in its place, and a cancel between batches must end the run (the
+/// decoding thread stops too) with what was encoded kept in the cache.
+#[test]
+fn pipelined_embedding_matches_one_batch_and_stops_on_cancel() {
+    use hegraph::extract::{EmbedOptions, Embedder, ExtractError};
+    use hegraph::progress::{CancelToken, NoProgress};
+    let (_dir, model) = tiny_model();
+    let model = std::sync::Arc::new(model);
+    let names = [
+        "chelsea.png",
+        "rocket.jpg",
+        "coins.png",
+        "horse.png",
+        "moon.png",
+    ];
+    let paths: Vec<PathBuf> = names.iter().map(|n| photo(n)).collect();
+    let embed =
+        |batch_size: usize, progress: &dyn hegraph::progress::Progress, cancel: &CancelToken| {
+            let cache = tempfile::tempdir().unwrap();
+            let e = Embedder::new(
+                model.clone(),
+                EmbedOptions {
+                    batch_size,
+                    cache_dir: Some(cache.path().to_path_buf()),
+                    ..EmbedOptions::default()
+                },
+            )
+            .unwrap();
+            (e.embed_images(&paths, &[0, 1], progress, cancel), cache)
+        };
+    let (whole, _c1) = embed(32, &NoProgress, &CancelToken::new());
+    let (piecewise, _c2) = embed(1, &NoProgress, &CancelToken::new());
+    let (whole, _) = whole.unwrap();
+    let (piecewise, stats) = piecewise.unwrap();
+    assert_eq!(stats.features_computed, 2 * names.len());
+    for v in 0..2 {
+        assert!(
+            whole.per_view[v].max_abs_diff(&piecewise.per_view[v]) < 1e-5,
+            "view {v}"
+        );
+    }
+    assert!(cosine(whole.per_view[0].row(0), whole.per_view[0].row(1)) < 0.9999);
+
+    let cancel = CancelToken::new();
+    let progress = CancelOnUpdate(cancel.clone(), Default::default());
+    let (r, cache) = embed(1, &progress, &cancel);
+    assert!(matches!(r, Err(ExtractError::Cancelled)), "{:?}", r.err());
+    // What was encoded before the cancel is in the cache: a second run computes only the rest.
+    let e = Embedder::new(
+        model.clone(),
+        EmbedOptions {
+            batch_size: 1,
+            cache_dir: Some(cache.path().to_path_buf()),
+            ..EmbedOptions::default()
+        },
+    )
+    .unwrap();
+    let (again, stats) = e
+        .embed_images(&paths, &[0, 1], &NoProgress, &CancelToken::new())
+        .unwrap();
+    assert!(stats.features_from_cache >= 2, "{stats:?}");
+    assert!(stats.features_computed < 2 * names.len(), "{stats:?}");
+    assert!(again.per_view[0].max_abs_diff(&whole.per_view[0]) < 1e-5);
 }

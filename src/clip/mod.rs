@@ -7,9 +7,11 @@
 //! [`ModelInfo::banner`], which every output shows.
 
 pub mod bench;
+pub mod cpu;
 pub mod hub;
 pub mod model;
 pub mod preprocess;
+pub mod reference;
 pub mod test_checkpoint;
 
 use std::path::PathBuf;

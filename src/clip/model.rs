@@ -10,7 +10,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use candle_transformers::models::clip as cclip;
 use candle_transformers::models::clip::text_model::{Activation, ClipTextConfig};
@@ -19,6 +19,7 @@ use rayon::prelude::*;
 use serde_json::{Map, Value};
 use tokenizers::Tokenizer;
 
+use super::cpu::{TextTower, VisionTower};
 use super::preprocess::ImageTensor;
 use super::ClipError;
 use crate::linalg::Mat;
@@ -30,11 +31,6 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const MAX_TOKENS: usize = 77;
 const START_OF_TEXT: u32 = 49406;
 const END_OF_TEXT: u32 = 49407;
-/// Padding id. The text tower pools at the position of the largest id (end-of-text is the largest in the
-/// vocabulary), so padding must be smaller than it: 0 as in OpenAI's `clip.tokenize`. Padding with the
-/// end-of-text id, as candle's example does, leaves the choice to argmax's tie-breaking. The causal mask
-/// keeps padding from influencing the pooled position, so the batch's padded length does not matter.
-const PAD: u32 = 0;
 /// Images per forward pass: big enough for the CPU matmuls to use every core, small enough that ViT-L/14
 /// activations stay in the low hundreds of MB.
 const IMAGE_CHUNK: usize = 32;
@@ -74,9 +70,9 @@ impl ModelInfo {
 /// A loaded CLIP model with its tokenizer. Shared across threads (`Send + Sync`); every method takes `&self`.
 pub struct ClipModel {
     info: ModelInfo,
-    model: cclip::ClipModel,
+    vision: VisionTower,
+    text: TextTower,
     tokenizer: Tokenizer,
-    device: Device,
     max_tokens: usize,
     start_id: u32,
     end_id: u32,
@@ -410,7 +406,7 @@ impl ClipModel {
                 msg: format!("{e} ({hint})"),
             }
         };
-        // SAFETY: the file is memory-mapped only while `ClipModel::new` copies every tensor out of it (the
+        // SAFETY: the file is memory-mapped only while the towers copy every tensor out of it (the
         // VarBuilder and its mapping are dropped before this function returns); the file must not be
         // truncated by another process during those moments, which holds for a model directory.
         let vb = unsafe {
@@ -423,8 +419,11 @@ impl ClipModel {
         .map_err(weights_err(&format!(
             "the file looks damaged or incomplete; {remedy}"
         )))?;
-        let model = cclip::ClipModel::new(vb, &parsed.clip)
-            .map_err(weights_err("config.json does not describe these weights"))?;
+        const SHAPES: &str = "config.json does not describe these weights";
+        let vision = VisionTower::load(&vb, &parsed.clip.vision_config, parsed.projection_dim)
+            .map_err(weights_err(SHAPES))?;
+        let text = TextTower::load(&vb, &parsed.clip.text_config).map_err(weights_err(SHAPES))?;
+        drop(vb);
 
         let tokenizer_path = dir.join(TOKENIZER_FILE);
         let tok_err = |msg: String| ClipError::Tokenizer {
@@ -461,9 +460,9 @@ impl ClipModel {
         };
         Ok(ClipModel {
             info,
-            model,
+            vision,
+            text,
             tokenizer,
-            device,
             max_tokens: MAX_TOKENS.min(parsed.clip.text_config.max_position_embeddings),
             start_id,
             end_id,
@@ -520,9 +519,7 @@ impl ClipModel {
             for t in chunk {
                 pixels.extend_from_slice(&t.data);
             }
-            let x = Tensor::from_vec(pixels, (chunk.len(), 3, s, s), &self.device)?;
-            let f = self.model.get_image_features(&x)?;
-            data.extend(f.flatten_all()?.to_vec1::<f32>()?);
+            data.extend(self.vision.forward(&pixels, chunk.len()));
         }
         self.normalized(images.len(), data)
     }
@@ -535,15 +532,7 @@ impl ClipModel {
                 .par_iter()
                 .map(|t| self.tokenize(t))
                 .collect::<Result<_, _>>()?;
-            let len = ids.iter().map(Vec::len).max().unwrap_or(0);
-            let mut flat = Vec::with_capacity(chunk.len() * len);
-            for row in &ids {
-                flat.extend_from_slice(row);
-                flat.resize(flat.len() + len - row.len(), PAD);
-            }
-            let x = Tensor::from_vec(flat, (chunk.len(), len), &self.device)?;
-            let f = self.model.get_text_features(&x)?;
-            data.extend(f.flatten_all()?.to_vec1::<f32>()?);
+            data.extend(self.text.forward(&ids).map_err(ClipError::Input)?);
         }
         self.normalized(texts.len(), data)
     }

@@ -1,0 +1,563 @@
+//! CLIP's image and text towers on the CPU, on plain `f32` buffers, with the weights loaded through candle.
+//!
+//! candle-transformers' CLIP spends most of its time outside the matrix products: every `Linear` on a
+//! `(batch, tokens, width)` tensor becomes one small GEMM per image against a broadcast weight, the heads are
+//! split and merged with transposes that copy, and layer norm, the bias additions, the residuals and
+//! quick-GELU each allocate and sweep a tensor of their own. Here each layer is five GEMMs over all the
+//! tokens of the batch at once (fused q/k/v, output projection, two MLP products; the patch embedding is one
+//! more over the unfolded patches) and three passes over rows (layer norm, attention read straight out of
+//! the fused q/k/v rows, bias with quick-GELU), the residual additions done by the GEMMs accumulating into
+//! the hidden state. The arithmetic is that of Hugging Face's `CLIPModel` (the tensors are those of its
+//! checkpoints); `tests/clip.rs` checks the features against candle-transformers' CLIP.
+//!
+//! Text is packed: each prompt takes exactly its own tokens (no padding), which the causal mask makes
+//! equivalent to the padded batch. Only the pooled rows (the class token of an image, the end-of-text token
+//! of a prompt) are carried through the last layer's attention output, MLP and final norm: nothing else
+//! reaches the features.
+
+use std::ops::Range;
+
+use candle_core::Result as CandleResult;
+use candle_nn::VarBuilder;
+use candle_transformers::models::clip::{
+    text_model::ClipTextConfig, vision_model::ClipVisionConfig,
+};
+use rayon::prelude::*;
+
+use crate::linalg::{dot, fast_exp, gemm, Tr};
+
+/// transformers' `layer_norm_eps` for CLIP (the only value the config parser accepts).
+const LN_EPS: f32 = 1e-5;
+/// Rows per rayon task in the row passes: enough work per task to amortise scheduling.
+const ROWS_PER_TASK: usize = 8;
+
+fn load(vb: &VarBuilder, shape: &[usize], name: &str) -> CandleResult<Vec<f32>> {
+    vb.get(shape, name)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// A linear layer's weight as stored (`out × in`, row-major: used transposed through GEMM strides).
+struct Linear {
+    w: Vec<f32>,
+    b: Vec<f32>,
+    inp: usize,
+    out: usize,
+}
+
+impl Linear {
+    fn load(vb: &VarBuilder, inp: usize, out: usize) -> CandleResult<Self> {
+        Ok(Self {
+            w: load(vb, &[out, inp], "weight")?,
+            b: load(vb, &[out], "bias")?,
+            inp,
+            out,
+        })
+    }
+
+    /// `y = x Wᵀ` (`rows × out`) without the bias: callers fuse it into the pass that follows.
+    fn product(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        gemm(
+            y,
+            (rows, self.out, self.inp),
+            x,
+            Tr::N,
+            &self.w,
+            Tr::T,
+            1.0,
+            0.0,
+        );
+    }
+
+    /// `acc += x Wᵀ + b`: the residual connection done by the GEMM itself.
+    fn accumulate(&self, x: &[f32], rows: usize, acc: &mut [f32]) {
+        add_rows(&mut acc[..rows * self.out], &self.b);
+        gemm(
+            acc,
+            (rows, self.out, self.inp),
+            x,
+            Tr::N,
+            &self.w,
+            Tr::T,
+            1.0,
+            1.0,
+        );
+    }
+}
+
+struct Norm {
+    g: Vec<f32>,
+    b: Vec<f32>,
+}
+
+impl Norm {
+    fn load(vb: &VarBuilder, d: usize) -> CandleResult<Self> {
+        Ok(Self {
+            g: load(vb, &[d], "weight")?,
+            b: load(vb, &[d], "bias")?,
+        })
+    }
+
+    /// Layer norm of each row of `x` into `out` (same shape).
+    fn apply(&self, x: &[f32], out: &mut [f32]) {
+        let d = self.g.len();
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(|(o, x)| self.row(x, o));
+    }
+
+    fn row(&self, x: &[f32], o: &mut [f32]) {
+        let inv_d = 1.0 / x.len() as f32;
+        let mean = sum(x) * inv_d;
+        let mut acc = [0.0f32; 8];
+        let chunks = x.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for l in 0..8 {
+                let t = c[l] - mean;
+                acc[l] += t * t;
+            }
+        }
+        let mut var: f32 = acc.iter().sum();
+        for &v in rest {
+            var += (v - mean) * (v - mean);
+        }
+        let inv = 1.0 / (var * inv_d + LN_EPS).sqrt();
+        for (((o, &x), &g), &b) in o.iter_mut().zip(x).zip(&self.g).zip(&self.b) {
+            *o = (x - mean) * inv * g + b;
+        }
+    }
+}
+
+fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+/// Adds `row` to every row of `x`.
+fn add_rows(x: &mut [f32], row: &[f32]) {
+    x.par_chunks_mut(row.len())
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|r| r.iter_mut().zip(row).for_each(|(a, b)| *a += b));
+}
+
+/// `x ← quickgelu(x + b)` per row, `quickgelu(t) = t·σ(1.702 t)` (OpenAI's activation).
+fn bias_quick_gelu(x: &mut [f32], b: &[f32]) {
+    x.par_chunks_mut(b.len())
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|r| {
+            for (v, &b) in r.iter_mut().zip(b) {
+                let t = *v + b;
+                *v = t / (1.0 + fast_exp(-1.702 * t));
+            }
+        });
+}
+
+/// One pre-norm transformer layer with its q/k/v projections fused into one `3d × d` weight, the queries'
+/// `1/√d_head` folded into it at load.
+struct Layer {
+    ln1: Norm,
+    qkv: Linear,
+    out: Linear,
+    ln2: Norm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Layer {
+    fn load(vb: &VarBuilder, d: usize, hidden: usize, heads: usize) -> CandleResult<Self> {
+        let att = vb.pp("self_attn");
+        let q = Linear::load(&att.pp("q_proj"), d, d)?;
+        let k = Linear::load(&att.pp("k_proj"), d, d)?;
+        let v = Linear::load(&att.pp("v_proj"), d, d)?;
+        let scale = ((d / heads) as f32).powf(-0.5);
+        let mut w = Vec::with_capacity(3 * d * d);
+        w.extend(q.w.iter().map(|x| x * scale));
+        w.extend_from_slice(&k.w);
+        w.extend_from_slice(&v.w);
+        let mut b = Vec::with_capacity(3 * d);
+        b.extend(q.b.iter().map(|x| x * scale));
+        b.extend_from_slice(&k.b);
+        b.extend_from_slice(&v.b);
+        Ok(Self {
+            ln1: Norm::load(&vb.pp("layer_norm1"), d)?,
+            qkv: Linear {
+                w,
+                b,
+                inp: d,
+                out: 3 * d,
+            },
+            out: Linear::load(&att.pp("out_proj"), d, d)?,
+            ln2: Norm::load(&vb.pp("layer_norm2"), d)?,
+            fc1: Linear::load(&vb.pp("mlp").pp("fc1"), d, hidden)?,
+            fc2: Linear::load(&vb.pp("mlp").pp("fc2"), hidden, d)?,
+        })
+    }
+}
+
+/// Buffers reused by every layer of one forward pass.
+#[derive(Default)]
+struct Scratch {
+    normed: Vec<f32>,
+    qkv: Vec<f32>,
+    att: Vec<f32>,
+    mlp: Vec<f32>,
+}
+
+fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    v.resize(n, 0.0);
+    &mut v[..n]
+}
+
+/// A stack of layers over packed rows: `keys[r]` is the range of rows that row `r` attends to (its own
+/// image, or its prompt up to itself).
+struct Encoder {
+    layers: Vec<Layer>,
+    d: usize,
+    heads: usize,
+}
+
+impl Encoder {
+    fn load(
+        vb: &VarBuilder,
+        d: usize,
+        hidden: usize,
+        n: usize,
+        heads: usize,
+    ) -> CandleResult<Self> {
+        let vb = vb.pp("layers");
+        let layers = (0..n)
+            .map(|i| Layer::load(&vb.pp(i.to_string()), d, hidden, heads))
+            .collect::<CandleResult<_>>()?;
+        Ok(Self { layers, d, heads })
+    }
+
+    /// Runs every layer over `x` (`keys.len() × d`) and returns the hidden states of the rows in `pooled`
+    /// (`pooled.len() × d`), the only rows the last layer finishes.
+    fn forward(&self, mut x: Vec<f32>, keys: &[Range<usize>], pooled: &[usize]) -> Vec<f32> {
+        let d = self.d;
+        let mut s = Scratch::default();
+        let last = self.layers.len().saturating_sub(1);
+        let mut rows = keys.len();
+        if self.layers.is_empty() {
+            return gather(&x, d, pooled);
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            let normed = sized(&mut s.normed, rows * d);
+            l.ln1.apply(&x, normed);
+            let qkv = sized(&mut s.qkv, rows * 3 * d);
+            l.qkv.product(normed, rows, qkv);
+            add_rows(qkv, &l.qkv.b);
+            let queries = if i == last { Some(pooled) } else { None };
+            let nq = queries.map_or(rows, <[usize]>::len);
+            let att = sized(&mut s.att, nq * d);
+            attention(qkv, d, self.heads, keys, queries, att);
+            if let Some(p) = queries {
+                x = gather(&x, d, p);
+                rows = p.len();
+            }
+            l.out.accumulate(att, rows, &mut x);
+            let normed = sized(&mut s.normed, rows * d);
+            l.ln2.apply(&x, normed);
+            let mlp = sized(&mut s.mlp, rows * l.fc1.out);
+            l.fc1.product(normed, rows, mlp);
+            bias_quick_gelu(mlp, &l.fc1.b);
+            l.fc2.accumulate(mlp, rows, &mut x);
+        }
+        x
+    }
+}
+
+fn gather(x: &[f32], d: usize, rows: &[usize]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * d);
+    for &r in rows {
+        out.extend_from_slice(&x[r * d..(r + 1) * d]);
+    }
+    out
+}
+
+/// Multi-head attention read straight from the fused `rows × 3d` q/k/v buffer: each output row (all heads)
+/// is one task, so the output is written row by row with no head split or merge. `queries` limits the
+/// output to some rows (the last layer's pooled rows), in their order.
+fn attention(
+    qkv: &[f32],
+    d: usize,
+    heads: usize,
+    keys: &[Range<usize>],
+    queries: Option<&[usize]>,
+    out: &mut [f32],
+) {
+    let dh = d / heads;
+    let stride = 3 * d;
+    out.par_chunks_mut(d)
+        .enumerate()
+        .with_min_len(2)
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (qi, o)| {
+            let r = queries.map_or(qi, |q| q[qi]);
+            let ks = keys[r].clone();
+            scores.resize(ks.len(), 0.0);
+            for h in 0..heads {
+                let q = &qkv[r * stride + h * dh..][..dh];
+                let mut max = f32::NEG_INFINITY;
+                for (s, j) in scores.iter_mut().zip(ks.clone()) {
+                    *s = dot(q, &qkv[j * stride + d + h * dh..][..dh]);
+                    max = max.max(*s);
+                }
+                let mut total = 0.0;
+                for s in scores.iter_mut() {
+                    *s = fast_exp(*s - max);
+                    total += *s;
+                }
+                let inv = 1.0 / total;
+                let o = &mut o[h * dh..][..dh];
+                o.fill(0.0);
+                for (&p, j) in scores.iter().zip(ks.clone()) {
+                    let v = &qkv[j * stride + 2 * d + h * dh..][..dh];
+                    let p = p * inv;
+                    for (a, &b) in o.iter_mut().zip(v) {
+                        *a += p * b;
+                    }
+                }
+            }
+        });
+}
+
+/// The vision tower and its projection: `pixels` (`n × 3 × S × S`, preprocessed) to `n × projection_dim`
+/// unnormalised features, as `CLIPModel.get_image_features`.
+pub struct VisionTower {
+    /// `d × (3·p·p)`: the patch convolution as a matrix over unfolded patches (channel, row, column order).
+    patch: Vec<f32>,
+    class: Vec<f32>,
+    pos: Vec<f32>,
+    pre: Norm,
+    encoder: Encoder,
+    post: Norm,
+    proj: Vec<f32>,
+    image_size: usize,
+    patch_size: usize,
+    proj_dim: usize,
+}
+
+impl VisionTower {
+    /// `vb` is the checkpoint's root (`vision_model.*`, `visual_projection.weight`).
+    pub fn load(vb: &VarBuilder, c: &ClipVisionConfig, proj_dim: usize) -> CandleResult<Self> {
+        let d = c.embed_dim;
+        let p = c.patch_size;
+        let grid = c.image_size / p;
+        let v = vb.pp("vision_model");
+        let e = v.pp("embeddings");
+        Ok(Self {
+            patch: load(
+                &e.pp("patch_embedding"),
+                &[d, c.num_channels, p, p],
+                "weight",
+            )?,
+            class: load(&e, &[d], "class_embedding")?,
+            pos: load(&e.pp("position_embedding"), &[grid * grid + 1, d], "weight")?,
+            pre: Norm::load(&v.pp("pre_layrnorm"), d)?,
+            encoder: Encoder::load(
+                &v.pp("encoder"),
+                d,
+                c.intermediate_size,
+                c.num_hidden_layers,
+                c.num_attention_heads,
+            )?,
+            post: Norm::load(&v.pp("post_layernorm"), d)?,
+            proj: load(&vb.pp("visual_projection"), &[proj_dim, d], "weight")?,
+            image_size: c.image_size,
+            patch_size: p,
+            proj_dim,
+        })
+    }
+
+    /// `pixels.len()` must be `n·3·S·S` (the caller checks each image's size).
+    pub fn forward(&self, pixels: &[f32], n: usize) -> Vec<f32> {
+        let d = self.encoder.d;
+        let (s, p) = (self.image_size, self.patch_size);
+        let grid = s / p;
+        let patches = grid * grid;
+        let tokens = patches + 1;
+        let k = 3 * p * p;
+
+        // Unfold: one row per patch, in the convolution weight's (channel, row, column) order.
+        let mut unfolded = vec![0.0f32; n * patches * k];
+        unfolded
+            .par_chunks_mut(k)
+            .enumerate()
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(|(row, dst)| {
+                let (img, cell) = (row / patches, row % patches);
+                let (py, px) = (cell / grid, cell % grid);
+                let base = img * 3 * s * s;
+                for c in 0..3 {
+                    for ky in 0..p {
+                        let src = base + c * s * s + (py * p + ky) * s + px * p;
+                        dst[(c * p + ky) * p..][..p].copy_from_slice(&pixels[src..src + p]);
+                    }
+                }
+            });
+        let mut embedded = vec![0.0f32; n * patches * d];
+        gemm(
+            &mut embedded,
+            (n * patches, d, k),
+            &unfolded,
+            Tr::N,
+            &self.patch,
+            Tr::T,
+            1.0,
+            0.0,
+        );
+        drop(unfolded);
+
+        // Class token first, then the patches, each plus its position; then the pre-norm.
+        let mut x = vec![0.0f32; n * tokens * d];
+        x.par_chunks_mut(d)
+            .enumerate()
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(|(row, dst)| {
+                let (img, t) = (row / tokens, row % tokens);
+                let pos = &self.pos[t * d..][..d];
+                let src = if t == 0 {
+                    &self.class[..]
+                } else {
+                    &embedded[(img * patches + t - 1) * d..][..d]
+                };
+                for ((o, &a), &b) in dst.iter_mut().zip(src).zip(pos) {
+                    *o = a + b;
+                }
+            });
+        drop(embedded);
+        let mut h = vec![0.0f32; x.len()];
+        self.pre.apply(&x, &mut h);
+        drop(x);
+
+        let keys: Vec<Range<usize>> = (0..n * tokens)
+            .map(|r| {
+                let start = r / tokens * tokens;
+                start..start + tokens
+            })
+            .collect();
+        let pooled: Vec<usize> = (0..n).map(|i| i * tokens).collect();
+        let cls = self.encoder.forward(h, &keys, &pooled);
+        project(&self.post, &self.proj, &cls, n, d, self.proj_dim)
+    }
+}
+
+/// Final norm of the pooled rows and the bias-free projection.
+fn project(
+    norm: &Norm,
+    proj: &[f32],
+    pooled: &[f32],
+    n: usize,
+    d: usize,
+    out_dim: usize,
+) -> Vec<f32> {
+    let mut normed = vec![0.0f32; n * d];
+    norm.apply(pooled, &mut normed);
+    let mut out = vec![0.0f32; n * out_dim];
+    gemm(
+        &mut out,
+        (n, out_dim, d),
+        &normed,
+        Tr::N,
+        proj,
+        Tr::T,
+        1.0,
+        0.0,
+    );
+    out
+}
+
+/// The text tower and its projection: token ids to unnormalised features, as
+/// `CLIPModel.get_text_features` with the pooled row at the first position of the largest id.
+pub struct TextTower {
+    tokens: Vec<f32>,
+    pos: Vec<f32>,
+    encoder: Encoder,
+    final_norm: Norm,
+    proj: Vec<f32>,
+    vocab: usize,
+    max_len: usize,
+    proj_dim: usize,
+}
+
+impl TextTower {
+    /// `vb` is the checkpoint's root (`text_model.*`, `text_projection.weight`).
+    pub fn load(vb: &VarBuilder, c: &ClipTextConfig) -> CandleResult<Self> {
+        let d = c.embed_dim;
+        let t = vb.pp("text_model");
+        let e = t.pp("embeddings");
+        Ok(Self {
+            tokens: load(&e.pp("token_embedding"), &[c.vocab_size, d], "weight")?,
+            pos: load(
+                &e.pp("position_embedding"),
+                &[c.max_position_embeddings, d],
+                "weight",
+            )?,
+            encoder: Encoder::load(
+                &t.pp("encoder"),
+                d,
+                c.intermediate_size,
+                c.num_hidden_layers,
+                c.num_attention_heads,
+            )?,
+            final_norm: Norm::load(&t.pp("final_layer_norm"), d)?,
+            proj: load(&vb.pp("text_projection"), &[c.projection_dim, d], "weight")?,
+            vocab: c.vocab_size,
+            max_len: c.max_position_embeddings,
+            proj_dim: c.projection_dim,
+        })
+    }
+
+    /// One row of features per prompt. Each prompt must be non-empty, at most the context length, with ids
+    /// inside the vocabulary; the message says which is not.
+    pub fn forward(&self, prompts: &[Vec<u32>]) -> Result<Vec<f32>, String> {
+        let d = self.encoder.d;
+        let mut keys: Vec<Range<usize>> = Vec::new();
+        let mut pooled = Vec::with_capacity(prompts.len());
+        let mut x = Vec::new();
+        for (i, ids) in prompts.iter().enumerate() {
+            if ids.is_empty() || ids.len() > self.max_len {
+                return Err(format!(
+                    "prompt {i} has {} tokens; the text tower takes 1 to {}",
+                    ids.len(),
+                    self.max_len
+                ));
+            }
+            let start = keys.len();
+            let mut best = 0;
+            for (p, &id) in ids.iter().enumerate() {
+                let id = id as usize;
+                if id >= self.vocab {
+                    return Err(format!(
+                        "prompt {i} has token id {id}, outside the vocabulary of {}",
+                        self.vocab
+                    ));
+                }
+                if ids[p] > ids[best] {
+                    best = p;
+                }
+                let tok = &self.tokens[id * d..][..d];
+                let pos = &self.pos[p * d..][..d];
+                x.extend(tok.iter().zip(pos).map(|(a, b)| a + b));
+                keys.push(start..start + p + 1);
+            }
+            pooled.push(start + best);
+        }
+        let eot = self.encoder.forward(x, &keys, &pooled);
+        Ok(project(
+            &self.final_norm,
+            &self.proj,
+            &eot,
+            prompts.len(),
+            d,
+            self.proj_dim,
+        ))
+    }
+}
