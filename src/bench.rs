@@ -40,8 +40,9 @@ fn demo_images() -> Result<Vec<PathBuf>, BenchError> {
 
 /// CLIP image encoding at batch 1 and 32 and text encoding per 1,000 prompts. Uses real weights when they
 /// are found locally; otherwise a random-weight checkpoint with ViT-B/32's exact sizes, which times the same
-/// arithmetic (and says so).
-pub fn bench_clip_cli() -> Result<(), BenchError> {
+/// arithmetic (and says so). With `device` other than `cpu`, the GPU image encoder is timed too, next to
+/// the CPU in the same run (`auto` skips it when the only adapter is a software one).
+pub fn bench_clip_cli(device: clip::ClipDevice, gpu_batch: usize) -> Result<(), BenchError> {
     let dir = match clip::hub::resolve_model_dir(None, false) {
         Ok(d) => d,
         Err(e) => {
@@ -67,6 +68,22 @@ pub fn bench_clip_cli() -> Result<(), BenchError> {
     let photos = demo_images()?;
     let r = clip::bench::bench_clip(&model, &photos)?;
     println!("{r}");
+    if device != clip::ClipDevice::Cpu {
+        let selected = clip::ImageEncoder::select(&model, device)?;
+        if let Some(n) = &selected.note {
+            println!("{n}");
+        }
+        if let clip::ImageEncoder::Gpu(g) = &selected.encoder {
+            let d = clip::device_bench::bench_image_devices(
+                &model,
+                g,
+                &photos,
+                gpu_batch,
+                clip::bench::DEFAULT_MIN_SECONDS,
+            )?;
+            println!("{d}");
+        }
+    }
     Ok(())
 }
 

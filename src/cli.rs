@@ -62,6 +62,27 @@ pub struct ModelArgs {
     /// Feature cache directory (default: the user cache directory).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Where images are encoded: auto = a hardware GPU through wgpu when present, else candle on the CPU;
+    /// gpu forces wgpu (software adapters too). Text is always encoded on the CPU.
+    #[arg(long, value_enum, env = "HEGRAPH_CLIP_DEVICE", default_value = "auto")]
+    pub clip_device: ClipDeviceArg,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClipDeviceArg {
+    Auto,
+    Cpu,
+    Gpu,
+}
+
+impl From<ClipDeviceArg> for clip::ClipDevice {
+    fn from(a: ClipDeviceArg) -> Self {
+        match a {
+            ClipDeviceArg::Auto => clip::ClipDevice::Auto,
+            ClipDeviceArg::Cpu => clip::ClipDevice::Cpu,
+            ClipDeviceArg::Gpu => clip::ClipDevice::Gpu,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -291,7 +312,7 @@ pub struct EvalArgs {
 #[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
 pub enum BenchWhat {
     /// CLIP image encoding at batch 1 and 32, and text encoding per 1,000 prompts.
-    Clip,
+    Clip(BenchClipArgs),
     /// Adapter training: ms per step and total time, C ∈ {10, 100, 1000}, K = 16, D = 512, both backends.
     Train(BenchTrainArgs),
     /// WGSL matmul against the CPU matmul.
@@ -300,6 +321,17 @@ pub enum BenchWhat {
     Step(BenchStepArgs),
     /// The transductive refinement of unlabelled predictions (and the same algorithm in numpy, if present).
     Transduce(BenchTransduceArgs),
+}
+
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct BenchClipArgs {
+    /// Also time the GPU image encoder next to the CPU (gpu: any adapter; auto: a hardware one only).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub clip_device: ClipDeviceArg,
+    /// The large batch of the GPU-against-CPU comparison (smaller on a software adapter, where a batch of
+    /// 32 ViT-B/32 images takes minutes).
+    #[arg(long, default_value_t = 32)]
+    pub gpu_batch: usize,
 }
 
 #[derive(Args, Debug, Clone, PartialEq, Eq)]
@@ -501,11 +533,15 @@ fn embedder(model: Arc<ClipModel>, m: &ModelArgs, f: &FolderArgs) -> Result<Embe
         EmbedOptions {
             views: f.views,
             cache_dir: m.cache_dir.clone(),
+            clip_device: m.clip_device.into(),
             ..Default::default()
         },
     )?;
     for w in e.cache_warnings() {
         eprintln!("warning: {w}");
+    }
+    if let Some(n) = e.device_note() {
+        eprintln!("{n}");
     }
     Ok(e)
 }
@@ -686,9 +722,13 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
         model,
         EmbedOptions {
             cache_dir: a.model.cache_dir.clone(),
+            clip_device: a.model.clip_device.into(),
             ..Default::default()
         },
     )?;
+    if let Some(n) = e.device_note() {
+        eprintln!("{n}");
+    }
     let cancel = CancelToken::new();
     let (feats, stats) = {
         let bar = Bar::new();
@@ -815,7 +855,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
     match a.what {
-        BenchWhat::Clip => hegraph::bench::bench_clip_cli(),
+        BenchWhat::Clip(c) => hegraph::bench::bench_clip_cli(c.clip_device.into(), c.gpu_batch),
         BenchWhat::Train(t) => hegraph::bench::bench_train_cli(
             t.classes
                 .as_deref()
