@@ -232,8 +232,8 @@ fn layer_norm_ref(x: &Mat, g: &Mat, b: &Mat, stride: usize) -> Mat {
             .sum::<f64>()
             / n as f64;
         let inv = 1.0 / (var + 1e-5).sqrt();
-        for j in 0..n {
-            let v = (f64::from(row[j]) - mean) * inv * f64::from(g.data[j]) + f64::from(b.data[j]);
+        for (j, &x) in row.iter().enumerate() {
+            let v = (f64::from(x) - mean) * inv * f64::from(g.data[j]) + f64::from(b.data[j]);
             out.set(o, j, v as f32);
         }
     }

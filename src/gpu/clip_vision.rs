@@ -201,6 +201,7 @@ impl ClipVisionKernels {
     }
 
     /// Records one dispatch; `inputs` fill slots 1–4 (dummies where `None`), `out` slot 5.
+    #[allow(clippy::too_many_arguments)]
     fn dispatch(
         &self,
         enc: &mut wgpu::CommandEncoder,
