@@ -1930,9 +1930,13 @@ fn the_settings_choose_where_images_are_embedded_and_remember_it() {
     settle(&mut h);
     assert!(h.state().has_features());
     h.get_by_label("Project").click();
-    h.step();
-    h.get_by_label("Settings…").click();
-    h.step();
+    for _ in 0..4 {
+        h.step();
+    }
+    h.get_by_label_contains("Settings").click();
+    for _ in 0..4 {
+        h.step();
+    }
     h.get_by_label("GPU").click();
     h.step();
     assert_eq!(h.state().prefs().clip_device, ClipDevice::Gpu);

@@ -102,7 +102,7 @@ impl ImageEncoder {
                 };
                 if info.device_type == wgpu::DeviceType::Cpu {
                     return Ok(cpu(format!(
-                        "the only GPU adapter, {}, is a software one (--clip-device gpu forces it)",
+                        "the only GPU adapter, {}, is a software one (choosing gpu forces it)",
                         info.name
                     )));
                 }
