@@ -37,7 +37,7 @@ impl fmt::Display for DeviceBench {
         ] {
             writeln!(
                 f,
-                "  {label:9} GPU {gpu:8.1} img/s, CPU {cpu:8.1} img/s, GPU/CPU {:6.2}x",
+                "  {label:9} GPU {gpu:9.3} img/s, CPU {cpu:9.3} img/s, GPU/CPU {:7.3}x",
                 gpu / cpu.max(f64::MIN_POSITIVE)
             )?;
         }
