@@ -41,7 +41,7 @@ fn demo_images() -> Result<Vec<PathBuf>, BenchError> {
 }
 
 /// What `hegraph bench clip` times and where its results go.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ClipBenchOptions {
     /// Time this checkpoint (a random-weight one with ViT-B/32's sizes is written there when it holds
     /// none) instead of the local CLIP weights or the default bench checkpoint.
@@ -52,6 +52,10 @@ pub struct ClipBenchOptions {
     pub reference: bool,
     /// Write the results as JSON here (`benches/clip_peer.py` reads it).
     pub json: Option<PathBuf>,
+    /// Also time the GPU image encoder next to the CPU (`auto`: a hardware adapter only).
+    pub device: clip::ClipDevice,
+    /// The large batch of the GPU-against-CPU comparison.
+    pub gpu_batch: usize,
 }
 
 /// A random-weight checkpoint with ViT-B/32's exact sizes in `dir`, written when missing.
@@ -72,7 +76,8 @@ fn bench_checkpoint(dir: &std::path::Path) -> Result<PathBuf, BenchError> {
 
 /// CLIP image encoding at batch 1 and 32 and text encoding per 1,000 prompts. Uses real weights when they
 /// are found locally; otherwise a random-weight checkpoint with ViT-B/32's exact sizes, which times the same
-/// arithmetic (and says so).
+/// arithmetic (and says so). With a device other than `cpu`, the GPU image encoder is timed too, next to
+/// the CPU in the same run (`auto` skips it when the only adapter is a software one).
 pub fn bench_clip_cli(opts: &ClipBenchOptions) -> Result<(), BenchError> {
     let dir = match &opts.checkpoint {
         Some(d) => bench_checkpoint(d)?,
@@ -107,6 +112,22 @@ pub fn bench_clip_cli(opts: &ClipBenchOptions) -> Result<(), BenchError> {
     } else {
         None
     };
+    if opts.device != clip::ClipDevice::Cpu {
+        let selected = clip::ImageEncoder::select(&model, opts.device)?;
+        if let Some(n) = &selected.note {
+            println!("{n}");
+        }
+        if let clip::ImageEncoder::Gpu(g) = &selected.encoder {
+            let d = clip::device_bench::bench_image_devices(
+                &model,
+                g,
+                &photos,
+                opts.gpu_batch,
+                seconds,
+            )?;
+            println!("{d}");
+        }
+    }
     if let Some(path) = &opts.json {
         let v = serde_json::json!({
             "images_per_s_batch1": r.images_per_s_batch1,

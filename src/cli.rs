@@ -66,6 +66,27 @@ pub struct ModelArgs {
     /// Feature cache directory (default: the user cache directory).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Where images are encoded: auto = a hardware GPU through wgpu when present, else candle on the CPU;
+    /// gpu forces wgpu (software adapters too). Text is always encoded on the CPU.
+    #[arg(long, value_enum, env = "HEGRAPH_CLIP_DEVICE", default_value = "auto")]
+    pub clip_device: ClipDeviceArg,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClipDeviceArg {
+    Auto,
+    Cpu,
+    Gpu,
+}
+
+impl From<ClipDeviceArg> for clip::ClipDevice {
+    fn from(a: ClipDeviceArg) -> Self {
+        match a {
+            ClipDeviceArg::Auto => clip::ClipDevice::Auto,
+            ClipDeviceArg::Cpu => clip::ClipDevice::Cpu,
+            ClipDeviceArg::Gpu => clip::ClipDevice::Gpu,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -355,6 +376,13 @@ pub struct BenchClipArgs {
     /// Write the results as JSON to this file (read by benches/clip_peer.py).
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Also time the GPU image encoder next to the CPU (gpu: any adapter; auto: a hardware one only).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub clip_device: ClipDeviceArg,
+    /// The large batch of the GPU-against-CPU comparison (smaller on a software adapter, where a batch of
+    /// 32 ViT-B/32 images takes minutes).
+    #[arg(long, default_value_t = 32)]
+    pub gpu_batch: usize,
 }
 
 #[derive(Args, Debug, Clone, PartialEq, Eq)]
@@ -557,11 +585,15 @@ fn embedder(model: Arc<ClipModel>, m: &ModelArgs, f: &FolderArgs) -> Result<Embe
         EmbedOptions {
             views: f.views,
             cache_dir: m.cache_dir.clone(),
+            clip_device: m.clip_device.into(),
             ..Default::default()
         },
     )?;
     for w in e.cache_warnings() {
         eprintln!("warning: {w}");
+    }
+    if let Some(n) = e.device_note() {
+        eprintln!("{n}");
     }
     Ok(e)
 }
@@ -742,9 +774,13 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
         model,
         EmbedOptions {
             cache_dir: a.model.cache_dir.clone(),
+            clip_device: a.model.clip_device.into(),
             ..Default::default()
         },
     )?;
+    if let Some(n) = e.device_note() {
+        eprintln!("{n}");
+    }
     let cancel = CancelToken::new();
     let (feats, stats) = {
         let bar = Bar::new();
@@ -876,6 +912,8 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             seconds: c.seconds,
             reference: c.reference,
             json: c.json,
+            device: c.clip_device.into(),
+            gpu_batch: c.gpu_batch,
         }),
         BenchWhat::Train(t) => hegraph::bench::bench_train_cli(
             t.classes

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use crate::cache::{self, CacheKey, ContentHash, FeatureCache};
 use crate::clip::preprocess::{self, ImageTensor};
-use crate::clip::{ClipError, ClipModel};
+use crate::clip::{ClipDevice, ClipError, ClipModel, ImageEncoder};
 use crate::data::{Dataset, Problem};
 use crate::features::{FeatureSet, LabelledSplit, UnlabelledSplit};
 use crate::linalg::Mat;
@@ -59,6 +59,8 @@ pub struct EmbedOptions {
     pub batch_size: usize,
     /// Where the cache lives; `None` = the user cache directory.
     pub cache_dir: Option<PathBuf>,
+    /// Which device encodes the images (text stays on the CPU).
+    pub clip_device: ClipDevice,
 }
 
 impl Default for EmbedOptions {
@@ -68,6 +70,7 @@ impl Default for EmbedOptions {
             seed: 0,
             batch_size: 32,
             cache_dir: None,
+            clip_device: ClipDevice::Auto,
         }
     }
 }
@@ -103,6 +106,9 @@ pub struct ImageFeatures {
 
 pub struct Embedder {
     model: Arc<ClipModel>,
+    images: ImageEncoder,
+    /// Why the image encoder runs where it runs, when `auto` decided.
+    device_note: Option<String>,
     cache: Mutex<FeatureCache>,
     opts: EmbedOptions,
     cache_warnings: Vec<String>,
@@ -121,8 +127,11 @@ impl Embedder {
             opts.seed
         );
         let (cache, cache_warnings) = FeatureCache::open(&dir, &namespace, model.info().embed_dim)?;
+        let selected = ImageEncoder::select(&model, opts.clip_device)?;
         Ok(Self {
             model,
+            images: selected.encoder,
+            device_note: selected.note,
             cache: Mutex::new(cache),
             opts,
             cache_warnings,
@@ -132,6 +141,15 @@ impl Embedder {
     /// Problems found in the cache when it was opened (corrupt shards that will be rebuilt).
     pub fn cache_warnings(&self) -> &[String] {
         &self.cache_warnings
+    }
+
+    /// Where images are encoded and, when that was decided here, why (for a log line or the status bar).
+    pub fn device_note(&self) -> Option<&str> {
+        self.device_note.as_deref()
+    }
+
+    pub fn image_encoder(&self) -> &ImageEncoder {
+        &self.images
     }
 
     pub fn model(&self) -> &ClipModel {
@@ -267,7 +285,7 @@ impl Embedder {
                     if cancel.is_cancelled() {
                         return Err(ExtractError::Cancelled);
                     }
-                    let feats = self.model.encode_images(tchunk)?;
+                    let feats = self.images.encode_images(&self.model, tchunk)?;
                     for (r, &(i, v)) in ochunk.iter().enumerate() {
                         let vi = views.iter().position(|&x| x == v).unwrap_or(0);
                         per_view[vi].row_mut(i).copy_from_slice(feats.row(r));

@@ -2352,3 +2352,40 @@ fn a_features_file_opens_read_only_searches_by_class_name_and_trains() {
         "nothing written beside the file: {written:?}"
     );
 }
+
+// -------------------------------------------------------------------------------------------------------------
+// Issue 13 (4): where images are embedded is a setting for every project.
+
+/// Settings → Model offers auto / CPU / GPU for image embedding; choosing GPU is remembered in prefs.json and
+/// embeds again through the WGSL encoder (any adapter, lavapipe included), which the window then names.
+#[test]
+fn the_settings_choose_where_images_are_embedded_and_remember_it() {
+    use hegraph::clip::ClipDevice;
+    let f = fixture();
+    let mut app = HeGraphApp::new(f.opts.clone());
+    assert_eq!(app.prefs().clip_device, ClipDevice::Auto, "auto by default");
+    app.open_path(&f.folder).unwrap();
+    let Some(mut h) = harness(app) else { return };
+    settle(&mut h);
+    assert!(h.state().has_features());
+    h.get_by_label("Project").click();
+    for _ in 0..4 {
+        h.step();
+    }
+    h.get_by_label_contains("Settings").click();
+    for _ in 0..4 {
+        h.step();
+    }
+    h.get_by_label("GPU").click();
+    h.step();
+    assert_eq!(h.state().prefs().clip_device, ClipDevice::Gpu);
+    settle(&mut h);
+    assert!(h.state().has_features(), "{:?}", h.state().last_error());
+    h.get_by_label_contains("images are embedded on the GPU");
+    screenshot(&mut h, "settings-clip-device");
+    let prefs = std::fs::read_to_string(f.opts.user_dir().unwrap().join("prefs.json")).unwrap();
+    assert!(prefs.contains("\"clip_device\": \"gpu\""), "{prefs}");
+    drop(h);
+    let again = HeGraphApp::new(f.opts.clone());
+    assert_eq!(again.prefs().clip_device, ClipDevice::Gpu, "remembered");
+}

@@ -1195,6 +1195,12 @@ impl HeGraphApp {
         let mut reload_model = false;
         let mut browsed = false;
         let mut change_default = false;
+        let mut clip_device = self.prefs.clip_device;
+        let encoder_now = self
+            .engine
+            .embedder
+            .as_ref()
+            .map(|e| e.image_encoder().describe());
         let default_model = match &self.prefs.model {
             ModelChoice::Unset => "not chosen (the default look-up)".to_string(),
             ModelChoice::Download => {
@@ -1236,6 +1242,28 @@ impl HeGraphApp {
                     &mut st.allow_download,
                     "download the default CLIP model when none is found",
                 );
+                ui.horizontal(|ui| {
+                    ui.label("Embed images on:");
+                    for (d, label, hover) in [
+                        (
+                            crate::clip::ClipDevice::Auto,
+                            "auto",
+                            "a hardware GPU when there is one, else the CPU",
+                        ),
+                        (crate::clip::ClipDevice::Cpu, "CPU", "candle on the CPU"),
+                        (
+                            crate::clip::ClipDevice::Gpu,
+                            "GPU",
+                            "the GPU through wgpu, even a software one",
+                        ),
+                    ] {
+                        ui.radio_value(&mut clip_device, d, label)
+                            .on_hover_text(hover);
+                    }
+                });
+                if let Some(now) = &encoder_now {
+                    ui.label(RichText::new(format!("images are embedded on the {now}")).weak());
+                }
                 if ui
                     .button("Use this model")
                     .on_hover_text("Load the model and embed the folder again")
@@ -1270,6 +1298,9 @@ impl HeGraphApp {
         }
         if browsed {
             self.dialogs.drop_input = true;
+        }
+        if clip_device != self.prefs.clip_device {
+            self.choose_clip_device(clip_device);
         }
         if change_default {
             self.dialogs.settings = false;

@@ -251,6 +251,7 @@ impl ModelSource {
 pub struct EmbedRequest {
     pub model: ModelSource,
     pub cache_dir: Option<PathBuf>,
+    pub clip_device: crate::clip::ClipDevice,
     /// Reused when the model is already loaded (re-embedding after a class edit costs no model load).
     pub embedder: Option<Arc<Embedder>>,
     /// The images to embed; `None` when their features are already there and only the prompts changed
@@ -309,11 +310,15 @@ pub fn run_embed(
             };
             let opts = EmbedOptions {
                 cache_dir: req.cache_dir.clone(),
+                clip_device: req.clip_device,
                 ..EmbedOptions::default()
             };
             let e = Embedder::new(Arc::new(model), opts).map_err(|e| e.to_string())?;
             for w in e.cache_warnings() {
                 progress.message(w);
+            }
+            if let Some(n) = e.device_note() {
+                progress.message(n);
             }
             Arc::new(e)
         }

@@ -699,6 +699,20 @@ impl HeGraphApp {
         self.start_embedding();
     }
 
+    /// Records where images are embedded, for every project, and embeds again through the new encoder (the
+    /// feature cache still answers for images already embedded).
+    pub(super) fn choose_clip_device(&mut self, device: crate::clip::ClipDevice) {
+        if self.prefs.clip_device == device {
+            return;
+        }
+        self.prefs.clip_device = device;
+        self.save_prefs();
+        self.engine.embedder = None;
+        self.engine.model = None;
+        self.engine.model_request = None;
+        self.start_embedding();
+    }
+
     /// Puts the open project first among the recent ones (once its file exists: a project that could not be
     /// saved is remembered when it finds a place).
     pub(super) fn remember_project(&mut self) {
@@ -832,6 +846,7 @@ impl HeGraphApp {
         let req = EmbedRequest {
             model,
             cache_dir: self.opts.cache_dir.clone(),
+            clip_device: self.prefs.clip_device,
             embedder: self.engine.embedder.clone(),
             paths: images_needed.then(|| s.images.iter().map(|i| i.path.clone()).collect()),
             classes: s.project.classes.clone(),

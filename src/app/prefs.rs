@@ -34,6 +34,8 @@ pub enum ModelChoice {
 #[serde(default)]
 pub struct Prefs {
     pub model: ModelChoice,
+    /// Where images are embedded (auto: a hardware GPU when present, else the CPU).
+    pub clip_device: crate::clip::ClipDevice,
     /// Project files, most recent first.
     pub recent: Vec<PathBuf>,
 }
@@ -122,6 +124,7 @@ mod tests {
             model: ModelChoice::Folder {
                 path: PathBuf::from("/models/clip"),
             },
+            clip_device: crate::clip::ClipDevice::Gpu,
             recent: Vec::new(),
         };
         for i in 0..RECENT_MAX + 2 {
@@ -136,6 +139,12 @@ mod tests {
         );
         p.save(dir.path()).unwrap();
         assert_eq!(Prefs::load(dir.path()).0, p);
+        // A file from before the setting existed embeds where `auto` says.
+        std::fs::write(Prefs::path(dir.path()), "{\"recent\": []}").unwrap();
+        assert_eq!(
+            Prefs::load(dir.path()).0.clip_device,
+            crate::clip::ClipDevice::Auto
+        );
 
         std::fs::write(
             Prefs::path(dir.path()),

@@ -8,7 +8,9 @@
 
 pub mod bench;
 pub mod cpu;
+pub mod device_bench;
 pub mod hub;
+pub mod image_encoder;
 pub mod model;
 pub mod preprocess;
 pub mod reference;
@@ -18,6 +20,7 @@ use std::path::PathBuf;
 
 pub use bench::{bench_clip, ClipBench};
 pub use hub::{resolve_model_dir, resolve_model_dir_reporting, user_model_dir, DEFAULT_MODEL_REPO};
+pub use image_encoder::{ClipDevice, ImageEncoder};
 pub use model::{ClipModel, ModelInfo};
 pub use preprocess::ImageTensor;
 pub use test_checkpoint::{write_test_checkpoint, TestCheckpointConfig};
@@ -71,6 +74,9 @@ pub enum ClipError {
 
     #[error("CLIP computation failed: {0}")]
     Candle(#[from] candle_core::Error),
+
+    #[error("CLIP image encoding on the GPU failed: {0}")]
+    Gpu(#[from] crate::gpu::GpuError),
 
     #[error("{0}")]
     Download(String),

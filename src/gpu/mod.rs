@@ -13,6 +13,7 @@
 //!   blocked path is exercised on any adapter.
 
 pub mod adapter;
+pub mod clip_vision;
 pub mod kernels;
 pub mod reference;
 
