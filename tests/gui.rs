@@ -2298,6 +2298,12 @@ fn a_features_file_opens_read_only_searches_by_class_name_and_trains() {
     h.state_mut().dismiss_notices();
     h.step();
     screenshot(&mut h, "features-file");
+    // Space has no picture to open here: it says so instead of an empty viewer.
+    h.key_press(egui::Key::Space);
+    h.step();
+    assert!(!h.state().viewer_open(), "no viewer over a features file");
+    h.get_by_label_contains("no pictures to show full size");
+    h.state_mut().dismiss_notices();
 
     // Training on the real features, from the keyboard.
     h.key_press(egui::Key::T);

@@ -26,7 +26,7 @@ use egui::{
 
 use super::shortcuts::{self, Action, DIGITS};
 use super::thumbs::{decode_thumbnail, Thumb};
-use super::{style, HeGraphApp, View};
+use super::{style, HeGraphApp, Level, View};
 
 /// Zoom step of one +/− press.
 const KEY_ZOOM: f32 = 1.25;
@@ -264,12 +264,20 @@ impl HeGraphApp {
         let Some(ctx) = self.ctx.clone() else {
             return;
         };
+        if self.view != View::Label || self.session.is_none() {
+            return;
+        }
+        if self.features_file.is_some() {
+            // A features file carries no pictures: a viewer would open on nothing.
+            self.notify(
+                Level::Info,
+                "a features file has no pictures to show full size".to_string(),
+            );
+            return;
+        }
         let Some(s) = self.session.as_mut() else {
             return;
         };
-        if self.view != View::Label {
-            return;
-        }
         if s.cursor.is_none() {
             s.move_cursor(0);
         }

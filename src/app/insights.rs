@@ -67,11 +67,6 @@ impl HeGraphApp {
         self.insight.cv.as_ref().map(|r| &r.cv)
     }
 
-    /// The centre-crop features of the open folder's images (rows aligned with the session's images).
-    pub fn image_features(&self) -> Option<&Mat> {
-        self.engine.centre.as_deref()
-    }
-
     /// The class prompts' text features.
     pub fn text_features(&self) -> Option<&Mat> {
         self.engine.text.as_deref()

@@ -353,10 +353,13 @@ impl HeGraphApp {
             }
         }
         ui.add_space(10.0);
-        ui.columns(3, |cols| {
+        // Runs over labels per class on the left, the confusion matrix on the right: three side by side
+        // left the runs table's five columns too little width, and it ran under the class counts.
+        ui.columns(2, |cols| {
             self.runs_table(&mut cols[0]);
-            self.class_counts(&mut cols[1]);
-            export = export.or(self.confusion_matrix(&mut cols[2]));
+            cols[0].add_space(10.0);
+            self.class_counts(&mut cols[0]);
+            export = export.or(self.confusion_matrix(&mut cols[1]));
         });
         if let Some(chart) = export {
             match self.export_chart(chart) {
@@ -578,9 +581,10 @@ impl HeGraphApp {
             }
             return;
         }
-        egui::ScrollArea::vertical()
+        // Both ways: a narrow window clips the table inside its column instead of drawing over its neighbour.
+        egui::ScrollArea::both()
             .id_salt("hegraph-runs")
-            .max_height(260.0)
+            .max_height(140.0)
             .show(ui, |ui| {
                 egui::Grid::new("hegraph-runs-grid")
                     .striped(true)
@@ -616,7 +620,7 @@ impl HeGraphApp {
         let max = counts.iter().copied().max().unwrap_or(0).max(1);
         egui::ScrollArea::vertical()
             .id_salt("hegraph-class-counts")
-            .max_height(260.0)
+            .max_height(ui.available_height().clamp(80.0, 260.0))
             .show(ui, |ui| {
                 for (c, name) in s.classes().iter().enumerate() {
                     let (rect, _) = ui
