@@ -24,7 +24,9 @@ use candle_transformers::models::clip::{
 };
 use rayon::prelude::*;
 
-use crate::linalg::{dot, fast_exp, gemm, Tr};
+use multiversion::multiversion;
+
+use crate::linalg::{fast_exp, gemm, Tr};
 
 /// transformers' `layer_norm_eps` for CLIP (the only value the config parser accepts).
 const LN_EPS: f32 = 1e-5;
@@ -119,61 +121,101 @@ impl Norm {
         out.par_chunks_mut(d)
             .zip(x.par_chunks(d))
             .with_min_len(ROWS_PER_TASK)
-            .for_each(|(o, x)| self.row(x, o));
-    }
-
-    fn row(&self, x: &[f32], o: &mut [f32]) {
-        let inv_d = 1.0 / x.len() as f32;
-        let mean = sum(x) * inv_d;
-        let mut acc = [0.0f32; 8];
-        let chunks = x.chunks_exact(8);
-        let rest = chunks.remainder();
-        for c in chunks {
-            for l in 0..8 {
-                let t = c[l] - mean;
-                acc[l] += t * t;
-            }
-        }
-        let mut var: f32 = acc.iter().sum();
-        for &v in rest {
-            var += (v - mean) * (v - mean);
-        }
-        let inv = 1.0 / (var * inv_d + LN_EPS).sqrt();
-        for (((o, &x), &g), &b) in o.iter_mut().zip(x).zip(&self.g).zip(&self.b) {
-            *o = (x - mean) * inv * g + b;
-        }
+            .for_each(|(o, x)| layer_norm_row(x, &self.g, &self.b, o));
     }
 }
 
+/// Sum of `x` in 16 independent lanes, so the loop vectorises (one AVX-512 or two AVX2 registers) without
+/// reassociating floating-point additions.
+#[inline(always)]
 fn sum(x: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks = x.chunks_exact(8);
+    let mut acc = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
     let rest = chunks.remainder();
     for c in chunks {
-        for l in 0..8 {
+        for l in 0..LANES {
             acc[l] += c[l];
         }
     }
     acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
 }
 
+/// `a · b` in 16 lanes, as [`sum`].
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let rest: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+/// Lanes of the vectorised reductions.
+const LANES: usize = 16;
+
+// The row passes below are compiled for AVX-512 and AVX2 besides the baseline and picked at run time
+// (`multiversion`): a release build targets plain x86-64, whose 4-wide SSE2 vectors left attention, layer
+// norm and quick-GELU at a quarter of the machine's width (together 28 % of a batch of 32 images, with the
+// products already on AVX-512 through `gemm`).
+
+/// Layer norm of one row (`g`, `b`: gain and bias) into `o`.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn layer_norm_row(x: &[f32], g: &[f32], b: &[f32], o: &mut [f32]) {
+    let inv_d = 1.0 / x.len() as f32;
+    let mean = sum(x) * inv_d;
+    let mut acc = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            let t = c[l] - mean;
+            acc[l] += t * t;
+        }
+    }
+    let mut var: f32 = acc.iter().sum();
+    for &v in rest {
+        var += (v - mean) * (v - mean);
+    }
+    let inv = 1.0 / (var * inv_d + LN_EPS).sqrt();
+    for (((o, &x), &g), &b) in o.iter_mut().zip(x).zip(g).zip(b) {
+        *o = (x - mean) * inv * g + b;
+    }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn add_row(r: &mut [f32], row: &[f32]) {
+    r.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+}
+
 /// Adds `row` to every row of `x`.
 fn add_rows(x: &mut [f32], row: &[f32]) {
     x.par_chunks_mut(row.len())
         .with_min_len(ROWS_PER_TASK)
-        .for_each(|r| r.iter_mut().zip(row).for_each(|(a, b)| *a += b));
+        .for_each(|r| add_row(r, row));
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn bias_quick_gelu_row(r: &mut [f32], b: &[f32]) {
+    for (v, &b) in r.iter_mut().zip(b) {
+        let t = *v + b;
+        *v = t / (1.0 + fast_exp(-1.702 * t));
+    }
 }
 
 /// `x ← quickgelu(x + b)` per row, `quickgelu(t) = t·σ(1.702 t)` (OpenAI's activation).
 fn bias_quick_gelu(x: &mut [f32], b: &[f32]) {
     x.par_chunks_mut(b.len())
         .with_min_len(ROWS_PER_TASK)
-        .for_each(|r| {
-            for (v, &b) in r.iter_mut().zip(b) {
-                let t = *v + b;
-                *v = t / (1.0 + fast_exp(-1.702 * t));
-            }
-        });
+        .for_each(|r| bias_quick_gelu_row(r, b));
 }
 
 /// One pre-norm transformer layer with its q/k/v projections fused into one `3d × d` weight, the queries'
@@ -313,39 +355,52 @@ fn attention(
     queries: Option<&[usize]>,
     out: &mut [f32],
 ) {
-    let dh = d / heads;
-    let stride = 3 * d;
     out.par_chunks_mut(d)
         .enumerate()
         .with_min_len(2)
         .for_each_init(Vec::new, |scores: &mut Vec<f32>, (qi, o)| {
             let r = queries.map_or(qi, |q| q[qi]);
-            let ks = keys[r].clone();
-            scores.resize(ks.len(), 0.0);
-            for h in 0..heads {
-                let q = &qkv[r * stride + h * dh..][..dh];
-                let mut max = f32::NEG_INFINITY;
-                for (s, j) in scores.iter_mut().zip(ks.clone()) {
-                    *s = dot(q, &qkv[j * stride + d + h * dh..][..dh]);
-                    max = max.max(*s);
-                }
-                let mut total = 0.0;
-                for s in scores.iter_mut() {
-                    *s = fast_exp(*s - max);
-                    total += *s;
-                }
-                let inv = 1.0 / total;
-                let o = &mut o[h * dh..][..dh];
-                o.fill(0.0);
-                for (&p, j) in scores.iter().zip(ks.clone()) {
-                    let v = &qkv[j * stride + 2 * d + h * dh..][..dh];
-                    let p = p * inv;
-                    for (a, &b) in o.iter_mut().zip(v) {
-                        *a += p * b;
-                    }
-                }
-            }
+            attend_row(qkv, d, heads, r, keys[r].clone(), scores, o);
         });
+}
+
+/// Every head's attention output for query row `r` over the key rows `ks` into `o` (`d` wide).
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn attend_row(
+    qkv: &[f32],
+    d: usize,
+    heads: usize,
+    r: usize,
+    ks: Range<usize>,
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) {
+    let dh = d / heads;
+    let stride = 3 * d;
+    scores.resize(ks.len(), 0.0);
+    for h in 0..heads {
+        let q = &qkv[r * stride + h * dh..][..dh];
+        let mut max = f32::NEG_INFINITY;
+        for (s, j) in scores.iter_mut().zip(ks.clone()) {
+            *s = dot(q, &qkv[j * stride + d + h * dh..][..dh]);
+            max = max.max(*s);
+        }
+        let mut total = 0.0;
+        for s in scores.iter_mut() {
+            *s = fast_exp(*s - max);
+            total += *s;
+        }
+        let inv = 1.0 / total;
+        let o = &mut o[h * dh..][..dh];
+        o.fill(0.0);
+        for (&p, j) in scores.iter().zip(ks.clone()) {
+            let v = &qkv[j * stride + 2 * d + h * dh..][..dh];
+            let p = p * inv;
+            for (a, &b) in o.iter_mut().zip(v) {
+                *a += p * b;
+            }
+        }
+    }
 }
 
 /// The vision tower and its projection: `pixels` (`n × 3 × S × S`, preprocessed) to `n × projection_dim`
