@@ -63,14 +63,19 @@ impl HeGraphApp {
             ui.label("colour by");
             ui.selectable_value(&mut ui_state.by_prediction, false, "label");
             ui.selectable_value(&mut ui_state.by_prediction, true, "prediction");
-            if let Some(m) = self.insight.map.as_ref() {
+            if let Some((m, e)) = self
+                .insight
+                .map
+                .as_ref()
+                .and_then(|m| m.map.explained().map(|e| (m, e)))
+            {
                 ui.label(
                     RichText::new(format!(
                         "PCA of {} images in {:.0} ms · the axes explain {:.0} % and {:.0} % of the variance",
                         m.map.points.len(),
                         m.seconds * 1000.0,
-                        m.map.explained[0] * 100.0,
-                        m.map.explained[1] * 100.0
+                        e[0] * 100.0,
+                        e[1] * 100.0
                     ))
                     .weak(),
                 );
