@@ -400,7 +400,7 @@ fn start(reduced: &Mat, seed: u64) -> Vec<f32> {
     let mut columns = [c0, c1];
     for c in columns.iter_mut() {
         c.iter_mut().for_each(|x| *x *= scale);
-        if !(std(c) > 1e-9) {
+        if std(c) <= 1e-9 {
             c.iter_mut().for_each(|x| *x = 1e-4 * rng.normal());
         }
     }
@@ -507,7 +507,7 @@ mod tests {
         let m = Mat::from_rows(&rows, 6);
         let k = 7;
         let got = nearest_neighbours(&m, k, &CancelToken::new()).unwrap();
-        for i in 0..m.rows {
+        for (i, found) in got.iter().enumerate() {
             let mut all: Vec<(f32, usize)> = (0..m.rows)
                 .filter(|&j| j != i)
                 .map(|j| {
@@ -522,9 +522,9 @@ mod tests {
                 .collect();
             all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
             let want: Vec<usize> = all[..k].iter().map(|x| x.1).collect();
-            let have: Vec<usize> = got[i].iter().map(|x| x.index).collect();
+            let have: Vec<usize> = found.iter().map(|x| x.index).collect();
             // The brute force through ‖a‖² + ‖b‖² − 2ab rounds differently: compare the distances reached.
-            for (w, h) in all[..k].iter().zip(&got[i]) {
+            for (w, h) in all[..k].iter().zip(found) {
                 assert!(
                     (w.0 - h.distance).abs() < 1e-3,
                     "row {i}: {want:?} vs {have:?}"
