@@ -16,7 +16,8 @@
 //!   reference backend (candle autodiff), training and prediction.
 //! - [`gpu`]: the wgpu runtime and WGSL kernels, and the adapter's training on them.
 //! - [`eval`]: the few-shot evaluation protocol of the field.
-//! - [`embedding_map`]: the 2-D map of the image features (PCA) that the map view draws.
+//! - [`embedding_map`]: the 2-D maps of the image features that the map view draws: PCA, and t-SNE (through
+//!   `bhtsne`, cached on disk).
 //! - [`chart_png`]: the training view's charts (accuracy against labels, confusion matrix) as PNG files.
 //! - [`review`]: k-fold held-out predictions on the labelled images (likely mistakes, accuracy, confusion).
 //! - [`app`]: the egui/eframe desktop application.

@@ -1,5 +1,6 @@
 //! The labeller's tools of issue 12, headless through egui_kittest and real input events: the embedding map
-//! (box selection, labelling from the map, the grid's selection on the map), bulk accept of predictions
+//! (box selection, labelling from the map, the grid's selection on the map; the t-SNE layout computed in the
+//! background, switched to when done, toggled with P and the buttons, read back from the cache), bulk accept of predictions
 //! (count first, provenance in the project file, one undo step), the review filter of likely mistakes, and the
 //! training view's cross-validated accuracy and confusion matrix with their PNG exports.
 //!
@@ -15,8 +16,9 @@ use egui::{Key, Modifiers, Pos2};
 use egui_kittest::kittest::Queryable;
 use egui_kittest::Harness;
 use hegraph::app::state::Show;
-use hegraph::app::{AppOptions, Chart, HeGraphApp, View};
+use hegraph::app::{AppOptions, Chart, HeGraphApp, MapLayout, View};
 use hegraph::clip::{write_test_checkpoint, TestCheckpointConfig};
+use hegraph::embedding_map::Layout;
 use hegraph::linalg::Mat;
 use hegraph::project::{default_project_path, LabelOrigin, Project};
 use hegraph::review::{cross_validate, CvOptions};
@@ -188,6 +190,11 @@ fn the_map_box_selects_images_labels_them_and_shows_the_grids_selection() {
     press(&mut h, Modifiers::COMMAND, Key::Num4);
     assert_eq!(h.state().view, View::Map);
     settle(&mut h);
+    // This test is about PCA (the t-SNE layout has its own below): the person chooses it.
+    h.get_by_label("PCA").click();
+    h.step();
+    h.step();
+    assert_eq!(h.state().map_layout(), MapLayout::Pca);
     let n = h.state().session().unwrap().len();
     let m = h.state().map().expect("the map was made");
     assert_eq!(m.map.points.len(), n);
@@ -262,6 +269,133 @@ fn the_map_box_selects_images_labels_them_and_shows_the_grids_selection() {
         ring > 10,
         "the cursor ring around image {outside}: {ring} pixels"
     );
+}
+
+/// A box over the left half of the drawn points (by their median x), dragged: returns the images inside it.
+fn box_select_left_half(h: &mut Harness<'static, HeGraphApp>) -> BTreeSet<usize> {
+    let (pts, canvas) = h.state().map_screen();
+    let (pts, canvas) = (pts.to_vec(), canvas);
+    let n = pts.len();
+    let mut xs: Vec<f32> = pts.iter().map(|p| p.x).collect();
+    xs.sort_by(f32::total_cmp);
+    let cut = (xs[n / 2 - 1] + xs[n / 2]) / 2.0;
+    let from = canvas.min + egui::vec2(3.0, 3.0);
+    let to = Pos2::new(cut, canvas.max.y - 3.0);
+    let expected: BTreeSet<usize> = (0..n)
+        .filter(|&i| egui::Rect::from_two_pos(from, to).contains(pts[i]))
+        .collect();
+    assert!(
+        expected.len() >= n / 3 && expected.len() < n,
+        "{expected:?}"
+    );
+    drag(h, from, to);
+    expected
+}
+
+/// Whether the drawn points are `map` fitted into the canvas: equal scale on both axes, y up.
+fn drawn_from(h: &Harness<'static, HeGraphApp>, map: &[[f32; 2]]) -> bool {
+    let (pts, _) = h.state().map_screen();
+    let (a, b) = (
+        0,
+        (1..map.len())
+            .max_by(|&i, &j| {
+                let d = |k: usize| (map[k][0] - map[0][0]).abs();
+                d(i).total_cmp(&d(j))
+            })
+            .unwrap(),
+    );
+    let scale = (pts[b].x - pts[a].x) / (map[b][0] - map[a][0]);
+    scale > 0.0
+        && (0..map.len()).all(|i| {
+            let x = pts[a].x + (map[i][0] - map[a][0]) * scale;
+            let y = pts[a].y - (map[i][1] - map[a][1]) * scale;
+            (pts[i].x - x).abs() < 0.5 && (pts[i].y - y).abs() < 0.5
+        })
+}
+
+#[test]
+fn the_map_switches_to_tsne_when_done_toggles_layouts_and_box_selects_on_tsne() {
+    let Some((f, mut h)) = opened() else { return };
+    press(&mut h, Modifiers::COMMAND, Key::Num4);
+    // PCA at once, then the t-SNE job after it; settling waits for both.
+    settle(&mut h);
+    let n = h.state().session().unwrap().len();
+    let classes = h.state().session().unwrap().classes().len();
+    let t = h.state().tsne_map().expect("the t-SNE map was made");
+    assert!(
+        !t.from_cache,
+        "the first t-SNE map of this folder is computed"
+    );
+    assert_eq!(t.map.points.len(), n);
+    assert_eq!(t.map.text.len(), classes, "one text node per class");
+    assert!(matches!(t.map.layout, Layout::Tsne { .. }));
+    println!(
+        "t-SNE map of the demo folder ({n} images): {:.2} s",
+        t.seconds
+    );
+    let tsne_points = t.map.points.clone();
+    let pca_points = h.state().map().unwrap().map.points.clone();
+    assert_eq!(
+        h.state().map_layout(),
+        MapLayout::Tsne,
+        "the view switched to t-SNE"
+    );
+    assert!(drawn_from(&h, &tsne_points));
+    h.get_by_label_contains("t-SNE of ");
+
+    // P and the buttons switch the layout.
+    press(&mut h, Modifiers::NONE, Key::P);
+    assert_eq!(h.state().map_layout(), MapLayout::Pca);
+    assert!(drawn_from(&h, &pca_points));
+    h.get_by_label_contains("PCA of ");
+    press(&mut h, Modifiers::NONE, Key::P);
+    assert_eq!(h.state().map_layout(), MapLayout::Tsne);
+    h.get_by_label("PCA").click();
+    h.step();
+    h.step();
+    assert_eq!(h.state().map_layout(), MapLayout::Pca);
+    h.get_by_label("t-SNE").click();
+    h.step();
+    h.step();
+    assert_eq!(h.state().map_layout(), MapLayout::Tsne);
+    assert!(drawn_from(&h, &tsne_points));
+
+    // A box on the t-SNE map selects exactly the images inside it.
+    let expected = box_select_left_half(&mut h);
+    let s = h.state().session().unwrap();
+    assert_eq!(
+        s.selection, expected,
+        "the box selects the points inside it"
+    );
+    screenshot(&mut h, "map-tsne");
+    press(&mut h, Modifiers::NONE, Key::Num2);
+    if h.state().modal_open() {
+        press(&mut h, Modifiers::NONE, Key::Enter);
+    }
+    let saved = saved_project(&f);
+    let s = h.state().session().unwrap();
+    for &i in &expected {
+        assert_eq!(s.label(i), Some(1));
+        assert_eq!(
+            saved.labels.get(&s.images[i].rel),
+            Some(&s.classes()[1]),
+            "labelled from the t-SNE map"
+        );
+    }
+
+    // Reopening the folder shows the t-SNE map from the cache.
+    let folder = f.folder.clone();
+    h.state_mut().open_path(&folder).unwrap();
+    settle(&mut h);
+    if h.state().view != View::Map {
+        press(&mut h, Modifiers::COMMAND, Key::Num4);
+    }
+    settle(&mut h);
+    let t = h.state().tsne_map().expect("the t-SNE map after reopening");
+    assert!(t.from_cache, "read back from the layout cache");
+    assert_eq!(t.map.points, tsne_points);
+    assert_eq!(h.state().map_layout(), MapLayout::Tsne);
+    h.get_by_label_contains("read from the cache");
 }
 
 #[test]

@@ -1,12 +1,20 @@
 //! Analyses of the open session that several views share, each computed in the background when a view needs
-//! it and its inputs changed: the PCA map of the features ([`crate::embedding_map`]) for the map view, and the
+//! it and its inputs changed: the maps of the features ([`crate::embedding_map`]) for the map view, and the
 //! k-fold cross-validation of the labels ([`crate::review`]) for the review filter and the training view's
 //! accuracy plot and confusion matrix.
+//!
+//! The map comes in two jobs, one after the other: PCA (milliseconds, so the view has a map at once), then
+//! t-SNE (seconds to a minute, read from the layout cache when this folder's features were laid out before).
+//! The t-SNE job is cancelled when the features change, when the folder closes, or by the person; a cancelled
+//! or failed one is not restarted until the features change or the person asks for t-SNE again.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use crate::embedding_map::{pca_map, Map2d};
+use crate::cache::FeatureCache;
+use crate::embedding_map::{
+    cached_tsne_map, check_tsne_size, pca_map, tsne_map, Map2d, TsneParams,
+};
 use crate::linalg::Mat;
 use crate::project::AccuracyPoint;
 use crate::review::{cross_validate, CrossValidation, CvOptions};
@@ -25,6 +33,23 @@ pub struct MapResult {
     serial: u64,
 }
 
+/// The t-SNE map with the features' serial it was made from, how long it took and whether it came from the
+/// layout cache.
+pub struct TsneResult {
+    pub map: Map2d,
+    pub seconds: f64,
+    pub from_cache: bool,
+    serial: u64,
+}
+
+/// Why there is no t-SNE map for a serial, so the job is not restarted every frame.
+struct TsneStopped {
+    serial: u64,
+    why: String,
+    /// The person may ask again (cancelled, failed); not when the folder is too small or too large.
+    retry: bool,
+}
+
 /// A cross-validation with the (label generation, features serial) it was made from.
 struct CvResult {
     cv: CrossValidation,
@@ -37,6 +62,11 @@ pub(super) struct Insights {
     map_job: Option<Job<MapResult>>,
     /// The features' serial whose map failed (not retried until the features change).
     map_failed: Option<u64>,
+    tsne: Option<Arc<TsneResult>>,
+    pub tsne_job: Option<Job<TsneResult>>,
+    /// The features' serial the running t-SNE job lays out.
+    tsne_job_serial: u64,
+    tsne_stopped: Option<TsneStopped>,
     cv: Option<Arc<CvResult>>,
     cv_job: Option<Job<CvResult>>,
     /// A training finished: the next cross-validation is recorded in the project's accuracy history.
@@ -47,7 +77,29 @@ pub(super) struct Insights {
 
 impl Insights {
     pub fn busy(&self) -> bool {
-        self.map_job.is_some() || self.cv_job.is_some()
+        self.map_job.is_some() || self.cv_job.is_some() || self.tsne_job.is_some()
+    }
+
+    /// Why the t-SNE map of these features is not there and will not come by itself (cancelled, failed, too
+    /// few or too many images).
+    pub fn tsne_stopped(&self, serial: u64) -> Option<&str> {
+        self.tsne_stopped
+            .as_ref()
+            .filter(|t| t.serial == serial)
+            .map(|t| t.why.as_str())
+    }
+
+    /// The person asked for the t-SNE layout: one that was cancelled or failed is tried again.
+    pub fn want_tsne(&mut self) {
+        if self.tsne_stopped.as_ref().is_some_and(|t| t.retry) {
+            self.tsne_stopped = None;
+        }
+    }
+
+    pub fn cancel_tsne(&self) {
+        if let Some(job) = &self.tsne_job {
+            job.cancel();
+        }
     }
 
     /// A training finished: its accuracy is measured by the next cross-validation and kept.
@@ -56,10 +108,32 @@ impl Insights {
     }
 }
 
+impl Drop for Insights {
+    /// A t-SNE job runs for up to a minute: it must not go on for a folder that was closed.
+    fn drop(&mut self) {
+        self.cancel_tsne();
+    }
+}
+
 impl HeGraphApp {
     /// The PCA map of the images (once the map view asked for it).
     pub fn map(&self) -> Option<&MapResult> {
         self.insight.map.as_deref()
+    }
+
+    /// The t-SNE map of the images (once the map view asked for it and it is done).
+    pub fn tsne_map(&self) -> Option<&TsneResult> {
+        self.insight
+            .tsne
+            .as_deref()
+            .filter(|t| t.serial == self.engine.serial)
+    }
+
+    pub(super) fn tsne_map_arc(&self) -> Option<Arc<TsneResult>> {
+        self.insight
+            .tsne
+            .clone()
+            .filter(|t| t.serial == self.engine.serial)
     }
 
     /// The last cross-validation of the labels (once the review filter or the training view asked for it).
@@ -89,7 +163,13 @@ impl HeGraphApp {
         self.poll_cv();
     }
 
+    /// The PCA map, then (in the same frame it arrives, so the map is never idle in between) the t-SNE map.
     fn poll_map(&mut self) {
+        self.poll_pca();
+        self.poll_tsne();
+    }
+
+    fn poll_pca(&mut self) {
         if let Some(job) = self.insight.map_job.as_mut() {
             if let Polled::Finished(r) = job.poll() {
                 self.insight.map_job = None;
@@ -129,6 +209,98 @@ impl HeGraphApp {
                 serial,
             })
         }));
+    }
+
+    /// Takes in a finished t-SNE map, cancels one whose features changed, and starts one once the PCA map
+    /// of the current features is there.
+    fn poll_tsne(&mut self) {
+        let serial = self.engine.serial;
+        if let Some(job) = self.insight.tsne_job.as_mut() {
+            let polled = job.poll();
+            let messages: Vec<String> = job.messages.drain(..).collect();
+            let (cancelled, job_serial) = (job.is_cancelled(), self.insight.tsne_job_serial);
+            for m in messages {
+                self.notify(Level::Warn, m);
+            }
+            let Polled::Finished(r) = polled else {
+                if job_serial != serial {
+                    // Its map would be of the old features; the new one starts when this one has stopped.
+                    self.insight.cancel_tsne();
+                }
+                return;
+            };
+            self.insight.tsne_job = None;
+            match r {
+                Ok(t) if t.serial == serial => self.insight.tsne = Some(Arc::new(t)),
+                Ok(_) => {}
+                Err(e) => {
+                    if !cancelled {
+                        self.notify(Level::Warn, format!("no t-SNE map: {e}"));
+                    }
+                    self.insight.tsne_stopped = Some(TsneStopped {
+                        serial: job_serial,
+                        why: if cancelled { "cancelled".into() } else { e },
+                        retry: true,
+                    });
+                }
+            }
+        }
+        let fresh = self.tsne_map().is_some();
+        let pca_ready = self
+            .insight
+            .map
+            .as_ref()
+            .is_some_and(|m| m.serial == serial);
+        let stopped = self.insight.tsne_stopped(serial).is_some();
+        let (Some(centre), true) = (
+            self.engine.centre.clone(),
+            self.view == View::Map && pca_ready && !fresh && !stopped,
+        ) else {
+            return;
+        };
+        // Too few or too many images: said once, without a job.
+        if let Err(e) = check_tsne_size(centre.rows) {
+            self.insight.tsne_stopped = Some(TsneStopped {
+                serial,
+                why: e.to_string(),
+                retry: false,
+            });
+            return;
+        }
+        let text = self.engine.text.clone();
+        let cache_dir = self
+            .opts
+            .cache_dir
+            .clone()
+            .or_else(FeatureCache::default_dir);
+        let params = TsneParams::default();
+        self.insight.tsne_job_serial = serial;
+        self.insight.tsne_job = Some(Job::spawn(
+            "t-SNE",
+            self.ctx.clone(),
+            move |p, cancel, _| {
+                let t = Instant::now();
+                let (map, from_cache) = match &cache_dir {
+                    Some(dir) => {
+                        let out =
+                            cached_tsne_map(&centre, text.as_deref(), &params, dir, p, cancel)
+                                .map_err(|e| e.to_string())?;
+                        (out.map, out.from_cache)
+                    }
+                    None => {
+                        let map = tsne_map(&centre, text.as_deref(), &params, p, cancel)
+                            .map_err(|e| e.to_string())?;
+                        (map, false)
+                    }
+                };
+                Ok(TsneResult {
+                    map,
+                    seconds: t.elapsed().as_secs_f64(),
+                    from_cache,
+                    serial,
+                })
+            },
+        ));
     }
 
     fn poll_cv(&mut self) {

@@ -59,6 +59,7 @@ use shortcuts::Action;
 use state::{GridFilter, ImageItem, Session, Show, SortKey};
 use thumbs::ThumbCache;
 
+pub use map_view::MapLayout;
 pub use train_view::Chart;
 
 /// Where a folder's images and class-name/label files are.
@@ -1544,6 +1545,7 @@ impl HeGraphApp {
             Action::Label(class) => self.label_with(class),
             Action::LabelNext => self.label_next(),
             Action::AcceptPredictions => self.open_bulk_accept(),
+            Action::ToggleMapLayout => self.toggle_map_layout(),
             Action::OpenViewer => self.open_viewer(),
             Action::ClassPicker => {
                 if self.session.is_some() {

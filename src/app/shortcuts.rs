@@ -46,6 +46,8 @@ pub(super) enum Action {
     NearDuplicates,
     /// "Accept predictions ≥ X %" ([`super::bulk_accept`]).
     AcceptPredictions,
+    /// The map's other layout (PCA ↔ t-SNE, [`super::map_view`]).
+    ToggleMapLayout,
 }
 
 /// What the mapping from keys to actions depends on.
@@ -81,6 +83,8 @@ pub(super) enum Scope {
     NotTyping,
     /// In the labelling view, without Ctrl or Alt, unless a text field has the keyboard.
     Grid,
+    /// In the map view, without Ctrl or Alt, unless a text field has the keyboard.
+    Map,
 }
 
 /// Steps of the cursor; the vertical ones depend on the grid's columns.
@@ -294,6 +298,12 @@ pub(super) const BINDINGS: &[Binding] = &[
         help: "near-duplicates: groups of look-alike images, labelled or skipped whole",
     },
     Binding {
+        chords: &[(NONE, Key::P)],
+        scope: Scope::Map,
+        act: Act::Do(Action::ToggleMapLayout),
+        help: "map: switch the layout between PCA and t-SNE",
+    },
+    Binding {
         chords: &[(NONE, Key::Space)],
         scope: Scope::Grid,
         act: Act::Do(Action::OpenViewer),
@@ -357,6 +367,7 @@ pub(super) fn action_for(key: Key, mods: Modifiers, cx: &KeyContext) -> Option<A
             Scope::Anywhere => true,
             Scope::NotTyping => !cx.text_focus,
             Scope::Grid => !cx.text_focus && matches!(cx.view, View::Label | View::Map) && plain,
+            Scope::Map => !cx.text_focus && cx.view == View::Map && plain,
         };
         let chord = b
             .chords
@@ -507,8 +518,18 @@ mod tests {
 
     #[test]
     fn every_key_of_the_table_does_what_its_help_says_and_none_is_shadowed() {
-        let cx = KeyContext { classes: 9, ..cx() };
         for b in BINDINGS {
+            // Each binding in a view where it works: the map's own keys in the map view.
+            let view = if b.scope == Scope::Map {
+                View::Map
+            } else {
+                View::Label
+            };
+            let cx = KeyContext {
+                classes: 9,
+                view,
+                ..cx()
+            };
             for (k, &(m, key)) in b.chords.iter().enumerate() {
                 let got = action_for(key, m, &cx);
                 let want = match b.act {
@@ -537,6 +558,7 @@ mod tests {
             "D",
             "Ctrl+Shift+F",
             "Escape",
+            "P",
         ] {
             assert!(keys.contains(&shown), "{shown} missing from {keys:?}");
         }
@@ -569,6 +591,16 @@ mod tests {
         assert_eq!(
             action_for(Key::T, Modifiers::NONE, &graph),
             Some(Action::Train)
+        );
+        // The map's layout key is the map view's only.
+        assert_eq!(action_for(Key::P, Modifiers::NONE, &cx()), None);
+        let map = KeyContext {
+            view: View::Map,
+            ..cx()
+        };
+        assert_eq!(
+            action_for(Key::P, Modifiers::NONE, &map),
+            Some(Action::ToggleMapLayout)
         );
         // Esc has one meaning: it never cancels a job.
         assert_eq!(
