@@ -1147,6 +1147,15 @@ fn help_lists_the_keys_esc_closes_it_and_filter_sort_and_search_have_keys() {
     for _ in 0..4 {
         h.step();
     }
+    // The list scrolls inside a window that stays on the 800 px screen, its closing note visible.
+    let note = h
+        .get_by_label_contains("Labels are saved after every change")
+        .rect();
+    let window = h.get_by_label("Keyboard shortcuts").rect();
+    assert!(
+        window.contains_rect(note) && window.bottom() <= 800.0,
+        "the help's closing note {note:?} is cut off by its window {window:?} or the screen"
+    );
     screenshot(&mut h, "help");
     h.key_press(egui::Key::Escape);
     h.step();

@@ -1321,21 +1321,31 @@ impl HeGraphApp {
 
     fn help_window(&mut self, ctx: &egui::Context) {
         let mut open = self.dialogs.help;
+        // The list outgrew an 800 px window: it scrolls, and the window stays on screen with its note.
+        let list_height = (ctx.content_rect().height() - 300.0).max(120.0);
         egui::Window::new("Keyboard shortcuts")
             .open(&mut open)
             .collapsible(false)
             .resizable(false)
             .default_width(520.0)
             .show(ctx, |ui| {
-                egui::Grid::new("hegraph-help").num_columns(2).striped(true).spacing([16.0, 6.0]).show(ui, |ui| {
-                    let keys = super::shortcuts::help_rows();
-                    let mouse = MOUSE_HELP.iter().map(|&(k, w)| (k.to_string(), w));
-                    for (k, what) in keys.into_iter().chain(mouse) {
-                        ui.label(RichText::new(k).monospace().color(style::ACCENT));
-                        ui.label(what);
-                        ui.end_row();
-                    }
-                });
+                egui::ScrollArea::vertical()
+                    .max_height(list_height)
+                    .show(ui, |ui| {
+                        egui::Grid::new("hegraph-help")
+                            .num_columns(2)
+                            .striped(true)
+                            .spacing([16.0, 6.0])
+                            .show(ui, |ui| {
+                                let keys = super::shortcuts::help_rows();
+                                let mouse = MOUSE_HELP.iter().map(|&(k, w)| (k.to_string(), w));
+                                for (k, what) in keys.into_iter().chain(mouse) {
+                                    ui.label(RichText::new(k).monospace().color(style::ACCENT));
+                                    ui.label(what);
+                                    ui.end_row();
+                                }
+                            });
+                    });
                 ui.add_space(6.0);
                 ui.label(
                     RichText::new(
