@@ -26,12 +26,15 @@ use rayon::prelude::*;
 
 use multiversion::multiversion;
 
-use crate::linalg::{fast_exp, gemm, Tr};
+use crate::linalg::{fast_exp, gemm, gemm_small, gemm_wide, Strided, Tr};
 
 /// transformers' `layer_norm_eps` for CLIP (the only value the config parser accepts).
 const LN_EPS: f32 = 1e-5;
 /// Rows per rayon task in the row passes: enough work per task to amortise scheduling.
 const ROWS_PER_TASK: usize = 8;
+/// Up to this many rows (tokens) a projection runs as [`gemm_wide`] (its columns split between the threads),
+/// beyond it as [`gemm`]: a batch of up to five images, or a last layer's pooled rows.
+const SHORT_ROWS: usize = 256;
 
 fn load(vb: &VarBuilder, shape: &[usize], name: &str) -> CandleResult<Vec<f32>> {
     vb.get(shape, name)?.flatten_all()?.to_vec1::<f32>()
@@ -74,31 +77,23 @@ impl Linear {
 
     /// `y = x Wᵀ` (`rows × out`) without the bias: callers fuse it into the pass that follows.
     fn product(&self, x: &[f32], rows: usize, y: &mut [f32]) {
-        gemm(
-            y,
-            (rows, self.out, self.inp),
-            x,
-            Tr::N,
-            &self.wt,
-            Tr::N,
-            1.0,
-            0.0,
-        );
+        self.gemm(x, rows, y, false);
     }
 
     /// `acc += x Wᵀ + b`: the residual connection done by the GEMM itself.
     fn accumulate(&self, x: &[f32], rows: usize, acc: &mut [f32]) {
         add_rows(&mut acc[..rows * self.out], &self.b);
-        gemm(
-            acc,
-            (rows, self.out, self.inp),
-            x,
-            Tr::N,
-            &self.wt,
-            Tr::N,
-            1.0,
-            1.0,
-        );
+        self.gemm(x, rows, acc, true);
+    }
+
+    fn gemm(&self, x: &[f32], rows: usize, y: &mut [f32], accumulate: bool) {
+        let shape = (rows, self.out, self.inp);
+        if rows <= SHORT_ROWS {
+            gemm_wide(y, shape, x, &self.wt, accumulate);
+        } else {
+            let beta = if accumulate { 1.0 } else { 0.0 };
+            gemm(y, shape, x, Tr::N, &self.wt, Tr::N, 1.0, beta);
+        }
     }
 }
 
@@ -344,9 +339,10 @@ fn gather(x: &[f32], d: usize, rows: &[usize]) -> Vec<f32> {
     out
 }
 
-/// Multi-head attention read straight from the fused `rows × 3d` q/k/v buffer: each output row (all heads)
-/// is one task, so the output is written row by row with no head split or merge. `queries` limits the
-/// output to some rows (the last layer's pooled rows), in their order.
+/// Multi-head attention read straight from the fused `rows × 3d` q/k/v buffer, with no head split or merge
+/// of the inputs. `queries` limits the output to some rows (the last layer's pooled rows), in their order:
+/// those few rows are done one by one ([`attend_row`]); every row of a layer is done block by block
+/// ([`attention_blocks`]).
 fn attention(
     qkv: &[f32],
     d: usize,
@@ -355,13 +351,112 @@ fn attention(
     queries: Option<&[usize]>,
     out: &mut [f32],
 ) {
+    let Some(queries) = queries else {
+        attention_blocks(qkv, d, heads, keys, out);
+        return;
+    };
     out.par_chunks_mut(d)
-        .enumerate()
-        .with_min_len(2)
-        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (qi, o)| {
-            let r = queries.map_or(qi, |q| q[qi]);
+        .zip(queries)
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (o, &r)| {
             attend_row(qkv, d, heads, r, keys[r].clone(), scores, o);
         });
+}
+
+/// Blocks with fewer keys than this (prompts: a dozen tokens) are done row by row ([`attend_row`]): a product
+/// call per head costs more than the few dot products it replaces (1,000 prompts: 0.61 s of attention as
+/// products against 0.42 s row by row).
+const BLOCK_KEYS: usize = 32;
+
+/// Attention of every row of a layer, block by block: a block is a run of rows whose keys start at the same
+/// row (an image's tokens, or a prompt's, each of which sees a prefix of its prompt). A large block is done
+/// as small matrix products per head: its scores are one `rows × keys` product `Q Kᵀ`, masked row by row to
+/// each row's keys, and its output one product `P V`, written to a scratch buffer head by head and then
+/// assembled into the block's rows. Why: a dot product per (query, key, head) left attention at 12 % of a
+/// batch of 32 images even vectorised; as products it is 7 %.
+fn attention_blocks(qkv: &[f32], d: usize, heads: usize, keys: &[Range<usize>], out: &mut [f32]) {
+    let dh = d / heads;
+    let stride = 3 * d;
+    // (query rows, key rows, the query rows' output) of each block.
+    let mut blocks = Vec::new();
+    let mut rest = &mut out[..];
+    let mut r = 0;
+    while r < keys.len() {
+        let start = keys[r].start;
+        let mut end = r + 1;
+        let mut key_end = keys[r].end;
+        while end < keys.len() && keys[end].start == start {
+            key_end = key_end.max(keys[end].end);
+            end += 1;
+        }
+        let (o, tail) = rest.split_at_mut((end - r) * d);
+        blocks.push((r..end, start..key_end, o));
+        rest = tail;
+        r = end;
+    }
+    blocks
+        .into_par_iter()
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (rows, ks, o)| {
+            if ks.len() < BLOCK_KEYS {
+                for (orow, r) in o.chunks_mut(d).zip(rows) {
+                    attend_row(qkv, d, heads, r, keys[r].clone(), scores, orow);
+                }
+                return;
+            }
+            let (nq, nk) = (rows.len(), ks.len());
+            // `heads × nq × dh`: head `h`'s output rows, contiguous.
+            let mut by_head = vec![0.0f32; nq * d];
+            by_head.par_chunks_mut(nq * dh).enumerate().for_each_init(
+                Vec::new,
+                |scores: &mut Vec<f32>, (h, oh)| {
+                    scores.resize(nq * nk, 0.0);
+                    let q = Strided {
+                        data: &qkv[rows.start * stride + h * dh..],
+                        rs: stride,
+                        cs: 1,
+                    };
+                    let k_t = Strided {
+                        data: &qkv[ks.start * stride + d + h * dh..],
+                        rs: 1,
+                        cs: stride,
+                    };
+                    gemm_small(scores, nk, (nq, nk, dh), q, k_t);
+                    for (i, row) in scores.chunks_mut(nk).enumerate() {
+                        softmax_prefix(row, keys[rows.start + i].end - ks.start);
+                    }
+                    let p = Strided {
+                        data: scores,
+                        rs: nk,
+                        cs: 1,
+                    };
+                    let v = Strided {
+                        data: &qkv[ks.start * stride + 2 * d + h * dh..],
+                        rs: stride,
+                        cs: 1,
+                    };
+                    gemm_small(oh, dh, (nq, dh, nk), p, v);
+                },
+            );
+            for (i, orow) in o.chunks_mut(d).enumerate() {
+                for h in 0..heads {
+                    orow[h * dh..][..dh].copy_from_slice(&by_head[(h * nq + i) * dh..][..dh]);
+                }
+            }
+        });
+}
+
+/// Softmax of the first `len` entries of `row` in place; the rest (keys the row may not see) become 0.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn softmax_prefix(row: &mut [f32], len: usize) {
+    let (seen, hidden) = row.split_at_mut(len);
+    hidden.fill(0.0);
+    let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0.0;
+    for s in seen.iter_mut() {
+        *s = fast_exp(*s - max);
+        total += *s;
+    }
+    let inv = 1.0 / total;
+    seen.iter_mut().for_each(|s| *s *= inv);
 }
 
 /// Every head's attention output for query row `r` over the key rows `ks` into `o` (`d` wide).
@@ -636,5 +731,52 @@ impl TextTower {
             d,
             self.proj_dim,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// Blocks of whole images (33 and 50 rows: over [`BLOCK_KEYS`], so done as products, one of them not a
+    /// multiple of any tile), a prompt of 40 tokens (causal: each row sees a prefix) and one of 5 (row by
+    /// row), against every row done by [`attend_row`].
+    #[test]
+    fn block_attention_matches_row_attention_on_awkward_blocks() {
+        let (d, heads) = (15, 3);
+        let mut keys = Vec::new();
+        for len in [33, 50] {
+            let start = keys.len();
+            keys.extend((0..len).map(|_| start..start + len));
+        }
+        for len in [40, 5] {
+            let start = keys.len();
+            keys.extend((0..len).map(|i| start..start + i + 1));
+        }
+        let rows = keys.len();
+        let mut rng = Rng::new(21);
+        let qkv: Vec<f32> = rng.normal_vec(rows * 3 * d);
+        let mut blocks = vec![f32::NAN; rows * d];
+        attention(&qkv, d, heads, &keys, None, &mut blocks);
+        let mut scores = Vec::new();
+        for (r, ks) in keys.iter().enumerate() {
+            let mut want = vec![0.0; d];
+            attend_row(&qkv, d, heads, r, ks.clone(), &mut scores, &mut want);
+            for (c, w) in want.iter().enumerate() {
+                let got = blocks[r * d + c];
+                assert!((got - w).abs() < 1e-5, "row {r} column {c}: {got} vs {w}");
+            }
+        }
+        // The pooled rows only, in the order asked.
+        let pooled = [90, 0, 40];
+        let mut some = vec![f32::NAN; pooled.len() * d];
+        attention(&qkv, d, heads, &keys, Some(&pooled), &mut some);
+        for (i, &r) in pooled.iter().enumerate() {
+            for c in 0..d {
+                let (got, want) = (some[i * d + c], blocks[r * d + c]);
+                assert!((got - want).abs() < 1e-5, "pooled row {r}: {got} vs {want}");
+            }
+        }
     }
 }
