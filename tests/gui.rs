@@ -1144,6 +1144,9 @@ fn help_lists_the_keys_esc_closes_it_and_filter_sort_and_search_have_keys() {
         h.get_by_label(key);
     }
     h.get_by_label("show all / unlabelled / labelled images / likely mistakes");
+    // The full-size viewer's own keys are listed from its table too.
+    h.get_by_label("viewer: zoom in (or the mouse wheel)");
+    h.get_by_label("+, =");
     for _ in 0..4 {
         h.step();
     }

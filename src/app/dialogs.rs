@@ -1338,8 +1338,9 @@ impl HeGraphApp {
                             .spacing([16.0, 6.0])
                             .show(ui, |ui| {
                                 let keys = super::shortcuts::help_rows();
+                                let viewer = super::shortcuts::viewer_help_rows();
                                 let mouse = MOUSE_HELP.iter().map(|&(k, w)| (k.to_string(), w));
-                                for (k, what) in keys.into_iter().chain(mouse) {
+                                for (k, what) in keys.into_iter().chain(viewer).chain(mouse) {
                                     ui.label(RichText::new(k).monospace().color(style::ACCENT));
                                     ui.label(what);
                                     ui.end_row();

@@ -190,6 +190,49 @@ enum ViewerKey {
     Ignore,
 }
 
+/// The viewer's own keys (beside the digits, which label as in the grid): what [`viewer_key`] dispatches and
+/// F1 lists under the app's table, so the list cannot miss one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum ViewerAct {
+    Close,
+    Previous,
+    Next,
+    Unlabel,
+    ZoomIn,
+    ZoomOut,
+    Fit,
+}
+
+pub(super) const VIEWER_KEYS: &[(&[Key], ViewerAct, &str)] = &[
+    (
+        &[Key::Escape, Key::Space],
+        ViewerAct::Close,
+        "close the full-size viewer",
+    ),
+    (
+        &[Key::ArrowLeft],
+        ViewerAct::Previous,
+        "viewer: previous image",
+    ),
+    (&[Key::ArrowRight], ViewerAct::Next, "viewer: next image"),
+    (
+        &[Key::Num0, Key::Backspace, Key::Delete],
+        ViewerAct::Unlabel,
+        "viewer: remove the label (digits label, as in the grid)",
+    ),
+    (
+        &[Key::Plus, Key::Equals],
+        ViewerAct::ZoomIn,
+        "viewer: zoom in (or the mouse wheel)",
+    ),
+    (&[Key::Minus], ViewerAct::ZoomOut, "viewer: zoom out"),
+    (
+        &[Key::F],
+        ViewerAct::Fit,
+        "viewer: fit the image to the window",
+    ),
+];
+
 fn viewer_key(key: Key, mods: Modifiers, classes: usize, view: View) -> ViewerKey {
     let plain = mods.matches_logically(Modifiers::NONE);
     if plain {
@@ -200,15 +243,16 @@ fn viewer_key(key: Key, mods: Modifiers, classes: usize, view: View) -> ViewerKe
                 ViewerKey::Ignore
             };
         }
-        match key {
-            Key::Escape | Key::Space => return ViewerKey::Close,
-            Key::ArrowLeft => return ViewerKey::App(Action::Move(-1)),
-            Key::ArrowRight => return ViewerKey::App(Action::Move(1)),
-            Key::Num0 | Key::Backspace | Key::Delete => return ViewerKey::App(Action::Label(None)),
-            Key::Plus | Key::Equals => return ViewerKey::Zoom(KEY_ZOOM),
-            Key::Minus => return ViewerKey::Zoom(1.0 / KEY_ZOOM),
-            Key::F => return ViewerKey::Fit,
-            _ => {}
+        if let Some(&(_, act, _)) = VIEWER_KEYS.iter().find(|(keys, _, _)| keys.contains(&key)) {
+            return match act {
+                ViewerAct::Close => ViewerKey::Close,
+                ViewerAct::Previous => ViewerKey::App(Action::Move(-1)),
+                ViewerAct::Next => ViewerKey::App(Action::Move(1)),
+                ViewerAct::Unlabel => ViewerKey::App(Action::Label(None)),
+                ViewerAct::ZoomIn => ViewerKey::Zoom(KEY_ZOOM),
+                ViewerAct::ZoomOut => ViewerKey::Zoom(1.0 / KEY_ZOOM),
+                ViewerAct::Fit => ViewerKey::Fit,
+            };
         }
     }
     let cx = shortcuts::KeyContext {
@@ -653,6 +697,34 @@ mod tests {
             viewer_key(Key::Z, Modifiers::COMMAND, 3, View::Label),
             ViewerKey::App(Action::Undo)
         ));
+        // Zoom and fit, from the table F1 lists.
+        assert!(matches!(k(Key::Plus), ViewerKey::Zoom(z) if z > 1.0));
+        assert!(matches!(k(Key::Equals), ViewerKey::Zoom(z) if z > 1.0));
+        assert!(matches!(k(Key::Minus), ViewerKey::Zoom(z) if z < 1.0));
+        assert!(matches!(k(Key::F), ViewerKey::Fit));
+    }
+
+    /// Every key of the viewer's table dispatches (none is shadowed by a digit or listed twice).
+    #[test]
+    fn every_key_of_the_viewer_table_is_dispatched_and_listed_once() {
+        let mut seen = Vec::new();
+        for (keys, act, _) in VIEWER_KEYS {
+            for &key in *keys {
+                assert!(!seen.contains(&key), "{key:?} listed twice");
+                seen.push(key);
+                let got = viewer_key(key, Modifiers::NONE, 9, View::Label);
+                let ok = match act {
+                    ViewerAct::Close => matches!(got, ViewerKey::Close),
+                    ViewerAct::Previous => matches!(got, ViewerKey::App(Action::Move(-1))),
+                    ViewerAct::Next => matches!(got, ViewerKey::App(Action::Move(1))),
+                    ViewerAct::Unlabel => matches!(got, ViewerKey::App(Action::Label(None))),
+                    ViewerAct::ZoomIn => matches!(got, ViewerKey::Zoom(z) if z > 1.0),
+                    ViewerAct::ZoomOut => matches!(got, ViewerKey::Zoom(z) if z < 1.0),
+                    ViewerAct::Fit => matches!(got, ViewerKey::Fit),
+                };
+                assert!(ok, "{key:?} does not do {act:?}");
+            }
+        }
     }
 
     #[test]

@@ -418,6 +418,17 @@ pub(super) fn help_rows() -> Vec<(String, &'static str)> {
     rows.into_iter().map(|(k, h)| (k.join(", "), h)).collect()
 }
 
+/// The full-size viewer's rows of the F1 list, from its own table ([`super::image_viewer::VIEWER_KEYS`]).
+pub(super) fn viewer_help_rows() -> Vec<(String, &'static str)> {
+    super::image_viewer::VIEWER_KEYS
+        .iter()
+        .map(|(keys, _, help)| {
+            let names: Vec<String> = keys.iter().map(|&k| chord_name(NONE, k)).collect();
+            (names.join(", "), *help)
+        })
+        .collect()
+}
+
 fn chord_name(mods: Modifiers, key: Key) -> String {
     let k = match key {
         Key::ArrowLeft => "←",
@@ -426,6 +437,9 @@ fn chord_name(mods: Modifiers, key: Key) -> String {
         Key::ArrowDown => "↓",
         Key::Questionmark => "?",
         Key::Slash => "/",
+        Key::Plus => "+",
+        Key::Equals => "=",
+        Key::Minus => "−",
         other => other.name(),
     };
     // Shift on "?" is how it is typed on most layouts, not a different chord.
