@@ -5,10 +5,12 @@
 //! split and merged with transposes that copy, and layer norm, the bias additions, the residuals and
 //! quick-GELU each allocate and sweep a tensor of their own. Here each layer is five GEMMs over all the
 //! tokens of the batch at once (fused q/k/v, output projection, two MLP products; the patch embedding is one
-//! more over the unfolded patches) and three passes over rows (layer norm, attention read straight out of
-//! the fused q/k/v rows, bias with quick-GELU), the residual additions done by the GEMMs accumulating into
-//! the hidden state. The arithmetic is that of Hugging Face's `CLIPModel` (the tensors are those of its
-//! checkpoints); `tests/clip.rs` checks the features against candle-transformers' CLIP.
+//! more over the unfolded patches), attention read straight out of the fused q/k/v rows (per image and head
+//! as two small GEMMs on strided views), and passes over rows (layer norm, bias with quick-GELU) compiled for
+//! AVX-512 and AVX2 besides the baseline; the residual additions are done by the GEMMs accumulating into the
+//! hidden state. `BENCHMARKS.md` ("CLIP encoding") has the figures behind each of these choices. The
+//! arithmetic is that of Hugging Face's `CLIPModel` (the tensors are those of its checkpoints);
+//! `tests/clip.rs` checks the features against candle-transformers' CLIP.
 //!
 //! Text is packed: each prompt takes exactly its own tokens (no padding), which the causal mask makes
 //! equivalent to the padded batch. Only the pooled rows (the class token of an image, the end-of-text token
