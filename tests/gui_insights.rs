@@ -204,24 +204,11 @@ fn the_map_box_selects_images_labels_them_and_shows_the_grids_selection() {
         "map of the demo folder ({n} images): PCA in {:.1} ms",
         m.seconds * 1000.0
     );
-    let (pts, canvas) = h.state().map_screen();
-    let pts = pts.to_vec();
+    let pts = h.state().map_screen().0.to_vec();
+    let canvas = h.state().map_screen().1;
     assert_eq!(pts.len(), n);
     assert!(pts.iter().all(|p| canvas.contains(*p)));
-    // A box over the left half of the points (by their median x).
-    let mut xs: Vec<f32> = pts.iter().map(|p| p.x).collect();
-    xs.sort_by(f32::total_cmp);
-    let cut = (xs[n / 2 - 1] + xs[n / 2]) / 2.0;
-    let from = canvas.min + egui::vec2(3.0, 3.0);
-    let to = Pos2::new(cut, canvas.max.y - 3.0);
-    let expected: BTreeSet<usize> = (0..n)
-        .filter(|&i| egui::Rect::from_two_pos(from, to).contains(pts[i]))
-        .collect();
-    assert!(
-        expected.len() >= n / 3 && expected.len() < n,
-        "{expected:?}"
-    );
-    drag(&mut h, from, to);
+    let expected = box_select_left_half(&mut h);
     let s = h.state().session().unwrap();
     assert_eq!(
         s.selection, expected,

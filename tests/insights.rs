@@ -41,11 +41,9 @@ fn variance_along(m: &Mat, dir: &[f32]) -> f64 {
     proj.iter().map(|p| (p - mean).powi(2)).sum::<f64>() / proj.len() as f64
 }
 
-#[test]
-fn the_pca_map_of_10000_real_features_is_timed_and_its_first_axis_has_the_most_variance() {
-    let Some(fs) = shared("caltech101.safetensors") else {
-        return;
-    };
+/// caltech101's real test and val features (`both`), tiled to 10,000 rows (`z`), for the timings.
+fn caltech_10000() -> Option<(FeatureSet, Mat, Mat)> {
+    let fs = shared("caltech101.safetensors")?;
     let test = fs.test.as_ref().unwrap();
     let val = fs.val.as_ref().unwrap();
     let mut rows: Vec<Vec<f32>> = (0..test.features.rows)
@@ -54,6 +52,14 @@ fn the_pca_map_of_10000_real_features_is_timed_and_its_first_axis_has_the_most_v
     rows.extend((0..val.features.rows).map(|r| val.features.row(r).to_vec()));
     let both = Mat::from_rows(&rows, fs.dim);
     let z = tiled(&both, 10_000);
+    Some((fs, both, z))
+}
+
+#[test]
+fn the_pca_map_of_10000_real_features_is_timed_and_its_first_axis_has_the_most_variance() {
+    let Some((fs, both, z)) = caltech_10000() else {
+        return;
+    };
     // Warm the thread pool once, then time the map as the app computes it.
     let _ = pca_map(&tiled(&both, 100), None).unwrap();
     let t = Instant::now();
@@ -295,17 +301,9 @@ fn a_tsne_map_is_read_back_from_the_cache_and_a_damaged_cache_file_is_recomputed
 
 #[test]
 fn the_tsne_map_of_10000_real_features_is_timed() {
-    let Some(fs) = shared("caltech101.safetensors") else {
+    let Some((fs, both, z)) = caltech_10000() else {
         return;
     };
-    let test = fs.test.as_ref().unwrap();
-    let val = fs.val.as_ref().unwrap();
-    let mut rows: Vec<Vec<f32>> = (0..test.features.rows)
-        .map(|r| test.features.row(r).to_vec())
-        .collect();
-    rows.extend((0..val.features.rows).map(|r| val.features.row(r).to_vec()));
-    let both = Mat::from_rows(&rows, fs.dim);
-    let z = tiled(&both, 10_000);
     let t = Instant::now();
     let map = tsne_map(
         &z,
