@@ -1612,6 +1612,7 @@ pub fn run_gui(start: Option<PathBuf>) -> Result<(), AppError> {
         Box::new(move |cc| {
             let mut app = HeGraphApp::new(AppOptions::default());
             style::apply(&cc.egui_ctx);
+            style::panels_from_the_clear_color(&cc.egui_ctx);
             app.styled = true;
             app.ctx = Some(cc.egui_ctx.clone());
             app.set_gpu(cc.wgpu_render_state.as_ref().map(compute_gpu));
@@ -1627,6 +1628,10 @@ pub fn run_gui(start: Option<PathBuf>) -> Result<(), AppError> {
 }
 
 impl eframe::App for HeGraphApp {
+    fn clear_color(&self, _visuals: &egui::Visuals) -> [f32; 4] {
+        style::window_clear_color()
+    }
+
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
         self.show(ui);
     }

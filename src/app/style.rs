@@ -7,6 +7,8 @@ pub const ACCENT: Color32 = Color32::from_rgb(86, 156, 255);
 pub const WARNING_BG: Color32 = Color32::from_rgb(120, 30, 30);
 pub const WARNING_FG: Color32 = Color32::from_rgb(255, 226, 160);
 pub const OK: Color32 = Color32::from_rgb(110, 200, 130);
+/// The panels' background.
+pub const PANEL: Color32 = Color32::from_rgb(27, 29, 34);
 
 /// Twelve well-separated colours (Tableau-like, lifted for a dark background); beyond twelve classes the hue
 /// walks the golden angle so neighbours still differ.
@@ -65,7 +67,7 @@ pub fn apply(ctx: &egui::Context) {
         style.spacing.button_padding = egui::vec2(9.0, 4.0);
         style.spacing.interact_size.y = 24.0;
         let v = &mut style.visuals;
-        v.panel_fill = Color32::from_rgb(27, 29, 34);
+        v.panel_fill = PANEL;
         v.window_fill = Color32::from_rgb(33, 36, 42);
         v.extreme_bg_color = Color32::from_rgb(19, 20, 24);
         v.faint_bg_color = Color32::from_rgb(36, 39, 46);
@@ -113,6 +115,23 @@ pub fn ago(secs: u64) -> String {
     }
 }
 
+/// In a window, the panels are not painted: the window is cleared to [`PANEL`] instead
+/// ([`window_clear_color`]), which a GPU does in one fill. Why: on a software renderer (Mesa's lavapipe,
+/// llvmpipe) every painted panel is shaded pixel by pixel, and the panels cover the whole window: measured
+/// under Xvfb on the development machine, the welcome page's whole frame went from 36 to 9 ms and the demo
+/// folder's labelling view from 64 to 41 ms (`BENCHMARKS.md`, "GUI frame time"); the picture is the same.
+/// Not for the headless test renderer, which clears to transparent: there the panels stay painted.
+pub fn panels_from_the_clear_color(ctx: &egui::Context) {
+    ctx.style_mut_of(egui::Theme::Dark, |style| {
+        style.visuals.panel_fill = Color32::TRANSPARENT;
+    });
+}
+
+/// What the window is cleared to before the UI is drawn (see [`panels_from_the_clear_color`]).
+pub fn window_clear_color() -> [f32; 4] {
+    PANEL.to_normalized_gamma_f32()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,5 +147,21 @@ mod tests {
         assert_eq!(short_duration(7200.0), "2.0 h");
         assert_eq!(ago(2), "just now");
         assert_eq!(ago(30), "30 s ago");
+    }
+
+    /// The window clears to exactly the colour the panels are painted with elsewhere, so the picture does not
+    /// change; and afterwards no panel paints.
+    #[test]
+    fn the_window_clears_to_the_panel_colour_and_panels_stop_painting() {
+        let ctx = egui::Context::default();
+        apply(&ctx);
+        let painted = ctx.style_of(egui::Theme::Dark).visuals.panel_fill;
+        assert_eq!(painted, PANEL);
+        assert_eq!(window_clear_color(), painted.to_normalized_gamma_f32());
+        panels_from_the_clear_color(&ctx);
+        assert_eq!(
+            ctx.style_of(egui::Theme::Dark).visuals.panel_fill,
+            Color32::TRANSPARENT
+        );
     }
 }
