@@ -174,6 +174,25 @@ impl Mat {
     }
 }
 
+/// The products with nothing to multiply, done here for [`gemm`] and [`gemm_wide`]: an empty output is left
+/// alone, and with `k = 0` the product is zero, so `out` becomes `beta·out` (0 when `beta == 0`, without
+/// reading it). Returns whether the product was one of these.
+fn degenerate(out: &mut [f32], (m, n, k): (usize, usize, usize), beta: f32) -> bool {
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k != 0 {
+        return false;
+    }
+    let o = &mut out[..m * n];
+    if beta == 0.0 {
+        o.fill(0.0);
+    } else if beta != 1.0 {
+        o.iter_mut().for_each(|x| *x *= beta);
+    }
+    true
+}
+
 /// Whether a [`gemm()`] operand is used as stored or transposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tr {
@@ -204,16 +223,7 @@ pub fn gemm(
         out.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
         "gemm: buffers shorter than {m}x{k} · {k}x{n}"
     );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        let o = &mut out[..m * n];
-        if beta == 0.0 {
-            o.fill(0.0);
-        } else {
-            o.iter_mut().for_each(|x| *x *= beta);
-        }
+    if degenerate(out, (m, n, k), beta) {
         return;
     }
     let (lhs_rs, lhs_cs) = match ta {
@@ -356,13 +366,7 @@ pub fn gemm_wide(
         out.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
         "gemm_wide: buffers shorter than {m}x{k} · {k}x{n}"
     );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            out[..m * n].fill(0.0);
-        }
+    if degenerate(out, (m, n, k), if accumulate { 1.0 } else { 0.0 }) {
         return;
     }
     // Blocks a multiple of 16 columns wide (one AVX-512 register of the kernels).

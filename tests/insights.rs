@@ -101,20 +101,25 @@ fn the_pca_map_of_10000_real_features_is_timed_and_its_first_axis_has_the_most_v
     assert!(variance_along(&z, &mean_dir) <= var0 * 1.0001);
 }
 
+/// The `k` points of the map nearest to `at` (in no particular order), leaving out point `skip`.
+fn nearest_on_map(points: &[[f32; 2]], at: [f32; 2], skip: Option<usize>, k: usize) -> Vec<usize> {
+    let mut d: Vec<(f32, usize)> = points
+        .iter()
+        .enumerate()
+        .filter(|&(j, _)| Some(j) != skip)
+        .map(|(j, p)| ((p[0] - at[0]).powi(2) + (p[1] - at[1]).powi(2), j))
+        .collect();
+    d.select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0));
+    d[..k].iter().map(|&(_, j)| j).collect()
+}
+
 /// The share of each image's `k` nearest images on the map (2-D Euclidean) that have its label, averaged.
 fn neighbour_label_agreement(points: &[[f32; 2]], labels: &[usize], k: usize) -> f64 {
     let n = points.len();
     let mut agree = 0usize;
     for i in 0..n {
-        let mut d: Vec<(f32, usize)> = (0..n)
-            .filter(|&j| j != i)
-            .map(|j| {
-                let (dx, dy) = (points[j][0] - points[i][0], points[j][1] - points[i][1]);
-                (dx * dx + dy * dy, j)
-            })
-            .collect();
-        d.select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0));
-        agree += d[..k].iter().filter(|x| labels[x.1] == labels[i]).count();
+        let near = nearest_on_map(points, points[i], Some(i), k);
+        agree += near.iter().filter(|&&j| labels[j] == labels[i]).count();
     }
     agree as f64 / (n * k) as f64
 }
@@ -134,17 +139,9 @@ fn trustworthiness(features: &Mat, points: &[[f32; 2]], k: usize) -> f64 {
         for (r, &j) in order.iter().enumerate() {
             rank[j] = r + 1;
         }
-        let mut on_map: Vec<(f32, usize)> = (0..n)
-            .filter(|&j| j != i)
-            .map(|j| {
-                let (dx, dy) = (points[j][0] - points[i][0], points[j][1] - points[i][1]);
-                (dx * dx + dy * dy, j)
-            })
-            .collect();
-        on_map.select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0));
-        penalty += on_map[..k]
+        penalty += nearest_on_map(points, points[i], Some(i), k)
             .iter()
-            .map(|&(_, j)| rank[j].saturating_sub(k) as f64)
+            .map(|&j| rank[j].saturating_sub(k) as f64)
             .sum::<f64>();
     }
     let nk = (n * k) as f64;
@@ -157,14 +154,8 @@ fn text_nodes_among_their_class(map: &Map2d, labels: &[usize], k: usize) -> usiz
         .iter()
         .enumerate()
         .filter(|(c, t)| {
-            let mut d: Vec<(f32, usize)> = map
-                .points
-                .iter()
-                .enumerate()
-                .map(|(j, p)| ((p[0] - t[0]).powi(2) + (p[1] - t[1]).powi(2), j))
-                .collect();
-            d.select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0));
-            d[..k].iter().filter(|x| labels[x.1] == *c).count() * 2 > k
+            let near = nearest_on_map(&map.points, **t, None, k);
+            near.iter().filter(|&&j| labels[j] == *c).count() * 2 > k
         })
         .count()
 }

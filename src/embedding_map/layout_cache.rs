@@ -8,13 +8,13 @@
 //!
 //! Files live in `<feature cache dir>/maps/`, next to the features they were made from, one per layout:
 //! `tsne-<key>.bin` = magic and version, the full key, `N`, `N×2` little-endian f32, then a blake3 checksum
-//! of all that. They are written to a temporary file in the same folder, fsynced and renamed, so a reader
-//! never sees half a file. A file that is short, fails its checksum, holds another key or another `N`, or
-//! a non-finite coordinate is reported and recomputed, never trusted; the recomputed layout replaces it.
+//! of all that. They are written as project files are (`project::atomic_write`: a temporary file in the same
+//! folder, fsynced and renamed), so a reader never sees half a file. A file that is short, fails its
+//! checksum, holds another key or another `N`, or a non-finite coordinate is reported and recomputed, never
+//! trusted; the recomputed layout replaces it.
 //! At most [`MAX_FILES`] layouts are kept, the least recently written go first.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::TsneParams;
@@ -24,7 +24,6 @@ const MAGIC: &[u8; 16] = b"hegraph-tsne-map";
 const VERSION: u32 = 1;
 const PREFIX: &str = "tsne-";
 const SUFFIX: &str = ".bin";
-const TEMP_PREFIX: &str = ".tmp-";
 /// 10,000 images are 80 kB a layout, so this is a few MB at most.
 pub const MAX_FILES: usize = 64;
 
@@ -167,14 +166,7 @@ impl LayoutCache {
         let sum = blake3::hash(&body);
         body.extend_from_slice(sum.as_bytes());
         let path = self.path(key);
-        let mut tmp = tempfile::Builder::new()
-            .prefix(&format!("{TEMP_PREFIX}{}-", std::process::id()))
-            .suffix(".part")
-            .tempfile_in(&self.dir)
-            .map_err(io(&self.dir))?;
-        tmp.write_all(&body).map_err(io(tmp.path()))?;
-        tmp.as_file().sync_all().map_err(io(tmp.path()))?;
-        tmp.persist(&path).map_err(|e| io(&path)(e.error))?;
+        crate::project::atomic_write(&path, &body).map_err(io(&path))?;
         self.prune();
         Ok(())
     }

@@ -139,6 +139,13 @@ pub struct TsneOutcome {
     pub warnings: Vec<String>,
 }
 
+/// The checks both entry points make before any work: the inputs, their size, the settings.
+fn check_all(features: &Mat, text: Option<&Mat>, params: &TsneParams) -> Result<(), MapError> {
+    check_input(features, text)?;
+    check_tsne_size(features.rows)?;
+    params.check()
+}
+
 /// The t-SNE map of `features` (`N×D`, one L2-normalised row per image) with the class `text` features
 /// (`C×D`) placed on it, computed now. Reports the iterations through `progress`; `cancel` stops it between
 /// stages with [`MapError::Cancelled`].
@@ -149,9 +156,7 @@ pub fn tsne_map(
     progress: &dyn Progress,
     cancel: &CancelToken,
 ) -> Result<Map2d, MapError> {
-    check_input(features, text)?;
-    check_tsne_size(features.rows)?;
-    params.check()?;
+    check_all(features, text, params)?;
     let points = layout(features, params, progress, cancel)?;
     Ok(finish(features, text, params, points))
 }
@@ -168,9 +173,7 @@ pub fn cached_tsne_map(
     progress: &dyn Progress,
     cancel: &CancelToken,
 ) -> Result<TsneOutcome, MapError> {
-    check_input(features, text)?;
-    check_tsne_size(features.rows)?;
-    params.check()?;
+    check_all(features, text, params)?;
     let cache = LayoutCache::new(cache_dir);
     let key = LayoutCache::key(features, params);
     let mut warnings = Vec::new();
