@@ -527,6 +527,70 @@ fn large_jpegs_are_decoded_at_reduced_scale_and_the_tensor_stays_close() {
     }
 }
 
+/// The reduced-scale decode (libjpeg-turbo) handles what photo folders hold beyond plain baseline RGB: EXIF
+/// rotation, grayscale and progressive files, each close to the full-size decode of the same file.
+#[test]
+fn reduced_scale_decode_handles_rotation_grayscale_and_progressive_jpegs() {
+    use hegraph::clip::preprocess::load_for_model;
+    let dir = tempfile::tempdir().unwrap();
+    // A real photo enlarged to 1400×900: short side 900 / 2 = 450 ≥ 2 × 224, so decoded at 1/2.
+    let src = image::imageops::resize(
+        &load_rgb(&photo("rocket.jpg")).unwrap(),
+        1400,
+        900,
+        image::imageops::FilterType::CatmullRom,
+    );
+    let write = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let baseline = |exif: Option<u16>, gray: bool| {
+        let mut out = Vec::new();
+        let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 92);
+        if let Some(o) = exif {
+            enc.set_exif_metadata(exif_orientation(o)).unwrap();
+        }
+        if gray {
+            let g = image::DynamicImage::ImageRgb8(src.clone()).into_luma8();
+            enc.write_image(g.as_raw(), 1400, 900, image::ExtendedColorType::L8)
+        } else {
+            enc.write_image(src.as_raw(), 1400, 900, image::ExtendedColorType::Rgb8)
+        }
+        .unwrap();
+        out
+    };
+    // Progressive, written by libjpeg itself.
+    let progressive = {
+        let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+        c.set_size(1400, 900);
+        c.set_quality(92.0);
+        c.set_progressive_mode();
+        let mut c = c.start_compress(Vec::new()).unwrap();
+        c.write_scanlines(src.as_raw()).unwrap();
+        c.finish().unwrap()
+    };
+    assert!(
+        progressive.windows(2).any(|w| w == [0xFF, 0xC2]),
+        "not progressive"
+    );
+    for (path, dims) in [
+        (write("rotated.jpg", &baseline(Some(6), false)), (450, 700)),
+        (write("gray.jpg", &baseline(None, true)), (700, 450)),
+        (write("progressive.jpg", &progressive), (700, 450)),
+    ] {
+        let d = load_for_model(&path, 224).unwrap();
+        assert_eq!((d.scale_down, d.dimensions()), (2, dims), "{path:?}");
+        let full = load_rgb(&path).unwrap();
+        assert_eq!(full.dimensions(), (dims.0 * 2, dims.1 * 2), "{path:?}");
+        let (max, mean) = tensor_diff(&center_crop(&d, 224), &center_crop(&full, 224));
+        assert!(
+            max < 0.25 && mean < 0.03,
+            "{path:?}: max {max}, mean {mean}"
+        );
+    }
+}
+
 /// A picture with alpha that is taller than one conversion strip composites on white as before, row for row.
 #[test]
 fn alpha_is_composited_the_same_across_conversion_strips() {

@@ -28,7 +28,8 @@ pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
 pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 /// Part of every feature-cache key: bump it whenever a change here changes a single output value.
 /// v2: JPEGs far larger than the input are decoded at reduced DCT scale ([`load_for_model`]).
-pub const PREPROCESS_VERSION: &str = "openai-v2";
+/// v3: that reduced-scale decode is libjpeg-turbo's instead of `jpeg-decoder`'s (pixels differ by a level).
+pub const PREPROCESS_VERSION: &str = "openai-v3";
 
 /// Largest accepted width or height. Bigger files are almost always mistakes or decompression bombs, and
 /// decoding them would take gigabytes for a 224-pixel result.
@@ -232,9 +233,16 @@ fn damaged(detail: impl std::fmt::Display) -> String {
 /// Walks the JPEG marker structure up to the end-of-image marker. The decoder pads a JPEG cut short with
 /// grey blocks and says nothing, so this is where a truncated file is caught. Bytes after EOI (camera
 /// trailers, motion-photo videos) are allowed; junk between segments is skipped as decoders do.
-fn check_jpeg_structure(bytes: &[u8]) -> Result<(), String> {
+///
+/// Returns whether the frame is progressive: such a file is decoded through a whole-image buffer of DCT
+/// coefficients, which the decode budget must count.
+fn check_jpeg_structure(bytes: &[u8]) -> Result<bool, String> {
     const EOI: u8 = 0xD9;
     const SOS: u8 = 0xDA;
+    // Start-of-frame markers of the progressive processes (Huffman and arithmetic, with and without
+    // hierarchy).
+    const PROGRESSIVE_SOF: [u8; 4] = [0xC2, 0xC6, 0xCA, 0xCE];
+    let mut progressive = false;
     if bytes.len() < 4 || bytes[0] != 0xFF || bytes[1] != 0xD8 {
         return Err("no JPEG start-of-image marker".into());
     }
@@ -257,8 +265,9 @@ fn check_jpeg_structure(bytes: &[u8]) -> Result<(), String> {
         }
         let marker = bytes[i];
         i += 1;
+        progressive |= PROGRESSIVE_SOF.contains(&marker);
         match marker {
-            EOI => return Ok(()),
+            EOI => return Ok(progressive),
             0x00 | 0x01 | 0xD0..=0xD8 => continue,
             _ => {}
         }
@@ -300,9 +309,9 @@ fn decode_jpeg(bytes: &[u8], label: &str, min_side: Option<u32>) -> Result<Decod
         file: label.to_string(),
         msg,
     };
-    check_jpeg_structure(bytes).map_err(|e| err(damaged(e)))?;
+    let progressive = check_jpeg_structure(bytes).map_err(|e| err(damaged(e)))?;
     if let Some(min_side) = min_side {
-        if let Some(d) = decode_jpeg_scaled(bytes, label, min_side)? {
+        if let Some(d) = decode_jpeg_scaled(bytes, label, min_side, progressive)? {
             return Ok(d);
         }
     }
@@ -321,46 +330,84 @@ fn jpeg_scale(w: u32, h: u32, min_side: u32) -> Option<u32> {
         .find(|&s| (short * u64::from(s)).div_ceil(8) >= u64::from(min_side))
 }
 
-/// Decodes a JPEG at reduced scale in `jpeg-decoder`'s IDCT when that is possible and useful; `None` sends
-/// the file to the ordinary full-size path: small images, CMYK and 16-bit JPEGs (which the image crate
-/// converts), and anything `jpeg-decoder` cannot read, so that the image crate's decoder has the last word on
-/// what is damaged.
+/// Decodes a JPEG at reduced scale in libjpeg-turbo's scaled IDCT (through the `mozjpeg` crate) when that is
+/// possible and useful; `None` sends the file to the ordinary full-size path: small images, CMYK and 12-bit
+/// JPEGs, and anything libjpeg refuses, so that the image crate's decoder has the last word on what is
+/// damaged.
+///
+/// libjpeg-turbo rather than a Rust decoder because large photos are where `extract` spends its time: on
+/// 12-megapixel JPEGs at 1/4 scale it decodes 1.7× faster than `jpeg-decoder` (2.4× with the `jpeg-simd`
+/// feature), and runs on the calling thread where `jpeg-decoder` starts threads for every image
+/// (BENCHMARKS.md, "End-to-end extract").
 fn decode_jpeg_scaled(
     bytes: &[u8],
     label: &str,
     min_side: u32,
+    progressive: bool,
 ) -> Result<Option<Decoded>, ClipError> {
-    let mut dec = jpeg_decoder::Decoder::new(Cursor::new(bytes));
-    let Some(info) = dec.read_info().ok().and_then(|()| dec.info()) else {
+    // libjpeg reports a fatal error by unwinding out of its error handler (the `mozjpeg` crate's design);
+    // any such error sends the file down the full-size path.
+    let header = std::panic::catch_unwind(|| {
+        let dec = mozjpeg::Decompress::with_markers(mozjpeg::NO_MARKERS)
+            .from_mem(bytes)
+            .ok()?;
+        let (w, h) = dec.size();
+        Some((dec, u32::try_from(w).ok()?, u32::try_from(h).ok()?))
+    });
+    let Ok(Some((mut dec, w, h))) = header else {
         return Ok(None);
     };
-    let (w, h) = (u32::from(info.width), u32::from(info.height));
     check_size(w, h, 0, label)?;
-    let gray = match info.pixel_format {
-        jpeg_decoder::PixelFormat::RGB24 => false,
-        jpeg_decoder::PixelFormat::L8 => true,
+    let gray = match dec.color_space() {
+        mozjpeg::ColorSpace::JCS_YCbCr | mozjpeg::ColorSpace::JCS_RGB => false,
+        mozjpeg::ColorSpace::JCS_GRAYSCALE => true,
         _ => return Ok(None),
     };
     let Some(s) = jpeg_scale(w, h, min_side) else {
         return Ok(None);
     };
-    let want =
-        |len: u32| u16::try_from((u64::from(len) * u64::from(s)).div_ceil(8)).unwrap_or(u16::MAX);
-    let Ok((sw, sh)) = dec.scale(want(w), want(h)) else {
-        return Ok(None);
+    // A progressive file holds every DCT coefficient (2 bytes each, at most 3 full-size components) until
+    // its last scan; beyond the per-image limit the full-size path decides.
+    let coefficients = if progressive {
+        u64::from(w) * u64::from(h) * if gray { 2 } else { 6 }
+    } else {
+        0
     };
-    let (sw, sh) = (u32::from(sw), u32::from(sh));
+    if coefficients > MAX_DECODE_BYTES {
+        return Ok(None);
+    }
     let orientation = ImageReader::with_format(Cursor::new(bytes), ImageFormat::Jpeg)
         .into_decoder()
         .ok()
         .and_then(|mut d| d.orientation().ok())
         .unwrap_or(image::metadata::Orientation::NoTransforms);
     let rotates = orientation != image::metadata::Orientation::NoTransforms;
+    // `s` is 1, 2 or 4 (eighths), so the narrowing cannot fail.
+    dec.scale(u8::try_from(s).unwrap_or(8));
+    let (sw, sh) = (
+        (u64::from(w) * u64::from(s)).div_ceil(8),
+        (u64::from(h) * u64::from(s)).div_ceil(8),
+    );
     let channels: u64 = if gray { 1 } else { 3 };
-    let decoded = u64::from(sw) * u64::from(sh) * channels;
-    let permit = DecodePermit::reserve(reservation(sw, sh, decoded, gray || rotates));
-    dec.set_max_decoding_buffer_size(usize::try_from(MAX_DECODE_BYTES).unwrap_or(usize::MAX));
-    let Ok(pixels) = dec.decode() else {
+    let decoded = sw * sh * channels;
+    let (sw, sh) = (
+        u32::try_from(sw).unwrap_or(u32::MAX),
+        u32::try_from(sh).unwrap_or(u32::MAX),
+    );
+    let permit = DecodePermit::reserve(
+        reservation(sw, sh, decoded, gray || rotates).saturating_add(coefficients),
+    );
+    let pixels = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let mut started = if gray { dec.grayscale() } else { dec.rgb() }.ok()?;
+        // libjpeg rounds scaled sizes up, as above; anything else is not the image budgeted for.
+        if (started.width(), started.height()) != (sw as usize, sh as usize) {
+            return None;
+        }
+        let pixels = started.read_scanlines::<u8>().ok()?;
+        started.finish().ok()?;
+        Some(pixels)
+    }));
+    let Ok(Some(pixels)) = pixels else {
         return Ok(None);
     };
     let img = if gray {
@@ -674,10 +721,10 @@ mod tests {
         jpeg.extend_from_slice(&[0xFF, 0xFF, 0xC4, 0x00, 0x03, 0x00]);
         jpeg.extend_from_slice(&sos);
         jpeg.extend_from_slice(&[0x78, 0xFF, 0xD7, 0x9A, 0xFF, 0xD9]);
-        assert_eq!(check_jpeg_structure(&jpeg), Ok(()));
+        assert_eq!(check_jpeg_structure(&jpeg), Ok(false));
         let mut trailer = jpeg.clone();
         trailer.extend_from_slice(b"\xff\x00 appended video");
-        assert_eq!(check_jpeg_structure(&trailer), Ok(()));
+        assert_eq!(check_jpeg_structure(&trailer), Ok(false));
         for len in 0..jpeg.len() {
             assert!(check_jpeg_structure(&jpeg[..len]).is_err(), "cut at {len}");
         }
