@@ -8,6 +8,8 @@
 
 use rayon::prelude::*;
 
+pub mod packed;
+
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct Mat {
     pub rows: usize,

@@ -28,6 +28,7 @@ use rayon::prelude::*;
 
 use multiversion::multiversion;
 
+use crate::linalg::packed::PackedMatrix;
 use crate::linalg::{fast_exp, gemm, gemm_small, gemm_wide, Strided, Tr};
 
 /// transformers' `layer_norm_eps` for CLIP (the only value the config parser accepts).
@@ -59,43 +60,69 @@ fn load_transposed(vb: &VarBuilder, shape: &[usize], name: &str) -> CandleResult
         .to_vec1::<f32>()
 }
 
-/// A linear layer with its weight kept `in × out` (see [`load_transposed`]).
+/// A `k × n` weight (`in × out`, see [`load_transposed`]) in the layout this CPU multiplies fastest: packed
+/// into panels for the AVX-512 kernel ([`PackedMatrix`]), else row-major for the `gemm` crate. One copy.
+enum Weight {
+    Packed(PackedMatrix),
+    RowMajor { data: Vec<f32>, k: usize, n: usize },
+}
+
+impl Weight {
+    fn new(data: Vec<f32>, k: usize, n: usize) -> Self {
+        match PackedMatrix::pack(&data, k, n) {
+            Some(p) => Self::Packed(p),
+            None => Self::RowMajor { data, k, n },
+        }
+    }
+
+    fn load(vb: &VarBuilder, shape: &[usize], name: &str) -> CandleResult<Self> {
+        let n = shape.first().copied().unwrap_or(1);
+        let k = shape.iter().skip(1).product::<usize>();
+        Ok(Self::new(load_transposed(vb, shape, name)?, k, n))
+    }
+
+    /// `y = x·W` (or `y += x·W` with `accumulate`) for `rows` rows of `x`.
+    fn multiply(&self, x: &[f32], rows: usize, y: &mut [f32], accumulate: bool) {
+        match self {
+            Self::Packed(p) => p.multiply(y, rows, x, accumulate),
+            Self::RowMajor { data, k, n } => {
+                let shape = (rows, *n, *k);
+                if rows <= SHORT_ROWS {
+                    gemm_wide(y, shape, x, data, accumulate);
+                } else {
+                    let beta = if accumulate { 1.0 } else { 0.0 };
+                    gemm(y, shape, x, Tr::N, data, Tr::N, 1.0, beta);
+                }
+            }
+        }
+    }
+}
+
+/// A linear layer: its weight (see [`Weight`]) and bias.
 struct Linear {
-    wt: Vec<f32>,
+    w: Weight,
     b: Vec<f32>,
-    inp: usize,
     out: usize,
 }
 
 impl Linear {
     fn load(vb: &VarBuilder, inp: usize, out: usize) -> CandleResult<Self> {
         Ok(Self {
-            wt: load_transposed(vb, &[out, inp], "weight")?,
+            w: Weight::load(vb, &[out, inp], "weight")?,
             b: load(vb, &[out], "bias")?,
-            inp,
             out,
         })
     }
 
     /// `y = x Wᵀ` (`rows × out`) without the bias: callers fuse it into the pass that follows.
     fn product(&self, x: &[f32], rows: usize, y: &mut [f32]) {
-        self.multiply(x, rows, y, false);
+        self.w.multiply(x, rows, y, false);
     }
 
     /// `acc += x Wᵀ + b`: the residual connection done by the GEMM itself.
     fn accumulate(&self, x: &[f32], rows: usize, acc: &mut [f32]) {
         add_rows(&mut acc[..rows * self.out], &self.b);
-        self.multiply(x, rows, acc, true);
-    }
-
-    fn multiply(&self, x: &[f32], rows: usize, y: &mut [f32], accumulate: bool) {
-        let shape = (rows, self.out, self.inp);
-        if rows <= SHORT_ROWS {
-            gemm_wide(y, shape, x, &self.wt, accumulate);
-        } else {
-            let beta = if accumulate { 1.0 } else { 0.0 };
-            gemm(y, shape, x, Tr::N, &self.wt, Tr::N, 1.0, beta);
-        }
+        self.w.multiply(x, rows, acc, true);
     }
 }
 
@@ -229,27 +256,32 @@ struct Layer {
 impl Layer {
     fn load(vb: &VarBuilder, d: usize, hidden: usize, heads: usize) -> CandleResult<Self> {
         let att = vb.pp("self_attn");
-        let q = Linear::load(&att.pp("q_proj"), d, d)?;
-        let k = Linear::load(&att.pp("k_proj"), d, d)?;
-        let v = Linear::load(&att.pp("v_proj"), d, d)?;
+        // Each `d × d`, `in × out`, with its bias.
+        let part = |name: &str| -> CandleResult<(Vec<f32>, Vec<f32>)> {
+            let p = att.pp(name);
+            Ok((
+                load_transposed(&p, &[d, d], "weight")?,
+                load(&p, &[d], "bias")?,
+            ))
+        };
+        let (q, k, v) = (part("q_proj")?, part("k_proj")?, part("v_proj")?);
         let scale = ((d / heads) as f32).powf(-0.5);
         // `d × 3d`: row `i` is input `i`'s weights to every query, then every key, then every value.
         let mut wt = Vec::with_capacity(3 * d * d);
-        for ((q, k), v) in q.wt.chunks(d).zip(k.wt.chunks(d)).zip(v.wt.chunks(d)) {
+        for ((q, k), v) in q.0.chunks(d).zip(k.0.chunks(d)).zip(v.0.chunks(d)) {
             wt.extend(q.iter().map(|x| x * scale));
             wt.extend_from_slice(k);
             wt.extend_from_slice(v);
         }
         let mut b = Vec::with_capacity(3 * d);
-        b.extend(q.b.iter().map(|x| x * scale));
-        b.extend_from_slice(&k.b);
-        b.extend_from_slice(&v.b);
+        b.extend(q.1.iter().map(|x| x * scale));
+        b.extend_from_slice(&k.1);
+        b.extend_from_slice(&v.1);
         Ok(Self {
             ln1: Norm::load(&vb.pp("layer_norm1"), d)?,
             qkv: Linear {
-                wt,
+                w: Weight::new(wt, d, 3 * d),
                 b,
-                inp: d,
                 out: 3 * d,
             },
             out: Linear::load(&att.pp("out_proj"), d, d)?,
@@ -504,14 +536,14 @@ fn attend_row(
 /// unnormalised features, as `CLIPModel.get_image_features`.
 pub struct VisionTower {
     /// `(3·p·p) × d`: the patch convolution as a matrix over unfolded patches (channel, row, column order).
-    patch: Vec<f32>,
+    patch: Weight,
     class: Vec<f32>,
     pos: Vec<f32>,
     pre: Norm,
     encoder: Encoder,
     post: Norm,
     /// `d × projection_dim`.
-    proj: Vec<f32>,
+    proj: Weight,
     image_size: usize,
     patch_size: usize,
     proj_dim: usize,
@@ -526,7 +558,7 @@ impl VisionTower {
         let v = vb.pp("vision_model");
         let e = v.pp("embeddings");
         Ok(Self {
-            patch: load_transposed(
+            patch: Weight::load(
                 &e.pp("patch_embedding"),
                 &[d, c.num_channels, p, p],
                 "weight",
@@ -542,7 +574,7 @@ impl VisionTower {
                 c.num_attention_heads,
             )?,
             post: Norm::load(&v.pp("post_layernorm"), d)?,
-            proj: load_transposed(&vb.pp("visual_projection"), &[proj_dim, d], "weight")?,
+            proj: Weight::load(&vb.pp("visual_projection"), &[proj_dim, d], "weight")?,
             image_size: c.image_size,
             patch_size: p,
             proj_dim,
@@ -576,16 +608,8 @@ impl VisionTower {
                 }
             });
         let mut embedded = vec![0.0f32; n * patches * d];
-        gemm(
-            &mut embedded,
-            (n * patches, d, k),
-            &unfolded,
-            Tr::N,
-            &self.patch,
-            Tr::N,
-            1.0,
-            0.0,
-        );
+        self.patch
+            .multiply(&unfolded, n * patches, &mut embedded, false);
         drop(unfolded);
 
         // Class token first, then the patches, each plus its position; then the pre-norm.
@@ -625,7 +649,7 @@ impl VisionTower {
 /// Final norm of the pooled rows and the bias-free projection (`proj` is `d × out_dim`).
 fn project(
     norm: &Norm,
-    proj: &[f32],
+    proj: &Weight,
     pooled: &[f32],
     n: usize,
     d: usize,
@@ -634,16 +658,7 @@ fn project(
     let mut normed = vec![0.0f32; n * d];
     norm.apply(pooled, &mut normed);
     let mut out = vec![0.0f32; n * out_dim];
-    gemm(
-        &mut out,
-        (n, out_dim, d),
-        &normed,
-        Tr::N,
-        proj,
-        Tr::N,
-        1.0,
-        0.0,
-    );
+    proj.multiply(&normed, n, &mut out, false);
     out
 }
 
@@ -655,7 +670,7 @@ pub struct TextTower {
     encoder: Encoder,
     final_norm: Norm,
     /// `d × projection_dim`.
-    proj: Vec<f32>,
+    proj: Weight,
     vocab: usize,
     max_len: usize,
     proj_dim: usize,
@@ -682,7 +697,7 @@ impl TextTower {
                 c.num_attention_heads,
             )?,
             final_norm: Norm::load(&t.pp("final_layer_norm"), d)?,
-            proj: load_transposed(&vb.pp("text_projection"), &[c.projection_dim, d], "weight")?,
+            proj: Weight::load(&vb.pp("text_projection"), &[c.projection_dim, d], "weight")?,
             vocab: c.vocab_size,
             max_len: c.max_position_embeddings,
             proj_dim: c.projection_dim,
