@@ -8,7 +8,9 @@
 //! more over the unfolded patches), attention read straight out of the fused q/k/v rows (per image and head
 //! as two small GEMMs on strided views), and passes over rows (layer norm, bias with quick-GELU) compiled for
 //! AVX-512 and AVX2 besides the baseline; the residual additions are done by the GEMMs accumulating into the
-//! hidden state. `BENCHMARKS.md` ("CLIP encoding") has the figures behind each of these choices. The
+//! hidden state. Every weight is packed once at load for the AVX-512 kernel of [`PackedMatrix`] where the CPU has
+//! one (else kept `in × out` for the `gemm` crate, see `Weight`). `BENCHMARKS.md` ("CLIP encoding") has the
+//! figures behind each of these choices. The
 //! arithmetic is that of Hugging Face's `CLIPModel` (the tensors are those of its checkpoints);
 //! `tests/clip.rs` checks the features against candle-transformers' CLIP.
 //!

@@ -97,7 +97,7 @@ impl PackedMatrix {
     }
 
     /// `out = a·B` (or `out += a·B` with `accumulate`) for a row-major `a` (`m × k`) and `out` (`m × n`),
-    /// on rayon's pool: one task per block of [`MC`] rows and panel.
+    /// on rayon's pool: one task per block of 96 rows (`MC`) and panel.
     ///
     /// Panics when a slice is shorter than its shape says.
     pub fn multiply(&self, out: &mut [f32], m: usize, a: &[f32], accumulate: bool) {
