@@ -333,10 +333,11 @@ pub fn gemm_small(
     }
 }
 
-/// A raw output pointer handed to the tasks of [`gemm_wide`], each of which writes its own columns.
+/// A raw output pointer handed to the tasks of [`gemm_wide`] and [`packed::PackedMatrix::multiply`], each of
+/// which writes its own block of the output.
 #[derive(Clone, Copy)]
 struct ColumnsOut(*mut f32);
-// SAFETY: the tasks of `gemm_wide` write disjoint column blocks through it (see there).
+// SAFETY: the tasks of `gemm_wide` and of `PackedMatrix::multiply` write disjoint blocks through it (see there).
 unsafe impl Send for ColumnsOut {}
 unsafe impl Sync for ColumnsOut {}
 
