@@ -608,7 +608,8 @@ mod tests {
     use super::*;
     use crate::rng::Rng;
 
-    fn naive(a: &Mat, b: &Mat) -> Mat {
+    /// The product in `f64`, as the reference of every product here (and of [`packed`]'s).
+    pub(super) fn naive(a: &Mat, b: &Mat) -> Mat {
         let mut o = Mat::zeros(a.rows, b.cols);
         for i in 0..a.rows {
             for j in 0..b.cols {

@@ -259,22 +259,9 @@ mod kernel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::linalg::tests::naive;
     use crate::linalg::Mat;
     use crate::rng::Rng;
-
-    fn naive(a: &Mat, b: &Mat) -> Mat {
-        let mut c = Mat::zeros(a.rows, b.cols);
-        for i in 0..a.rows {
-            for j in 0..b.cols {
-                let mut s = 0.0f64;
-                for kk in 0..a.cols {
-                    s += f64::from(a.data[i * a.cols + kk]) * f64::from(b.data[kk * b.cols + j]);
-                }
-                c.data[i * b.cols + j] = s as f32;
-            }
-        }
-        c
-    }
 
     #[test]
     fn packing_keeps_every_value_and_pads_with_zeros() {
