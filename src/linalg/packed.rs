@@ -10,7 +10,9 @@
 //! rows (BENCHMARKS.md, "CLIP encoding").
 //!
 //! On a CPU without AVX-512 (or with `HEGRAPH_PORTABLE_GEMM=1`) [`PackedMatrix::pack`] declines, and the
-//! caller keeps its row-major matrix and [`super::gemm`].
+//! caller keeps its row-major matrix and [`super::gemm`]. An AVX2 kernel on the same panels was measured
+//! against `gemm`'s AVX2 kernels: 25 % faster at 50 rows, 5–10 % slower at 1,600 (the batches `extract`
+//! runs), so it is not here.
 
 use std::sync::OnceLock;
 
