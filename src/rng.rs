@@ -25,6 +25,29 @@ impl Rng {
         }
     }
 
+    /// A generator for a kernel test: fresh inputs on every run (a seed from the clock and the test's name), so
+    /// that the tests keep probing new values; the seed is printed, and `HEGRAPH_TEST_SEED=<n>` replays it.
+    pub fn for_test(test: &str) -> Self {
+        use std::hash::{DefaultHasher, Hash, Hasher};
+        let seed = match std::env::var("HEGRAPH_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            Some(s) => s,
+            None => {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0);
+                let mut h = DefaultHasher::new();
+                test.hash(&mut h);
+                nanos ^ h.finish()
+            }
+        };
+        eprintln!("{test}: seed {seed} (replay with HEGRAPH_TEST_SEED={seed})");
+        Self::new(seed)
+    }
+
     /// A generator for a sub-stream, so that e.g. view 3 of image 17 does not depend on how many numbers
     /// were drawn for other images.
     pub fn derive(seed: u64, stream: &[u64]) -> Self {

@@ -10,11 +10,8 @@
 //! should not) fails. Without a GPU adapter the GPU tests fail with the adapter error, unless
 //! `HEGRAPH_SKIP_GPU_TESTS=1`, in which case they say they are skipped.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::OnceLock;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use hegraph::gpu::kernels::{PRELUDE, SHADERS};
 use hegraph::gpu::reference as cpu;
@@ -66,23 +63,7 @@ fn gpu() -> Option<&'static Gpu> {
 }
 
 fn rng_for(test: &str) -> Rng {
-    let seed = match std::env::var("HEGRAPH_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
-        Some(s) => s,
-        None => {
-            let nanos = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0);
-            let mut h = DefaultHasher::new();
-            test.hash(&mut h);
-            nanos ^ h.finish()
-        }
-    };
-    eprintln!("{test}: seed {seed} (replay with HEGRAPH_TEST_SEED={seed})");
-    Rng::new(seed)
+    Rng::for_test(test)
 }
 
 fn randn(rng: &mut Rng, rows: usize, cols: usize) -> Mat {

@@ -281,15 +281,15 @@ mod tests {
     }
 
     /// Awkward shapes (1×1×1, 7×7×7, rows not a multiple of the 6-row kernel or the 96-row task, columns
-    /// not a multiple of the panel, depths not a multiple of the 128-row block), fresh random inputs, set
-    /// and accumulate; outputs outside the product must stay untouched.
+    /// not a multiple of the panel, depths not a multiple of the 128-row block), fresh random inputs (see
+    /// [`Rng::for_test`]), set and accumulate; outputs outside the product must stay untouched.
     #[test]
     fn packed_product_matches_naive_on_awkward_shapes() {
         if !cpu_has_avx512() {
             println!("skipped: this CPU has no AVX-512, so nothing is ever packed here");
             return;
         }
-        let mut rng = Rng::new(0x9ac4ed);
+        let mut rng = Rng::for_test("packed_product_matches_naive_on_awkward_shapes");
         for &(m, k, n) in &[
             (1, 1, 1),
             (7, 7, 7),
