@@ -591,6 +591,58 @@ fn reduced_scale_decode_handles_rotation_grayscale_and_progressive_jpegs() {
     }
 }
 
+/// Damaged JPEGs on the reduced-scale path (libjpeg, whose fatal errors unwind out of C): bytes of a real photo
+/// overwritten at random, in the headers and in the compressed data, for the 32-pixel test model (so the
+/// 427-pixel photo is decoded at 1/4). Each file decodes (libjpeg, like the image crate, pads what it cannot
+/// read) or is refused with a message naming it; nothing panics. Fresh corruptions on every run; the seed is
+/// printed, `HEGRAPH_TEST_SEED` replays it.
+#[test]
+fn damaged_jpegs_on_the_reduced_scale_path_decode_or_name_the_file() {
+    use hegraph::clip::preprocess::load_for_model;
+    let dir = tempfile::tempdir().unwrap();
+    let original = std::fs::read(photo("rocket.jpg")).unwrap();
+    assert_eq!(
+        load_for_model(&photo("rocket.jpg"), 32).unwrap().scale_down,
+        4
+    );
+    // Where the compressed data starts: the headers end at the first start-of-scan marker.
+    let sos = original.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+    let mut rng = Rng::for_test("damaged_jpegs_on_the_reduced_scale_path_decode_or_name_the_file");
+    let (mut decoded, mut refused) = (0, 0);
+    for case in 0..600 {
+        let mut bytes = original.clone();
+        // Half the cases hit the headers (tables, frame), half anywhere.
+        let span = if case % 2 == 0 { sos + 2 } else { bytes.len() };
+        for _ in 0..1 + rng.below(6) {
+            let at = rng.below(span);
+            bytes[at] = rng.below(256) as u8;
+        }
+        let path = dir.path().join(format!("damaged-{case}.jpg"));
+        std::fs::write(&path, &bytes).unwrap();
+        let result = std::panic::catch_unwind(|| load_for_model(&path, 32).map(|d| d.dimensions()));
+        match result {
+            Ok(Ok((w, h))) => {
+                assert!(w > 0 && h > 0, "case {case}: empty image");
+                decoded += 1;
+            }
+            Ok(Err(e)) => {
+                let e = err_text(e);
+                assert!(
+                    e.contains(&format!("damaged-{case}.jpg")),
+                    "case {case}: {e}"
+                );
+                refused += 1;
+            }
+            Err(_) => panic!("case {case}: decoding panicked"),
+        }
+    }
+    println!("damaged JPEGs: {decoded} decoded, {refused} refused with the file named");
+    assert!(
+        decoded > 0 && refused > 0,
+        "{decoded} decoded, {refused} refused"
+    );
+}
+
 /// A picture with alpha that is taller than one conversion strip composites on white as before, row for row.
 #[test]
 fn alpha_is_composited_the_same_across_conversion_strips() {
