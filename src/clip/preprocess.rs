@@ -760,6 +760,13 @@ mod tests {
         for len in 0..jpeg.len() {
             assert!(check_jpeg_structure(&jpeg[..len]).is_err(), "cut at {len}");
         }
+        // A progressive start-of-frame (SOF2) before the scans is reported; a baseline one (SOF0) is not.
+        for (sof, progressive) in [(0xC0, false), (0xC2, true)] {
+            let mut framed = jpeg[..8].to_vec();
+            framed.extend_from_slice(&[0xFF, sof, 0x00, 0x03, 0x08]);
+            framed.extend_from_slice(&jpeg[8..]);
+            assert_eq!(check_jpeg_structure(&framed), Ok(progressive), "{sof:#x}");
+        }
     }
 
     #[test]
