@@ -90,14 +90,6 @@ impl PackedMatrix {
         Self { panels, k, n }
     }
 
-    pub fn rows(&self) -> usize {
-        self.k
-    }
-
-    pub fn cols(&self) -> usize {
-        self.n
-    }
-
     /// `out = a·B` (or `out += a·B` with `accumulate`) for a row-major `a` (`m × k`) and `out` (`m × n`),
     /// on rayon's pool: one task per block of 96 rows (`MC`) and panel.
     ///
@@ -124,7 +116,8 @@ impl PackedMatrix {
             // SAFETY: the assertions above bound `a` (rows `r0..r0 + rows` of `k` floats) and `out` (rows of
             // `n` floats; this task touches rows `r0..r0 + rows`, columns `j0..j0 + cols`, which no other task
             // touches); the panel holds `k × 64` floats; `out` is borrowed mutably for the whole call, so it
-            // aliases neither operand; `available()` (checked by `pack`) guarantees AVX-512F.
+            // aliases neither operand; a `PackedMatrix` exists only where AVX-512F does (`pack` checks
+            // `available()`, the tests `cpu_has_avx512()`).
             unsafe {
                 kernel::block(
                     dst.at(r0 * n + j0),
