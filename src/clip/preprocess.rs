@@ -169,6 +169,13 @@ pub fn load_for_model(path: &Path, size: usize) -> Result<Decoded, ClipError> {
     let min_side = u32::try_from(size)
         .unwrap_or(u32::MAX)
         .saturating_mul(JPEG_SCALE_MARGIN);
+    load_at_least(path, min_side)
+}
+
+/// Like [`load_rgb`], except that a JPEG whose short side is at least twice `min_side` is decoded at 1/2,
+/// 1/4 or 1/8 scale, keeping its short side at least `min_side`: for pictures shown or used smaller than the
+/// file (the model's input, the GUI's thumbnails).
+pub fn load_at_least(path: &Path, min_side: u32) -> Result<Decoded, ClipError> {
     open_file(path, Some(min_side))
 }
 
