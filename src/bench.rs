@@ -323,6 +323,46 @@ pub fn bench_extract_cli(opts: &ExtractBenchOptions) -> Result<(), BenchError> {
         best_e2e / best_encoder,
         rayon::current_num_threads()
     );
+    bench_thumbnails(&paths[..paths.len().min(16)], opts.rounds.max(1))
+}
+
+/// The GUI's 256-pixel thumbnails of the same large JPEGs, one thread: the reduced-scale decode against what
+/// it replaced (the whole file decoded by the image crate, then resized), best of `rounds`.
+fn bench_thumbnails(paths: &[PathBuf], rounds: usize) -> Result<(), BenchError> {
+    use crate::app::thumbs::{decode_thumbnail, THUMB_SIDE};
+    let (mut reduced, mut full) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        for p in paths {
+            decode_thumbnail(p, THUMB_SIDE)
+                .map_err(|msg| ClipError::Input(format!("{}: {msg}", p.display())))?;
+        }
+        reduced = reduced.min(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        for p in paths {
+            let img = image::open(p).map_err(|e| ClipError::Image {
+                file: p.display().to_string(),
+                msg: e.to_string(),
+            })?;
+            std::hint::black_box(
+                img.resize(
+                    THUMB_SIDE,
+                    THUMB_SIDE,
+                    image::imageops::FilterType::Triangle,
+                )
+                .to_rgba8(),
+            );
+        }
+        full = full.min(t.elapsed().as_secs_f64());
+    }
+    let per = |s: f64| s * 1e3 / paths.len().max(1) as f64;
+    println!(
+        "{THUMB_SIDE}-px thumbnails, one thread: reduced-scale decode {:.1} ms per image, full decode then \
+         resize {:.1} ms: {:.2}x",
+        per(reduced),
+        per(full),
+        full / reduced
+    );
     Ok(())
 }
 
