@@ -471,6 +471,15 @@ fn tensor_diff(a: &ImageTensor, b: &ImageTensor) -> (f32, f32) {
     (max, mean)
 }
 
+/// [`tensor_diff`] between the CLIP inputs (`size` px) of a reduced-scale decode of `path` and of the full-size
+/// decode of the same file.
+fn diff_to_full_decode(reduced: &RgbImage, path: &Path, size: usize) -> (f32, f32) {
+    tensor_diff(
+        &center_crop(reduced, size),
+        &center_crop(&load_rgb(path).unwrap(), size),
+    )
+}
+
 /// Issue 11 (10): a JPEG far larger than the model's input is decoded at 1/2, 1/4 or 1/8 scale in the DCT;
 /// the CLIP input tensor stays close to the full-size decode. Images that are not downscaled give exactly
 /// today's tensor.
@@ -493,10 +502,7 @@ fn large_jpegs_are_decoded_at_reduced_scale_and_the_tensor_stays_close() {
         let d = load_for_model(&photo(name), 32).unwrap();
         assert_eq!(d.scale_down, 4, "{name}");
         assert_eq!(d.dimensions(), (160, 107), "{name}");
-        let (max, mean) = tensor_diff(
-            &center_crop(&d, 32),
-            &center_crop(&load_rgb(&photo(name)).unwrap(), 32),
-        );
+        let (max, mean) = diff_to_full_decode(&d, &photo(name), 32);
         println!("{name} at 32 px, decoded at 1/4: tensor differs by max {max:.4}, mean {mean:.4}");
         assert!(max < 0.4 && mean < 0.03, "{name}: max {max}, mean {mean}");
     }
@@ -513,10 +519,7 @@ fn large_jpegs_are_decoded_at_reduced_scale_and_the_tensor_stays_close() {
         drop(f);
         let d = load_for_model(&path, 224).unwrap();
         assert_eq!((d.scale_down, d.dimensions()), (2, (1280, 854)), "{name}");
-        let (max, mean) = tensor_diff(
-            &center_crop(&d, 224),
-            &center_crop(&load_rgb(&path).unwrap(), 224),
-        );
+        let (max, mean) = diff_to_full_decode(&d, &path, 224);
         println!(
             "big {name} at 224 px, decoded at 1/2: tensor differs by max {max:.4}, mean {mean:.4}"
         );
@@ -583,7 +586,7 @@ fn reduced_scale_decode_handles_rotation_grayscale_and_progressive_jpegs() {
         assert_eq!((d.scale_down, d.dimensions()), (2, dims), "{path:?}");
         let full = load_rgb(&path).unwrap();
         assert_eq!(full.dimensions(), (dims.0 * 2, dims.1 * 2), "{path:?}");
-        let (max, mean) = tensor_diff(&center_crop(&d, 224), &center_crop(&full, 224));
+        let (max, mean) = diff_to_full_decode(&d, &path, 224);
         assert!(
             max < 0.25 && mean < 0.03,
             "{path:?}: max {max}, mean {mean}"
