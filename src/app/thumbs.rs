@@ -284,43 +284,32 @@ pub fn decode_thumbnail(path: &Path, side: u32) -> Result<ColorImage, String> {
         .map_err(|e| e.to_string())?
         .with_guessed_format()
         .map_err(|e| e.to_string())?;
-    if reader.format() == Some(image::ImageFormat::Jpeg) {
+    // Both branches hold their share of the decode budget until the thumbnail is made.
+    let (img, _permit) = if reader.format() == Some(image::ImageFormat::Jpeg) {
         // No transparency to keep, and photos are mostly JPEGs many times the thumbnail's size: decoded at
-        // reduced DCT scale, a 12-megapixel photo's 256-pixel thumbnail costs a few times less.
+        // reduced DCT scale (EXIF orientation applied), a 12-megapixel photo's thumbnail costs a few times
+        // less.
         drop(reader);
-        let decoded =
-            crate::clip::preprocess::load_at_least(path, side).map_err(|e| e.to_string())?;
-        let (w, h) = decoded.dimensions();
-        let rgb = if w > side || h > side {
-            // The longest edge becomes `side` and the other is rounded, as `DynamicImage::resize` does below.
-            let fit = |short: u32, long: u32| {
-                let (short, long) = (u64::from(short), u64::from(long));
-                u32::try_from(((short * u64::from(side) + long / 2) / long).max(1)).unwrap_or(side)
-            };
-            let (nw, nh) = if w >= h {
-                (side, fit(h, w))
-            } else {
-                (fit(w, h), side)
-            };
-            image::imageops::resize(&*decoded, nw, nh, image::imageops::FilterType::Triangle)
-        } else {
-            decoded.into_image()
-        };
-        let size = [rgb.width() as usize, rgb.height() as usize];
-        return Ok(ColorImage::from_rgb(size, rgb.as_raw()));
-    }
-    let mut decoder = reader.into_decoder().map_err(|e| e.to_string())?;
-    // The same size limits and decode budget as embedding: a hostile 16384² file must not cost every
-    // thumbnail thread gigabytes.
-    let (w, h) = image::ImageDecoder::dimensions(&decoder);
-    let bytes = image::ImageDecoder::total_bytes(&decoder);
-    let _permit = crate::clip::preprocess::admit_decode(w, h, bytes, &path.display().to_string())
-        .map_err(|e| e.to_string())?;
-    let orientation = image::ImageDecoder::orientation(&mut decoder).ok();
-    let mut img = image::DynamicImage::from_decoder(decoder).map_err(|e| e.to_string())?;
-    if let Some(o) = orientation {
-        img.apply_orientation(o);
-    }
+        let (rgb, permit) = crate::clip::preprocess::load_at_least(path, side)
+            .map_err(|e| e.to_string())?
+            .into_parts();
+        (image::DynamicImage::ImageRgb8(rgb), permit)
+    } else {
+        let mut decoder = reader.into_decoder().map_err(|e| e.to_string())?;
+        // The same size limits and decode budget as embedding: a hostile 16384² file must not cost every
+        // thumbnail thread gigabytes.
+        let (w, h) = image::ImageDecoder::dimensions(&decoder);
+        let bytes = image::ImageDecoder::total_bytes(&decoder);
+        let permit =
+            crate::clip::preprocess::admit_decode(w, h, bytes, &path.display().to_string())
+                .map_err(|e| e.to_string())?;
+        let orientation = image::ImageDecoder::orientation(&mut decoder).ok();
+        let mut img = image::DynamicImage::from_decoder(decoder).map_err(|e| e.to_string())?;
+        if let Some(o) = orientation {
+            img.apply_orientation(o);
+        }
+        (img, permit)
+    };
     let img = if img.width() > side || img.height() > side {
         img.resize(side, side, image::imageops::FilterType::Triangle)
     } else {

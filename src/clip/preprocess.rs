@@ -113,13 +113,19 @@ pub struct Decoded {
     image: RgbImage,
     /// The scale the file was decoded at: 1 = full size, 2/4/8 = JPEG DCT scaling.
     pub scale_down: u32,
-    _permit: DecodePermit,
+    permit: DecodePermit,
 }
 
 impl Decoded {
     /// Releases the budget; the caller now owns the memory.
     pub fn into_image(self) -> RgbImage {
         self.image
+    }
+
+    /// The image and its share of the budget, for a caller that converts the image and holds the share
+    /// until it is done.
+    pub fn into_parts(self) -> (RgbImage, DecodePermit) {
+        (self.image, self.permit)
     }
 }
 
@@ -431,7 +437,7 @@ fn decode_jpeg_scaled(
     Ok(Some(Decoded {
         image: rgb.into_rgb8(),
         scale_down: 8 / s,
-        _permit: permit,
+        permit,
     }))
 }
 
@@ -506,7 +512,7 @@ fn decode<R: BufRead + Seek>(
     Ok(Decoded {
         image: rgb.into_rgb8(),
         scale_down: 1,
-        _permit: permit,
+        permit,
     })
 }
 
