@@ -8,11 +8,10 @@
 //! more over the unfolded patches), attention read straight out of the fused q/k/v rows (per image and head
 //! as two small GEMMs on strided views), and passes over rows (layer norm, bias with quick-GELU) compiled for
 //! AVX-512 and AVX2 besides the baseline; the residual additions are done by the GEMMs accumulating into the
-//! hidden state. Every weight is packed once at load for the AVX-512 kernel of [`PackedMatrix`] where the CPU has
-//! one (else kept `in × out` for the `gemm` crate, see `Weight`). `BENCHMARKS.md` ("CLIP encoding") has the
-//! figures behind each of these choices. The
-//! arithmetic is that of Hugging Face's `CLIPModel` (the tensors are those of its checkpoints);
-//! `tests/clip.rs` checks the features against candle-transformers' CLIP.
+//! hidden state. Every weight is packed once at load for the AVX-512 kernel of [`PackedMatrix`] where the CPU
+//! has one (else kept `in × out` for the `gemm` crate, see `Weight`). `BENCHMARKS.md` ("CLIP encoding") has
+//! the figures behind each of these choices. The arithmetic is that of Hugging Face's `CLIPModel` (the tensors
+//! are those of its checkpoints); `tests/clip.rs` checks the features against candle-transformers' CLIP.
 //!
 //! Text is packed: each prompt takes exactly its own tokens (no padding), which the causal mask makes
 //! equivalent to the padded batch. Only the pooled rows (the class token of an image, the end-of-text token
@@ -485,6 +484,13 @@ fn attention_blocks(qkv: &[f32], d: usize, heads: usize, keys: &[Range<usize>], 
 fn softmax_prefix(row: &mut [f32], len: usize) {
     let (seen, hidden) = row.split_at_mut(len);
     hidden.fill(0.0);
+    softmax(seen);
+}
+
+/// Softmax of `seen` in place. Inlined, like [`sum`] and [`dot`], into each compiled version of its callers
+/// rather than dispatched per call (attention calls it per row and head).
+#[inline(always)]
+fn softmax(seen: &mut [f32]) {
     let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut total = 0.0;
     for s in seen.iter_mut() {
@@ -511,22 +517,14 @@ fn attend_row(
     scores.resize(ks.len(), 0.0);
     for h in 0..heads {
         let q = &qkv[r * stride + h * dh..][..dh];
-        let mut max = f32::NEG_INFINITY;
         for (s, j) in scores.iter_mut().zip(ks.clone()) {
             *s = dot(q, &qkv[j * stride + d + h * dh..][..dh]);
-            max = max.max(*s);
         }
-        let mut total = 0.0;
-        for s in scores.iter_mut() {
-            *s = fast_exp(*s - max);
-            total += *s;
-        }
-        let inv = 1.0 / total;
+        softmax(scores);
         let o = &mut o[h * dh..][..dh];
         o.fill(0.0);
         for (&p, j) in scores.iter().zip(ks.clone()) {
             let v = &qkv[j * stride + 2 * d + h * dh..][..dh];
-            let p = p * inv;
             for (a, &b) in o.iter_mut().zip(v) {
                 *a += p * b;
             }
